@@ -1,0 +1,141 @@
+"""The ``bp-apps`` command.
+
+``fit | validate | test | predict`` go to Lightning's CLI (the config's ``class_path`` picks
+the model and data module); ``demo``, ``compare`` and ``bench`` are the core's own commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _add_compare_options(parser: argparse.ArgumentParser) -> None:
+    from bp_apps.core.compare import CompareConfig
+
+    defaults = CompareConfig()
+    parser.add_argument("--width", type=int, default=defaults.width, help="hidden layer width")
+    parser.add_argument("--depth", type=int, default=defaults.depth, help="number of hidden layers")
+    parser.add_argument("--activation", default=defaults.activation,
+                        choices=["relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh"])
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=["sgd", "adam", "adamw"])
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float64"])
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="weights and batch order")
+    parser.add_argument("--split-seed", type=int, default=defaults.split_seed, help="train/test split")
+    parser.add_argument("--out", type=Path, default=None, help="folder for compare.md and compare.png")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+
+
+def _run_compare(args: argparse.Namespace, default_out: str) -> int:
+    from bp_apps.core.compare import CompareConfig, format_markdown, run_comparison, write_report
+
+    config = CompareConfig(width=args.width, depth=args.depth, activation=args.activation,
+                           batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr,
+                           momentum=args.momentum, dtype=args.dtype, device=args.device, seed=args.seed,
+                           split_seed=args.split_seed)
+    report = run_comparison(config)
+    print(format_markdown(report))
+    paths = write_report(report, args.out or Path(default_out), args.json)
+    print()
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    if args.what == "core":
+        from bp_apps.core.bench import format_core_table, run_core_bench
+
+        report = run_core_bench(sizes=args.sizes, repeats=args.repeats, device=args.device)
+        print(format_core_table(report))
+    else:
+        from bp_apps.core.bench_digits import format_digits_table, run_digits_bench
+
+        report = run_digits_bench(seeds=range(args.seeds))
+        print(format_digits_table(report))
+    if args.json:
+        from bp_apps.core.io import atomic_write_text
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """'64x128,256x512' -> ((64, 128), (256, 512))."""
+    try:
+        sizes = tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(len(s) != 2 or min(s) <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must look like 64x128,256x512 (positive BATCHxHIDDEN), got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def _lightning(argv: Sequence[str]) -> int:
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 args=list(argv), save_config_kwargs={"overwrite": True})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bp-apps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in LIGHTNING_SUBCOMMANDS:
+        sub.add_parser(name, help=f"Lightning {name} from a YAML config (bp-apps {name} --help for its options)",
+                       add_help=False)
+    demo = sub.add_parser("demo", help="the main job: manual vs autograd on the embedded digits data")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the report files")
+    demo.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    compare = sub.add_parser("compare", help="train both backends side by side on digits and write a report")
+    _add_compare_options(compare)
+    bench = sub.add_parser("bench", help="benchmarks: 'core' (ms per step) or 'digits' (accuracy, vs scikit-learn)")
+    bench.add_argument("what", choices=["core", "digits"])
+    bench.add_argument("--device", default="cpu", help="core: cpu or cuda")
+    bench.add_argument("--repeats", type=int, default=None, help="core: timed steps per size (default: by size)")
+    bench.add_argument("--sizes", type=_parse_sizes, default="64x128,256x512,1024x1024",
+                       help="core: comma-separated BATCHxHIDDEN sizes (default: %(default)s)")
+    bench.add_argument("--seeds", type=int, default=3, help="digits: number of seeds")
+    bench.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # The memory profiler of `compare` makes torch's C++ logger warn about blocks allocated before
+    # it started; that is expected, so only errors are shown (set before torch is imported).
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        return _lightning(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            defaults = build_parser().parse_args(["compare"])
+            defaults.out, defaults.json = args.out, args.json
+            return _run_compare(defaults, "runs/demo")
+        if args.command == "compare":
+            return _run_compare(args, "runs/compare")
+        return _run_bench(args)
+    except ValueError as error:
+        print(f"bp-apps {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

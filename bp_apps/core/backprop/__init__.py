@@ -1,0 +1,24 @@
+"""The hand-written backprop engine: explicit forward/backward pairs, no autograd."""
+
+from bp_apps.core.backprop.layers import (
+    GELU,
+    BatchNorm1d,
+    Dropout,
+    Layer,
+    LayerNorm,
+    LeakyReLU,
+    Linear,
+    ReLU,
+    Sigmoid,
+    Tanh,
+)
+from bp_apps.core.backprop.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
+from bp_apps.core.backprop.mlp import ACTIVATIONS, MLP, NonFiniteError, make_activation
+from bp_apps.core.backprop.optim import SGD, Adam, AdamW, Optimizer, build_optimizer, clip_grad_norm, cosine_lr
+from bp_apps.core.backprop.train import train_step
+
+__all__ = [
+    "ACTIVATIONS", "GELU", "MLP", "SGD", "Adam", "AdamW", "BCEWithLogitsLoss", "BatchNorm1d", "Dropout", "Layer",
+    "LayerNorm", "LeakyReLU", "Linear", "MSELoss", "NonFiniteError", "Optimizer", "ReLU", "Sigmoid",
+    "SoftmaxCrossEntropy", "Tanh", "build_optimizer", "clip_grad_norm", "cosine_lr", "make_activation", "train_step",
+]

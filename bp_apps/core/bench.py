@@ -1,0 +1,127 @@
+"""Speed benchmark: one MLP training step, hand-written engine vs torch.autograd.
+
+Both sides train an MLP in_features-H-H-classes with plain SGD (the article's update
+θ ← θ − α·∂L/∂θ) on the same fixed batch, from the same weights. Timings of the two steps
+and of a plain ``torch.mm`` are interleaved in one loop so that machine noise hits all three
+alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+
+from bp_apps.core.backprop import MLP, SGD, SoftmaxCrossEntropy, train_step
+
+DEFAULT_SIZES = ((64, 128), (256, 512), (1024, 1024))
+
+
+def step_matmul_flops(batch: int, widths: Sequence[int]) -> int:
+    """Matrix-product FLOPs of one step: forward, weight gradients and input gradients
+    (the first layer's input gradient is not needed and not computed)."""
+    layer = [2 * batch * a * b for a, b in pairwise(widths)]
+    return 3 * sum(layer) - layer[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench_size(batch: int, hidden: int, *, in_features: int = 784, classes: int = 10, repeats: int = 50,
+               warmup: int = 5, device: str = "cpu", seed: int = 0, matmul_size: int | None = None) -> dict:
+    """Median milliseconds per step for both backends at one (batch, hidden) size and, with
+    ``matmul_size``, the GFLOP/s of a square ``torch.mm`` of that size timed in the same loop
+    (left out otherwise: a large product between small steps would evict their data from cache)."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    manual = MLP(in_features, [hidden, hidden], classes, reuse_buffers=True, device=dev)
+    twin = manual.to_autograd()
+    x = torch.randn(batch, in_features, device=dev)
+    y = torch.randint(0, classes, (batch,), device=dev)
+    loss_fn, manual_opt = SoftmaxCrossEntropy(), SGD(manual.parameters(), lr=0.01)
+    torch_opt = torch.optim.SGD(twin.parameters(), lr=0.01)
+    size = matmul_size or 1
+    a, b = torch.randn(size, size, device=dev), torch.randn(size, size, device=dev)
+    out = torch.empty(size, size, device=dev)
+
+    def manual_step() -> None:
+        train_step(manual, loss_fn, manual_opt, x, y, nonfinite="ignore")
+
+    def autograd_step() -> None:
+        torch_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(twin(x), y).backward()
+        torch_opt.step()
+
+    def matmul() -> None:
+        torch.mm(a, b, out=out)
+
+    timed = {"manual": manual_step, "autograd": autograd_step}
+    if matmul_size:
+        timed["matmul"] = matmul
+    for _ in range(warmup):
+        for fn in timed.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(repeats):
+        for name, fn in timed.items():
+            times[name].append(_timed(fn, dev))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    flops = step_matmul_flops(batch, [in_features, hidden, hidden, classes])
+    result = {
+        "batch": batch, "hidden": hidden,
+        "manual_ms": median["manual"] * 1e3, "autograd_ms": median["autograd"] * 1e3,
+        "speedup": median["autograd"] / median["manual"],
+        "manual_gflops": flops / median["manual"] / 1e9,
+        "autograd_gflops": flops / median["autograd"] / 1e9,
+    }
+    if matmul_size:
+        result["matmul_gflops"] = 2 * matmul_size**3 / median["matmul"] / 1e9
+    return result
+
+
+def run_core_bench(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, repeats: int | None = None,
+                   device: str = "cpu", seed: int = 0) -> dict:
+    """Benchmark every (batch, hidden) size. ``matmul_gflops`` is a square ``torch.mm`` of the
+    largest hidden width, timed interleaved with the largest size's steps."""
+    largest_size = max(sizes, key=lambda s: s[0] * s[1])
+    results = []
+    for batch, hidden in sizes:
+        flops = step_matmul_flops(batch, [784, hidden, hidden, 10])
+        n = repeats if repeats is not None else max(15, min(300, int(4e9 / flops)))
+        results.append(bench_size(batch, hidden, repeats=n, device=device, seed=seed,
+                                  matmul_size=hidden if (batch, hidden) == largest_size else None))
+    largest = results[sizes.index(largest_size)]
+    return {
+        "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "matmul_gflops": largest["matmul_gflops"],
+        "matmul_fraction_at_largest": largest["manual_gflops"] / largest["matmul_gflops"],
+        "results": results,
+    }
+
+
+def format_core_table(report: dict) -> str:
+    """A Markdown table of a ``run_core_bench`` report."""
+    lines = [f"device {report['device']}, {report['threads']} threads, torch {report['torch']}; "
+             f"torch.mm {report['matmul_gflops']:.1f} GFLOP/s",
+             "",
+             "| batch | hidden | manual ms | autograd ms | speed-up | manual GFLOP/s | % of torch.mm |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(f"| {r['batch']} | {r['hidden']} | {r['manual_ms']:.3f} | {r['autograd_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['manual_gflops']:.1f} | "
+                     f"{100 * r['manual_gflops'] / report['matmul_gflops']:.0f}% |")
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""Side-by-side training: the hand-written engine and torch.autograd on the same MLP.
+
+Both backends start from the same weights (``MLP.to_autograd`` copies them), see the same
+batches in the same order and use the same optimizer rule (hand-written vs ``torch.optim``).
+The report holds the float64 gradient check, the per-step loss difference, test accuracy,
+median milliseconds per training step and peak tensor memory of one step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bp_apps.core.backprop import MLP, SoftmaxCrossEntropy, build_optimizer, train_step
+from bp_apps.core.data import batch_order, load_digits_split
+from bp_apps.core.gradcheck import mlp_gradient_errors
+from bp_apps.core.io import atomic_write_bytes, atomic_write_text
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+@dataclass
+class CompareConfig:
+    """What to train and how; every field is a ``bp-apps compare`` option."""
+
+    width: int = 128
+    depth: int = 2
+    activation: str = "relu"
+    batch_size: int = 32
+    epochs: int = 20
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    split_seed: int = 0
+    hidden: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.depth < 0 or self.batch_size <= 0 or self.epochs <= 0:
+            raise ValueError(f"width, batch_size and epochs must be positive and depth >= 0, got width={self.width}, "
+                             f"depth={self.depth}, batch_size={self.batch_size}, epochs={self.epochs}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.optimizer not in TORCH_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(TORCH_OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available on this machine")
+        self.hidden = [self.width] * self.depth
+
+    def optimizer_kwargs(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum} if self.optimizer == "sgd" else {"lr": self.lr}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensor_bytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_step_memory_mb(step: Callable[[], object], persistent: list[Tensor], device: torch.device) -> float:
+    """Peak tensor memory of one training step in MiB: the persistent state (weights, gradient
+    buffers, optimizer state) plus the peak of what the step allocates on top of it. On CPU the
+    allocations come from the profiler's memory events; on CUDA from the caching allocator."""
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        transient = torch.cuda.max_memory_allocated(device) - base
+    else:
+        import os
+        import warnings
+
+        from torch.profiler import ProfilerActivity, profile
+
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's own start-up chatter, not ours to show
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+        events = []
+        for event in prof.events():
+            amount = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+            if amount:
+                events.append((event.time_range.start, amount))
+        current = transient = 0
+        for _, amount in sorted(events):
+            current += amount
+            transient = max(transient, current)
+    return (_tensor_bytes(persistent) + transient) / 2**20
+
+
+@torch.no_grad()
+def accuracy(predict: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> float:
+    return (predict(x).argmax(dim=1) == y).float().mean().item()
+
+
+def run_comparison(config: CompareConfig) -> dict:
+    """Train both backends on digits and return the report as a plain dict."""
+    device, dtype = torch.device(config.device), DTYPES[config.dtype]
+    data = load_digits_split(random_state=config.split_seed, standardize=True)
+    x_train, y_train = data.x_train.to(device, dtype), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device, dtype), data.y_test.to(device)
+
+    torch.manual_seed(config.seed)
+    manual = MLP(data.num_features, config.hidden, data.num_classes, activation=config.activation,
+                 reuse_buffers=True, device=device, dtype=dtype)
+    twin = manual.to_autograd()
+
+    first_batch = batch_order(len(y_train), config.batch_size, config.seed)[0]
+    grad_errors = mlp_gradient_errors(copy.deepcopy(manual).double(), x_train[first_batch].double(),
+                                      y_train[first_batch])
+
+    loss_fn = SoftmaxCrossEntropy()
+    manual_opt = build_optimizer(config.optimizer, manual.parameters(), **config.optimizer_kwargs())
+    torch_opt = TORCH_OPTIMIZERS[config.optimizer](twin.parameters(), **config.optimizer_kwargs())
+
+    def manual_step(x: Tensor, y: Tensor) -> Tensor:
+        return train_step(manual, loss_fn, manual_opt, x, y)[0]
+
+    def autograd_step(x: Tensor, y: Tensor) -> Tensor:
+        torch_opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(twin(x), y)
+        loss.backward()
+        torch_opt.step()
+        return loss.detach()
+
+    losses: dict[str, list[float]] = {"manual": [], "autograd": []}
+    seconds: dict[str, list[float]] = {"manual": [], "autograd": []}
+    for epoch in range(config.epochs):
+        for index in batch_order(len(y_train), config.batch_size, config.seed, epoch):
+            x, y = x_train[index], y_train[index]
+            for name, step in (("manual", manual_step), ("autograd", autograd_step)):
+                _sync(device)
+                start = time.perf_counter()
+                loss = step(x, y)
+                _sync(device)
+                seconds[name].append(time.perf_counter() - start)
+                losses[name].append(loss.item())
+
+    manual.eval()
+    twin.eval()
+    backends = {name: {"test_accuracy": accuracy(predict, x_test, y_test),
+                       "ms_per_step": 1e3 * statistics.median(seconds[name])}
+                for name, predict in (("manual", manual.forward), ("autograd", twin))}
+    manual.train()
+    twin.train()
+    # Measured after the accuracy, on one extra step, so it cannot change what is reported above.
+    persistent = {"manual": [*manual.parameters(), *manual.gradients(), *manual.workspaces(),
+                             *_optimizer_tensors(manual_opt)],
+                  "autograd": [*twin.parameters(), *_optimizer_tensors(torch_opt)]}
+    sample_x, sample_y = x_train[first_batch], y_train[first_batch]
+    for name, step in (("manual", manual_step), ("autograd", autograd_step)):
+        backends[name]["peak_memory_mb"] = peak_step_memory_mb(lambda s=step: s(sample_x, sample_y),
+                                                               persistent[name], device)
+
+    diffs = [abs(a - b) for a, b in zip(losses["manual"], losses["autograd"], strict=True)]
+    return {
+        "config": asdict(config),
+        "max_grad_rel_error": max(grad_errors.values()),
+        "grad_rel_error_per_parameter": grad_errors,
+        "max_loss_trajectory_diff": max(diffs),
+        "steps": len(diffs),
+        "loss_curves": losses,
+        "backends": backends,
+    }
+
+
+def _optimizer_tensors(optimizer: object) -> list[Tensor]:
+    """The state tensors an optimizer keeps between steps (momentum, Adam moments)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return [t for buffers in optimizer.state.values() for t in buffers]
+
+
+def format_markdown(report: dict) -> str:
+    """The report as a Markdown table with a line on the setup."""
+    cfg, man, auto = report["config"], report["backends"]["manual"], report["backends"]["autograd"]
+    lines = [
+        f"MLP 64-{'-'.join(map(str, cfg['hidden']))}-10 ({cfg['activation']}), {cfg['optimizer']} lr {cfg['lr']}, "
+        f"batch {cfg['batch_size']}, {cfg['epochs']} epochs ({report['steps']} steps), {cfg['dtype']} on "
+        f"{cfg['device']}, seed {cfg['seed']}",
+        "",
+        "| metric | manual | autograd |",
+        "|---|---:|---:|",
+        f"| test accuracy | {man['test_accuracy']:.4f} | {auto['test_accuracy']:.4f} |",
+        f"| ms per step (median) | {man['ms_per_step']:.3f} | {auto['ms_per_step']:.3f} |",
+        f"| peak memory of a step (MiB) | {man['peak_memory_mb']:.3f} | {auto['peak_memory_mb']:.3f} |",
+        "",
+        f"- max gradient relative error, manual vs autograd (float64): {report['max_grad_rel_error']:.2e}",
+        f"- max loss difference over all steps: {report['max_loss_trajectory_diff']:.2e}",
+    ]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Loss curves of both backends, their per-step difference and the per-parameter gradient error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_diff, ax_grad) = plt.subplots(1, 3, figsize=(15, 4))
+    for name, style in (("manual", "-"), ("autograd", "--")):
+        ax_loss.plot(report["loss_curves"][name], style, label=name, linewidth=1)
+    ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy", yscale="log")
+    ax_loss.legend()
+    diffs = [abs(a - b) + 1e-12 for a, b in zip(*report["loss_curves"].values())]
+    ax_diff.plot(diffs, linewidth=0.8)
+    ax_diff.set(title="|loss manual − loss autograd|", xlabel="step", yscale="log")
+    names = list(report["grad_rel_error_per_parameter"])
+    values = [max(v, 1e-20) for v in report["grad_rel_error_per_parameter"].values()]
+    ax_grad.barh(names, values)
+    ax_grad.set(title="gradient relative error (float64)", xscale="log")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(report: dict, out_dir: Path, json_path: Path | None = None) -> dict[str, Path]:
+    """Write compare.md, compare.png (and the JSON when asked); return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "compare.md", "plot": out_dir / "compare.png"}
+    atomic_write_text(paths["markdown"], format_markdown(report) + "\n")
+    plot_report(report, paths["plot"])
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(json_path, json.dumps(report, indent=2).encode())
+        paths["json"] = json_path
+    return paths
+

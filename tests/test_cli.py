@@ -1,0 +1,70 @@
+"""The `bp-apps` command: demo, compare, bench and the Lightning subcommands, on small settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bp_apps.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_prints_table_and_writes_files(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--json", str(tmp_path / "demo.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| test accuracy |" in out and "max loss difference" in out
+    assert (tmp_path / "demo" / "compare.md").exists()
+    assert (tmp_path / "demo" / "compare.png").stat().st_size > 10_000
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["backends"]["manual"]["test_accuracy"] > 0.95
+    assert report["max_loss_trajectory_diff"] <= 1e-4
+
+
+def test_compare_options_reach_the_report(tmp_path):
+    path = tmp_path / "r.json"
+    assert main(["compare", "--epochs", "1", "--width", "16", "--depth", "1", "--activation", "gelu",
+                 "--optimizer", "adamw", "--lr", "0.001", "--dtype", "float64", "--seed", "3",
+                 "--out", str(tmp_path), "--json", str(path)]) == 0
+    config = json.loads(path.read_text())["config"]
+    assert (config["hidden"], config["activation"], config["optimizer"], config["dtype"], config["seed"]) == (
+        [16], "gelu", "adamw", "float64", 3)
+
+
+def test_compare_bad_value_gives_clear_error(capsys, tmp_path):
+    assert main(["compare", "--epochs", "0", "--out", str(tmp_path)]) == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+def test_bench_core_json(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "core", "--sizes", "4x8,8x16", "--repeats", "2", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["matmul_gflops"] > 0
+    assert [(r["batch"], r["hidden"]) for r in report["results"]] == [(4, 8), (8, 16)]
+    for r in report["results"]:
+        assert {"batch", "hidden", "manual_ms", "autograd_ms", "manual_gflops"} <= set(r)
+
+
+def test_bench_bad_sizes(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "core", "--sizes", "64by128"])
+    assert "BATCHxHIDDEN" in capsys.readouterr().err
+
+
+def test_console_script_help_runs():
+    result = subprocess.run([sys.executable, "-m", "bp_apps.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0
+    for command in ("demo", "compare", "bench", "fit"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("config", ["digits_mlp_manual", "digits_mlp_autograd"])
+def test_lightning_fit_from_config(config, tmp_path):
+    argv = ["fit", "--config", str(ROOT / "configs" / "core" / f"{config}.yaml"), "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    assert main(argv) == 0
+    assert list(tmp_path.rglob("*.ckpt")), "fit must save a checkpoint"
+    assert list(tmp_path.rglob("config.yaml")), "LightningCLI saves the config next to the run"

@@ -1,0 +1,162 @@
+"""The Lightning classifier: both backends learn the digits, the manual one without autograd, and resume exactly."""
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bp_apps.core.backprop import NonFiniteError
+from bp_apps.core.data import DigitsDataModule
+from bp_apps.core.lit import ENGINE_OPTIMIZER_KEY, MLPClassifier
+
+HIDDEN = (64, 64)
+
+
+def trainer(**kwargs: Any) -> L.Trainer:
+    """A quiet CPU trainer (no logger, checkpoints or progress bar unless asked)."""
+    options = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False, "logger": False,
+               "enable_checkpointing": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    return L.Trainer(**{**options, **kwargs})
+
+
+def fit(model: MLPClassifier, epochs: int, data: L.LightningDataModule | None = None, ckpt_path: Path | None = None,
+        **kwargs: Any) -> L.Trainer:
+    """Fit with every RNG seeded, so two calls with equal arguments train identically."""
+    L.seed_everything(0, verbose=False)
+    t = trainer(max_epochs=epochs, **kwargs)
+    t.fit(model, datamodule=data or DigitsDataModule(), ckpt_path=ckpt_path)
+    return t
+
+
+def params(model: MLPClassifier) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.net.parameters()]
+
+
+class OrderedDigits(DigitsDataModule):
+    """Digits without shuffling, so an epoch's batches do not depend on whether training was resumed."""
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=False)
+
+
+def test_same_initial_weights_for_both_backends() -> None:
+    before = torch.random.get_rng_state()
+    manual = MLPClassifier(hidden=HIDDEN, norm="layer", seed=3)
+    auto = MLPClassifier(hidden=HIDDEN, norm="layer", seed=3, backend="autograd")
+    assert torch.equal(torch.random.get_rng_state(), before), "building a model must not move the global RNG"
+    assert isinstance(auto.net, torch.nn.Sequential)
+    assert not manual.automatic_optimization and auto.automatic_optimization
+    for p, q in zip(manual.net.parameters(), auto.net.parameters(), strict=True):
+        assert torch.equal(p, q)
+    other = MLPClassifier(hidden=HIDDEN, norm="layer", seed=4)
+    assert not torch.equal(next(other.net.parameters()), next(manual.net.parameters()))
+    assert not any(p.requires_grad for p in manual.net.parameters())
+    assert all(p.requires_grad for p in auto.net.parameters())
+
+
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_backends_learn_digits(backend: str) -> None:
+    model = MLPClassifier(hidden=HIDDEN, backend=backend, lr=3e-3)
+    recorded = []  # every tensor autograd saves for a backward pass goes through this hook
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: recorded.append(t.shape) or t, lambda t: t):
+        warnings.simplefilter("always")
+        t = fit(model, 3)
+    assert not [w for w in caught if "configure_optimizers" in str(w.message)]
+    assert bool(recorded) == (backend == "autograd"), "the manual backend must never record an autograd graph"
+    assert t.global_step == 3 * len(t.train_dataloader), "every engine step counts as an optimizer step"
+    assert float(t.callback_metrics["val_acc"]) > 0.9
+    assert float(t.callback_metrics["train_loss_epoch"]) < 0.5
+    if backend == "manual":
+        assert not any(p.requires_grad or p.grad is not None for p in model.net.parameters()), "autograd was used"
+        assert model.engine_optimizer is not None and model.engine_optimizer.step_count == t.global_step
+    (test,) = t.test(model, datamodule=DigitsDataModule(), verbose=False)
+    assert test["test_acc"] > 0.9 and test["test_loss"] < 0.5
+    probs = torch.cat(t.predict(model, datamodule=DigitsDataModule()))
+    assert probs.shape == (450, 10) and torch.allclose(probs.sum(1), torch.ones(450))
+
+
+def test_backends_train_alike_with_sgd_and_clipping() -> None:
+    config = {"hidden": (32,), "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3,
+              "max_grad_norm": 0.5, "label_smoothing": 0.1, "norm": "batch"}
+    manual = MLPClassifier(**config)
+    auto = MLPClassifier(**config, backend="autograd")
+    fit(manual, 1)
+    fit(auto, 1)
+    for p, q in zip(manual.net.parameters(), auto.net.parameters(), strict=True):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
+    running = {k.removeprefix("layers."): v for k, v in manual.net.state_dict().items() if "running" in k}
+    assert running, "BatchNorm running statistics expected"
+    for name, value in running.items():
+        torch.testing.assert_close(value, auto.net.state_dict()[name], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_result() -> None:
+    results = []
+    for _ in range(2):
+        model = MLPClassifier(hidden=HIDDEN, dropout=0.2, lr=3e-3)
+        t = fit(model, 1)
+        results.append((float(t.callback_metrics["val_acc"]), params(model)))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(p, q) for p, q in zip(results[0][1], results[1][1], strict=True))
+
+
+def test_resume_restores_engine_optimizer(tmp_path: Path) -> None:
+    config = {"hidden": (32,), "optimizer": "adam", "lr": 3e-3}
+    straight = MLPClassifier(**config)
+    fit(straight, 2, OrderedDigits())
+
+    first = MLPClassifier(**config)
+    t = fit(first, 1, OrderedDigits())
+    steps = t.global_step
+    path = tmp_path / "epoch1.ckpt"
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)[ENGINE_OPTIMIZER_KEY]
+    assert saved["step"] == steps
+    for name, tensors in first.engine_optimizer.state.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, saved["state"][name], strict=True))
+
+    resumed = MLPClassifier(**{**config, "seed": 1})  # different initial weights: the checkpoint must win
+    t2 = fit(resumed, 2, OrderedDigits(), ckpt_path=path)
+    assert t2.global_step == 2 * steps
+    opt, ref = resumed.engine_optimizer, straight.engine_optimizer
+    assert opt.step_count == ref.step_count == 2 * steps, "Adam's step count continued from the checkpoint"
+    assert opt.state.keys() == ref.state.keys() == {"exp_avg", "exp_avg_sq"}
+    for name in opt.state:
+        assert all(torch.equal(a, b) for a, b in zip(opt.state[name], ref.state[name], strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(params(resumed), params(straight), strict=True))
+
+    # Loading weights only (no resume) starts a fresh optimizer, as Lightning does for its own.
+    loaded = MLPClassifier.load_from_checkpoint(path)
+    assert all(torch.equal(p, q) for p, q in zip(params(loaded), params(first), strict=True))
+    loaded.configure_optimizers()
+    assert loaded.engine_optimizer.step_count == 0 and not loaded.engine_optimizer.state
+
+
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_nonfinite_policy(backend: str) -> None:
+    x = torch.randn(32, 64)
+    x[3, 5] = float("nan")
+    loader = DataLoader(TensorDataset(x, torch.arange(32) % 10), batch_size=16)
+    model = MLPClassifier(hidden=(16,), backend=backend, nonfinite="skip")
+    before = params(model)
+    L.seed_everything(0, verbose=False)
+    trainer(max_steps=2).fit(model, train_dataloaders=loader)
+    assert model.skipped_steps == 1, "only the batch holding the NaN is skipped"
+    assert not all(torch.equal(p, q) for p, q in zip(params(model), before, strict=True))
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        trainer(max_steps=2).fit(MLPClassifier(hidden=(16,), backend=backend), train_dataloaders=loader)
+
+
+def test_lightning_cli_config() -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(MLPClassifier, DigitsDataModule, run=False,
+                       args=["--model.hidden=[32, 16]", "--model.backend=autograd", "--model.norm=layer",
+                             "--model.max_grad_norm=1.0", "--trainer.logger=false"])
+    assert list(cli.model.hparams.hidden) == [32, 16] and cli.model.hparams.norm == "layer"
+    assert cli.model.automatic_optimization and cli.model.hparams.max_grad_norm == 1.0
