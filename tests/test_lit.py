@@ -60,22 +60,22 @@ def test_same_initial_weights_for_both_backends() -> None:
 
 @pytest.mark.parametrize("backend", ["manual", "autograd"])
 def test_backends_learn_digits(backend: str) -> None:
-    model = MLPClassifier(hidden=HIDDEN, backend=backend, lr=3e-3)
+    model = MLPClassifier(hidden=HIDDEN, backend=backend, lr=5e-3)
     recorded = []  # every tensor autograd saves for a backward pass goes through this hook
     with warnings.catch_warnings(record=True) as caught, torch.autograd.graph.saved_tensors_hooks(
             lambda t: recorded.append(t.shape) or t, lambda t: t):
         warnings.simplefilter("always")
-        t = fit(model, 3)
+        t = fit(model, 2)
     assert not [w for w in caught if "configure_optimizers" in str(w.message)]
     assert bool(recorded) == (backend == "autograd"), "the manual backend must never record an autograd graph"
-    assert t.global_step == 3 * len(t.train_dataloader), "every engine step counts as an optimizer step"
-    assert float(t.callback_metrics["val_acc"]) > 0.9
+    assert t.global_step == 2 * len(t.train_dataloader), "every engine step counts as an optimizer step"
+    assert float(t.callback_metrics["val_acc"]) > 0.88  # 0.956 for both backends on CPU
     assert float(t.callback_metrics["train_loss_epoch"]) < 0.5
     if backend == "manual":
         assert not any(p.requires_grad or p.grad is not None for p in model.net.parameters()), "autograd was used"
         assert model.engine_optimizer is not None and model.engine_optimizer.step_count == t.global_step
     (test,) = t.test(model, datamodule=DigitsDataModule(), verbose=False)
-    assert test["test_acc"] > 0.9 and test["test_loss"] < 0.5
+    assert test["test_acc"] > 0.88 and test["test_loss"] < 0.5
     probs = torch.cat(t.predict(model, datamodule=DigitsDataModule()))
     assert probs.shape == (450, 10) and torch.allclose(probs.sum(1), torch.ones(450))
 
@@ -150,6 +150,17 @@ def test_nonfinite_policy(backend: str) -> None:
     assert not all(torch.equal(p, q) for p, q in zip(params(model), before, strict=True))
     with pytest.raises(NonFiniteError, match="non-finite"):
         trainer(max_steps=2).fit(MLPClassifier(hidden=(16,), backend=backend), train_dataloaders=loader)
+
+
+def test_manual_backend_precision() -> None:
+    model = MLPClassifier(hidden=(16,))
+    with pytest.raises(ValueError, match="does not support precision"):
+        trainer(precision="bf16-mixed", max_steps=1).fit(model, datamodule=DigitsDataModule())
+    model = MLPClassifier(hidden=(16,))
+    trainer(precision="64-true", max_steps=3, limit_val_batches=1).fit(model, datamodule=DigitsDataModule())
+    assert all(p.dtype == torch.float64 for p in model.net.parameters())
+    assert model.engine_optimizer.step_count == 3
+    assert all(t.dtype == torch.float64 for t in model.engine_optimizer.state["exp_avg"])
 
 
 def test_lightning_cli_config() -> None:

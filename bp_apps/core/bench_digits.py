@@ -1,8 +1,13 @@
 """Digits accuracy benchmark: the hand-written MLP against scikit-learn's MLPClassifier.
 
 Both train on the same standardised split, one epoch at a time, with the test accuracy read
-after every epoch (evaluation time is not counted). "Time to the same accuracy" is, per seed,
-the training time each needs to first reach the lower of the two best accuracies.
+after every epoch (evaluation time is not counted). Two speed ratios per seed:
+
+- full training: scikit-learn's training time until its own stopping rule (as ``fit`` does)
+  over the manual recipe's whole training time, counted only when the manual MLP ends at
+  least as accurate;
+- time to the same accuracy: the training time each needs to first reach the lower of the
+  two best accuracies (an oracle stopping point for both).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ class DigitsRecipe:
     activation: str = "relu"
     dropout: float = 0.2
     optimizer: str = "adamw"
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
-    batch_size: int = 32
+    batch_size: int = 128
     epochs: int = 40
 
 
@@ -119,27 +124,31 @@ def run_digits_bench(seeds: Iterable[int] = range(3), recipe: DigitsRecipe | Non
                      "sklearn_test_accuracy": sk_acc[-1], "sklearn_train_seconds": sk_s[-1],
                      "sklearn_epochs": len(sk_acc), "common_accuracy": target,
                      "manual_seconds_to_common": t_manual, "sklearn_seconds_to_common": t_sklearn,
-                     "speedup_vs_sklearn": t_sklearn / t_manual})
+                     "speedup_to_common_accuracy": t_sklearn / t_manual,
+                     "speedup_full_training": sk_s[-1] / manual_s[-1] if manual_acc[-1] >= sk_acc[-1] else None})
     return {
         "recipe": asdict(recipe),
         "manual_test_accuracy_mean": statistics.mean(r["manual_test_accuracy"] for r in runs),
         "sklearn_test_accuracy_mean": statistics.mean(r["sklearn_test_accuracy"] for r in runs),
-        "speedup_vs_sklearn_median": statistics.median(r["speedup_vs_sklearn"] for r in runs),
+        "speedup_to_common_accuracy_median": statistics.median(r["speedup_to_common_accuracy"] for r in runs),
+        "speedup_full_training_median": statistics.median(
+            r["speedup_full_training"] if r["speedup_full_training"] is not None else 0.0 for r in runs),
         "runs": runs,
     }
 
 
 def format_digits_table(report: dict) -> str:
     """A Markdown table of a ``run_digits_bench`` report."""
-    lines = ["| seed | manual acc | manual s | sklearn acc | sklearn s | common acc | manual s to it | "
-             "sklearn s to it | ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| seed | manual acc | manual s | sklearn acc | sklearn s | full-training ratio | common acc | "
+             "manual s to it | sklearn s to it | ratio to it |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
+        full = "—" if r["speedup_full_training"] is None else f"{r['speedup_full_training']:.2f}x"
         lines.append(f"| {r['seed']} | {r['manual_test_accuracy']:.4f} | {r['manual_train_seconds']:.2f} | "
-                     f"{r['sklearn_test_accuracy']:.4f} | {r['sklearn_train_seconds']:.2f} | "
-                     f"{r['common_accuracy']:.4f} | "
-                     f"{r['manual_seconds_to_common']:.2f} | {r['sklearn_seconds_to_common']:.2f} | "
-                     f"{r['speedup_vs_sklearn']:.2f}x |")
-    lines += ["", f"manual MLP mean test accuracy {report['manual_test_accuracy_mean']:.4f}; scikit-learn "
-              f"{report['sklearn_test_accuracy_mean']:.4f}; the hand-written MLP reaches the common accuracy "
-              f"{report['speedup_vs_sklearn_median']:.2f}x faster (median over seeds)"]
+                     f"{r['sklearn_test_accuracy']:.4f} | {r['sklearn_train_seconds']:.2f} | {full} | "
+                     f"{r['common_accuracy']:.4f} | {r['manual_seconds_to_common']:.2f} | "
+                     f"{r['sklearn_seconds_to_common']:.2f} | {r['speedup_to_common_accuracy']:.2f}x |")
+    lines += ["", f"manual MLP mean test accuracy {report['manual_test_accuracy_mean']:.4f}, scikit-learn "
+              f"{report['sklearn_test_accuracy_mean']:.4f}. Median speed ratios (scikit-learn time / manual time): "
+              f"full training {report['speedup_full_training_median']:.2f}x, "
+              f"to the common accuracy {report['speedup_to_common_accuracy_median']:.2f}x."]
     return "\n".join(lines)

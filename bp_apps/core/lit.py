@@ -50,9 +50,10 @@ class MLPClassifier(L.LightningModule):
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
         self.save_hyperparameters()
-        # The caller's RNG is left untouched; the weights depend on ``seed`` alone.
+        # The weights depend on ``seed`` alone, and the caller's RNG is left untouched (the MLP is
+        # built on the CPU, so only the CPU generator is seeded: CUDA generators are not reseeded).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)
             engine = MLP(in_features, hidden, num_classes, activation=activation, dropout=dropout, norm=norm)
         self.manual = backend == "manual"
         self.automatic_optimization = not self.manual
@@ -138,6 +139,13 @@ class MLPClassifier(L.LightningModule):
         progress = self._trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         progress.increment_ready()
         progress.increment_completed()
+
+    def on_fit_start(self) -> None:
+        """Reject mixed precision for the manual backend: autocast would hand the engine's fixed-dtype
+        gradient buffers half-precision products (the autograd backend supports it as usual)."""
+        if self.manual and "mixed" in str(self.trainer.precision):
+            raise ValueError(f"backend='manual' does not support precision={self.trainer.precision!r}; use '32-true', "
+                             "'64-true', '16-true' or 'bf16-true' (or backend='autograd')")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Autograd backend: apply the ``nonfinite`` policy to the (unscaled) gradients."""

@@ -47,8 +47,7 @@ class SoftmaxCrossEntropy:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
 
-    def _validate(self, logits: Tensor, target: Tensor) -> bool:
-        """Raise on bad shapes or labels; return True when some rows are ignored."""
+    def _check_shapes(self, logits: Tensor, target: Tensor) -> None:
         if logits.dim() < 2 or target.shape != logits.shape[:-1]:
             raise ValueError(f"SoftmaxCrossEntropy: logits (..., C) and targets (...) expected, got logits "
                              f"{tuple(logits.shape)} and targets {tuple(target.shape)}")
@@ -56,21 +55,19 @@ class SoftmaxCrossEntropy:
             raise TypeError(f"SoftmaxCrossEntropy: targets must be integer class indices, got {target.dtype}")
         if target.numel() == 0:
             raise ValueError("SoftmaxCrossEntropy: empty batch")
-        num_classes = logits.shape[-1]
-        extremes = torch.aminmax(target)
-        low, high = extremes.min.item(), extremes.max.item()
-        if high >= num_classes or low < 0:
-            valid = target != self.ignore_index
-            bad = target[valid & ((target < 0) | (target >= num_classes))]
-            if bad.numel():
-                raise ValueError(f"SoftmaxCrossEntropy: label {int(bad[0])} is outside [0, {num_classes}) "
-                                 f"(ignore_index={self.ignore_index})")
-        if 0 <= self.ignore_index < num_classes or low == self.ignore_index or high == self.ignore_index:
-            return bool((target == self.ignore_index).any())
-        return False
+
+    def _has_ignored(self, target: Tensor, num_classes: int) -> bool:
+        """Raise a ValueError naming the first label outside [0, C) that is not ``ignore_index``;
+        return whether any row carries ``ignore_index``."""
+        ignored = target == self.ignore_index
+        bad = target[~ignored & ((target < 0) | (target >= num_classes))]
+        if bad.numel():
+            raise ValueError(f"SoftmaxCrossEntropy: label {int(bad[0])} is outside [0, {num_classes}) "
+                             f"(ignore_index={self.ignore_index})")
+        return bool(ignored.any())
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        has_ignored = self._validate(logits, target)
+        self._check_shapes(logits, target)
         num_classes = logits.shape[-1]
         self.input_shape = logits.shape
         if logits.dim() != 2:
@@ -78,9 +75,23 @@ class SoftmaxCrossEntropy:
         target = target.reshape(-1, 1) if target.dtype == torch.int64 else target.reshape(-1, 1).long()
         log_probs = torch.log_softmax(logits, dim=1)
         eps = self.label_smoothing
-        if not has_ignored and not eps:  # the common case, in as few kernels as possible
-            self.saved = (log_probs, target, None, target.shape[0])
-            return log_probs.gather(1, target).mean().neg()
+        # Fast path, CPU: gather checks its indices itself, so labels are only inspected when it
+        # refuses one (an ignored row or a bad label) or when ignore_index is a valid class.
+        # On CUDA a bad index would be a device-side assert, so the labels are checked first.
+        has_ignored = None
+        if logits.device.type != "cpu" or 0 <= self.ignore_index < num_classes:
+            has_ignored = self._has_ignored(target, num_classes)
+        if not eps and not has_ignored:
+            try:
+                picked = log_probs.gather(1, target)
+            except (RuntimeError, IndexError):
+                has_ignored = self._has_ignored(target, num_classes)
+            else:
+                count = target.shape[0]
+                self.saved = (log_probs, target, None, count)
+                return picked.sum().mul_(-1.0 / count)
+        if has_ignored is None:
+            has_ignored = self._has_ignored(target, num_classes)
         valid = target != self.ignore_index if has_ignored else torch.ones_like(target, dtype=torch.bool)
         target = torch.where(valid, target, 0)
         count = valid.sum()
