@@ -31,7 +31,7 @@ class DigitsRecipe:
 
     hidden: tuple[int, ...] = (256, 256)
     activation: str = "relu"
-    dropout: float = 0.2
+    dropout: float = 0.0
     optimizer: str = "adamw"
     lr: float = 4e-3
     weight_decay: float = 0.05

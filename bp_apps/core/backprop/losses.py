@@ -79,7 +79,7 @@ class SoftmaxCrossEntropy:
         # refuses one (an ignored row or a bad label) or when ignore_index is a valid class.
         # On CUDA a bad index would be a device-side assert, so the labels are checked first.
         has_ignored = None
-        if logits.device.type != "cpu" or 0 <= self.ignore_index < num_classes:
+        if not logits.is_cpu or 0 <= self.ignore_index < num_classes:
             has_ignored = self._has_ignored(target, num_classes)
         if not eps and not has_ignored:
             try:
@@ -110,17 +110,19 @@ class SoftmaxCrossEntropy:
         eps = self.label_smoothing
         if eps:
             grad.sub_(eps / grad.shape[1])
-        grad.scatter_add_(1, target, self._minus_one(grad).expand(grad.shape[0], 1))
+        grad.scatter_add_(1, target, self._minus_target_weight(grad))
         if valid is not None:
             grad.mul_(valid)
-        return grad.div_(count).reshape(self.input_shape)
+        grad.div_(count)
+        return grad if len(self.input_shape) == 2 else grad.reshape(self.input_shape)
 
-    def _minus_one(self, like: Tensor) -> Tensor:
-        """−(1 − ε) as a one-element tensor, cached per dtype and device (scatter_add needs a tensor)."""
-        cached = getattr(self, "_minus_one_cache", None)
-        if cached is None or cached.dtype != like.dtype or cached.device != like.device:
-            cached = self._minus_one_cache = torch.full((1, 1), -(1.0 - self.label_smoothing), dtype=like.dtype,
-                                                        device=like.device)
+    def _minus_target_weight(self, grad: Tensor) -> Tensor:
+        """A column of −(1 − ε), one per row, cached by shape, dtype and device (scatter_add needs a tensor)."""
+        cached = self.__dict__.get("_minus_weight")
+        if cached is None or cached.shape[0] != grad.shape[0] or cached.dtype != grad.dtype \
+                or cached.device != grad.device:
+            cached = self._minus_weight = torch.full((grad.shape[0], 1), -(1.0 - self.label_smoothing),
+                                                     dtype=grad.dtype, device=grad.device)
         return cached
 
 
