@@ -57,6 +57,8 @@ class MLPClassifier(L.LightningModule):
             engine = MLP(in_features, hidden, num_classes, activation=activation, dropout=dropout, norm=norm)
         self.manual = backend == "manual"
         self.automatic_optimization = not self.manual
+        # Training steps consume each output before the next forward: the engine may reuse its buffers.
+        engine.reuse_buffers = self.manual
         self.net: torch.nn.Module = engine if self.manual else engine.to_autograd()
         self.engine_loss = SoftmaxCrossEntropy(label_smoothing)
         self.engine_optimizer: Optimizer | None = None  # manual backend; created in configure_optimizers
