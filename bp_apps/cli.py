@@ -88,8 +88,30 @@ def _lightning(argv: Sequence[str]) -> int:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 args=list(argv), save_config_kwargs={"overwrite": True})
+    class BpAppsCLI(LightningCLI):
+        """LightningCLI that, after ``fit``, tests the best checkpoint when the data has a test split."""
+
+        def after_fit(self) -> None:
+            if self.trainer.interrupted or not hasattr(self.datamodule, "test_dataloader"):
+                return
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+
+    BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+              args=list(argv), save_config_kwargs={"overwrite": True})
+    return 0
+
+
+def _run_predict_image(args: argparse.Namespace) -> int:
+    from bp_apps.vision.task import predict_images
+
+    results = predict_images(args.paths, args.ckpt, args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        ranked = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in result["top"])
+        print(f"{result['path']}\t{ranked}")
     return 0
 
 
@@ -113,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="core: comma-separated BATCHxHIDDEN sizes (default: %(default)s)")
     bench.add_argument("--seeds", type=int, default=3, help="digits: number of seeds")
     bench.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
+    predict = sub.add_parser("predict-image", help="top classes with probabilities for image files")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files (any size and mode)")
+    predict.add_argument("--ckpt", required=True, type=Path, help="an image-classification checkpoint")
+    predict.add_argument("--top-k", type=int, default=5, help="how many classes to show (default 5)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of one line per file")
     return parser
 
 
@@ -131,8 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_compare(defaults, "runs/demo")
         if args.command == "compare":
             return _run_compare(args, "runs/compare")
+        if args.command == "predict-image":
+            return _run_predict_image(args)
         return _run_bench(args)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"bp-apps {args.command}: error: {error}", file=sys.stderr)
         return 2
 

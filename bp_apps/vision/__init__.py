@@ -1,0 +1,1 @@
+"""Image classification with backpropagation: data modules for digits, MNIST, Fashion-MNIST, CIFAR-10, folders."""

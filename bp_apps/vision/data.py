@@ -1,0 +1,539 @@
+"""Image classification data for Lightning: scikit-learn digits, MNIST, Fashion-MNIST, CIFAR-10 and image folders.
+
+Every module exposes its metadata right after ``__init__`` (``num_classes``, ``class_names``, ``input_shape``,
+``mean``, ``std`` and ``eval_transform``, which turns any PIL image into the tensor evaluation sees) and its loaders
+yield ``(float32 images (B, C, H, W), int64 labels (B,))``. Validation is split off the training data by ``seed``,
+stratified by class. Digits, MNIST, Fashion-MNIST and CIFAR-10 stay in memory as pixel tensors: their loaders
+normalize whole batches and, with ``augment``, draw a random rotation/shift/flip per sample in one vectorized
+``grid_sample`` (no PIL round trip per image). Image folders are decoded per file with PIL and torchvision's v2
+transforms. Nothing is ever written into ``data_root`` unless ``download`` is set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.datasets
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torchvision.transforms import v2
+
+from bp_apps.core.data import load_digits_split
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff",
+                              ".webp"})
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR10_FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch")
+IDX_UNSIGNED_BYTE = 0x08
+
+
+# ----------------------------------------------------------------------------------------------- images and files
+
+def _mode(channels: int) -> str:
+    """The PIL mode for a channel count: "L" (8-bit gray) for 1, "RGB" for 3."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    return "L" if channels == 1 else "RGB"
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` as 8-bit gray (1 channel) or RGB (3), so every file mode reaches the model the same way.
+
+    Transparent pixels are composited onto white and 16-bit gray (modes ``I;16*``) is scaled down to 8 bits
+    rather than clipped, which is what PIL's plain ``convert`` would do.
+    """
+    mode = _mode(channels)
+    if image.mode == mode:
+        return image
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8))
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert(mode)
+
+
+def load_image(path: str | Path, channels: int) -> Image.Image:
+    """Open, fully decode (so truncated files fail here), orient by EXIF and convert one image file.
+
+    Raises ValueError naming the file when it is not a readable image.
+    """
+    mode = _mode(channels)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_mode(ImageOps.exif_transpose(image), channels)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path} (as {mode}): {err}") from err
+
+
+class ToMode:
+    """Transform step converting a PIL image with :func:`to_mode` (a class, so loaders can pickle it)."""
+
+    def __init__(self, channels: int) -> None:
+        _mode(channels)
+        self.channels = channels
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return to_mode(image, self.channels)
+
+    def __repr__(self) -> str:
+        return f"ToMode(channels={self.channels})"
+
+
+def pil_transform(input_shape: tuple[int, int, int], mean: Sequence[float], std: Sequence[float],
+                  augment: Sequence[Callable[[Tensor], Tensor]] = ()) -> v2.Compose:
+    """PIL image of any size and mode → normalized float tensor of ``input_shape``.
+
+    Converts the mode, resizes the shorter side and centre-crops (no distortion), then applies ``augment`` to the
+    uint8 tensor before scaling to [0, 1] and normalizing.
+    """
+    channels, height, width = input_shape
+    return v2.Compose([ToMode(channels), v2.Resize(max(height, width), antialias=True), v2.CenterCrop((height, width)),
+                       v2.PILToTensor(), *augment, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Decode an IDX file of unsigned bytes (gzip-compressed or not) into an array of its header's shape.
+
+    Checks the magic number and that the data holds exactly the bytes the header promises, so a truncated or
+    corrupt file fails here with a ValueError naming it instead of as odd images later.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt or truncated gzip data ({err})") from err
+    if len(data) < 4 or data[:2] != b"\x00\x00":
+        raise ValueError(f"{path}: not an IDX file (starts with 0x{data[:4].hex()}, expected 0x0000 then type and "
+                         "dimension count)")
+    if data[2] != IDX_UNSIGNED_BYTE:
+        raise ValueError(f"{path}: IDX data type 0x{data[2]:02x} is not supported (expected 0x08, unsigned bytes)")
+    ndim, header = data[3], 4 + 4 * data[3]
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, {ndim} dimensions need {header})")
+    shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected, found = math.prod(shape), len(data) - header
+    if found != expected:
+        problem = "truncated" if found < expected else "longer than its header says"
+        raise ValueError(f"{path}: {problem}: header promises {'×'.join(map(str, shape))} = {expected} bytes of "
+                         f"data, found {found}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def stratified_split(labels: np.ndarray | Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split of ``range(len(labels))`` into sorted (kept, held-out) index arrays.
+
+    About ``fraction`` of every class is held out, ``round(fraction * n)`` in all (largest-remainder rounding across
+    classes, ties broken by ``seed``), except that each class keeps at least one sample on the kept side.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = fraction * counts
+    take = np.floor(quota).astype(np.int64)
+    order = rng.permutation(len(classes))
+    by_remainder = order[np.argsort(-(quota - take)[order], kind="stable")]
+    take[by_remainder[: round(fraction * len(labels)) - int(take.sum())]] += 1
+    take = np.minimum(take, counts - 1)
+    held = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    held_idx = np.sort(np.concatenate([np.zeros(0, np.int64), *held]))
+    return np.setdiff1d(np.arange(len(labels)), held_idx), held_idx
+
+
+# ----------------------------------------------------------------------------------------------- batch transforms
+
+class BatchAugment:
+    """Per-sample random rotation, whole-pixel shift and horizontal flip of a [0, 1] batch in one ``grid_sample``.
+
+    Shifts are uniform in ``-max_shift..max_shift`` pixels with black fill (``degrees=0`` is
+    ``RandomCrop(size, padding=max_shift)`` up to float rounding), angles uniform in ±``degrees`` (bilinear), flips
+    with probability 1/2.
+    Vectorized because per-image torchvision calls would dominate an MNIST epoch on CPU.
+    """
+
+    def __init__(self, degrees: float = 0.0, max_shift: int = 0, hflip: bool = False) -> None:
+        self.degrees, self.max_shift, self.hflip = degrees, max_shift, hflip
+
+    def __call__(self, images: Tensor) -> Tensor:
+        n, _, height, width = images.shape
+        angle = (torch.rand(n) * 2 - 1) * math.radians(self.degrees)
+        cos, sin = angle.cos(), angle.sin()
+        tx, ty = torch.randint(-self.max_shift, self.max_shift + 1, (2, n)).float()
+        # Output pixel p samples input R⁻¹(p - t), written in affine_grid's [-1, 1] coordinates.
+        theta = torch.empty(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1] = cos, sin * height / width
+        theta[:, 1, 0], theta[:, 1, 1] = -sin * width / height, cos
+        theta[:, 0, 2] = -(cos * tx + sin * ty) * 2 / width
+        theta[:, 1, 2] = (sin * tx - cos * ty) * 2 / height
+        if self.hflip:
+            theta[:, :, 0] *= torch.where(torch.rand(n) < 0.5, -1.0, 1.0)[:, None]
+        grid = F.affine_grid(theta.to(images), [*images.shape], align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def __repr__(self) -> str:
+        return f"BatchAugment(degrees={self.degrees}, max_shift={self.max_shift}, hflip={self.hflip})"
+
+
+class NormalizeBatch:
+    """Collate for in-memory pixel data: stack samples, scale uint8 to [0, 1], augment (optional), normalize."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: BatchAugment | None = None) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment = augment
+
+    def __call__(self, samples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        images, labels = default_collate(samples)
+        images = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+        if self.augment is not None:
+            images = self.augment(images)
+        return (images - self.mean) / self.std, labels
+
+
+# ----------------------------------------------------------------------------------------------- data modules
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model needs before any data is loaded: class names, tensor shape (C, H, W), per-channel mean/std."""
+
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Base of every image data module: common init args, metadata before ``setup``, seeded loaders.
+
+    ``data_root`` is where the data set lives, ``val_fraction`` of the training data becomes validation (chosen
+    by ``seed``), ``augment`` turns on training-time augmentation and ``download`` allows fetching missing files
+    into ``data_root`` (the only case in which anything is written there).
+    """
+
+    SPEC: ClassVar[ImageSpec]
+
+    def __init__(self, data_root: str = "data", batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
+                 num_workers: int = 0, augment: bool = False, download: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be non-negative, got {num_workers}")
+        spec = self._spec()
+        self.class_names: list[str] = list(spec.class_names)
+        self.num_classes: int = len(spec.class_names)
+        self.input_shape: tuple[int, int, int] = spec.input_shape
+        self.mean: tuple[float, ...] = spec.mean
+        self.std: tuple[float, ...] = spec.std
+        self.eval_transform: v2.Compose = pil_transform(spec.input_shape, spec.mean, spec.std)
+        self.skipped_images: list[str] = []
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _spec(self) -> ImageSpec:
+        """This data set's metadata; fixed data sets declare ``SPEC``, folders scan themselves."""
+        return self.SPEC
+
+    def _collate(self, train: bool) -> Callable | None:
+        """The loaders' collate function (None: PyTorch's default)."""
+        return None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        """A loader over ``dataset``; training batches are shuffled by a generator seeded with ``seed``."""
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for data loaders")
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=train,
+                          generator=torch.Generator().manual_seed(self.hparams.seed) if train else None,
+                          num_workers=workers, persistent_workers=workers > 0, collate_fn=self._collate(train),
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class _InMemoryDataModule(VisionDataModule):
+    """Data sets held as pixel tensors (uint8 0..255 or float 0..1); loaders normalize and augment per batch."""
+
+    AUGMENT: ClassVar[BatchAugment]
+
+    def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Training images (N, C, H, W) and int64 labels, then the test images and labels."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x_train, y_train, x_test, y_test = self._load()
+        kept, held = stratified_split(y_train.numpy(), self.hparams.val_fraction, self.hparams.seed)
+        kept, held = torch.from_numpy(kept), torch.from_numpy(held)
+        self.train_set = TensorDataset(x_train[kept], y_train[kept])
+        self.val_set = TensorDataset(x_train[held], y_train[held])
+        self.test_set = TensorDataset(x_test, y_test)
+
+    def _collate(self, train: bool) -> NormalizeBatch:
+        return NormalizeBatch(self.mean, self.std, self.AUGMENT if train and self.hparams.augment else None)
+
+
+class DigitsImageDataModule(_InMemoryDataModule):
+    """scikit-learn's digits as 1×8×8 images (embedded: ``data_root`` and ``download`` are unused).
+
+    The test set is the official stratified 25 % split (``random_state`` 0, 1,347 train / 450 test images).
+    """
+
+    # Pixels /16; mean and (population) std of all pixels of the 1,347 training images.
+    SPEC = ImageSpec(tuple(str(d) for d in range(10)), (1, 8, 8), (0.3052,), (0.3760,))
+    AUGMENT = BatchAugment(max_shift=1)
+
+    def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        split = load_digits_split(test_size=0.25, random_state=0)
+        return split.x_train.view(-1, 1, 8, 8), split.y_train, split.x_test.view(-1, 1, 8, 8), split.y_test
+
+
+class _IdxDataModule(_InMemoryDataModule):
+    """MNIST-style data from the four original IDX files in ``<data_root>/<FOLDER>/raw/`` (``.gz`` or unpacked)."""
+
+    FOLDER: ClassVar[str]
+    DOWNLOADER: ClassVar[type[torchvision.datasets.MNIST]]
+
+    def prepare_data(self) -> None:
+        """With ``download``, fetch the files with torchvision (Lightning runs this on one process only)."""
+        if self.hparams.download:
+            self.DOWNLOADER(root=self.hparams.data_root, download=True)
+
+    def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raw = Path(self.hparams.data_root) / self.FOLDER / "raw"
+        paths = {name: next((p for p in (raw / f"{name}.gz", raw / name) if p.is_file()), None) for name in IDX_FILES}
+        missing = [f"{name}(.gz)" for name, path in paths.items() if path is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.FOLDER} data not found: {', '.join(missing)} missing in {raw.absolute()}. Set "
+                f"`download: true` (--data.download true) to fetch it with torchvision, or point `data_root` at a "
+                f"folder holding {self.FOLDER}/raw/ with the four IDX files (.gz or unpacked).")
+        arrays = {name: read_idx(path) for name, path in paths.items()}
+        return (*self._images_and_labels(arrays, paths, "train"), *self._images_and_labels(arrays, paths, "t10k"))
+
+    def _images_and_labels(self, arrays: dict[str, np.ndarray], paths: dict[str, Path | None],
+                           part: str) -> tuple[Tensor, Tensor]:
+        """One part's images (N, 1, H, W) uint8 and labels int64, checked against each other and ``SPEC``."""
+        images_name, labels_name = f"{part}-images-idx3-ubyte", f"{part}-labels-idx1-ubyte"
+        images, labels = arrays[images_name], arrays[labels_name]
+        height, width = self.input_shape[1:]
+        if images.ndim != 3 or images.shape[1:] != (height, width):
+            raise ValueError(f"{paths[images_name]}: expected N×{height}×{width} images (IDX3, magic 2051), "
+                             f"found shape {images.shape}")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(f"{paths[labels_name]}: expected {len(images)} labels (IDX1, magic 2049) to match "
+                             f"{paths[images_name]}, found shape {labels.shape}")
+        if labels.max(initial=0) >= self.num_classes:
+            raise ValueError(f"{paths[labels_name]}: labels must be below {self.num_classes}, found {labels.max()}")
+        return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+class MNISTDataModule(_IdxDataModule):
+    """MNIST handwritten digits (60,000 train / 10,000 test, 1×28×28) from ``<data_root>/MNIST/raw/``."""
+
+    FOLDER = "MNIST"
+    DOWNLOADER = torchvision.datasets.MNIST
+    SPEC = ImageSpec(tuple(str(d) for d in range(10)), (1, 28, 28), (0.1307,), (0.3081,))
+    AUGMENT = BatchAugment(degrees=10.0, max_shift=3)
+
+
+class FashionMNISTDataModule(_IdxDataModule):
+    """Fashion-MNIST clothing images (60,000 train / 10,000 test, 1×28×28) from ``<data_root>/FashionMNIST/raw/``."""
+
+    FOLDER = "FashionMNIST"
+    DOWNLOADER = torchvision.datasets.FashionMNIST
+    SPEC = ImageSpec(("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"), (1, 28, 28), (0.2860,), (0.3530,))
+    AUGMENT = BatchAugment(degrees=10.0, max_shift=3, hflip=True)
+
+
+class CIFAR10DataModule(_InMemoryDataModule):
+    """CIFAR-10 (50,000 train / 10,000 test, 3×32×32) from ``<data_root>/cifar-10-batches-py/`` via torchvision."""
+
+    SPEC = ImageSpec(("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+                     (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    AUGMENT = BatchAugment(max_shift=4, hflip=True)  # RandomCrop(32, padding=4) + horizontal flip
+
+    def prepare_data(self) -> None:
+        """With ``download``, fetch and unpack the archive with torchvision (one process only)."""
+        if self.hparams.download:
+            torchvision.datasets.CIFAR10(root=self.hparams.data_root, download=True)
+
+    def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        folder = Path(self.hparams.data_root) / "cifar-10-batches-py"
+        missing = [name for name in CIFAR10_FILES if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"CIFAR-10 data not found: {', '.join(missing)} missing in {folder.absolute()}. Set "
+                "`download: true` (--data.download true) to fetch it with torchvision, or point `data_root` at a "
+                "folder holding cifar-10-batches-py/ (the unpacked python version of CIFAR-10).")
+        try:
+            parts = [torchvision.datasets.CIFAR10(root=self.hparams.data_root, train=train) for train in (True, False)]
+        except RuntimeError as err:
+            raise ValueError(f"CIFAR-10 files in {folder.absolute()} are corrupt or incomplete ({err})") from err
+        return tuple(tensor for part in parts for tensor in (torch.from_numpy(part.data).permute(0, 3, 1, 2)
+                                                            .contiguous(), torch.tensor(part.targets)))
+
+
+class ImageFileDataset(Dataset):
+    """(path, label) pairs decoded with :func:`load_image` and passed through ``transform`` when accessed."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], channels: int,
+                 transform: Callable[[Image.Image], Tensor]) -> None:
+        self.samples, self.channels, self.transform = list(samples), channels, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_image(path, self.channels)), label
+
+
+class ImageFolderDataModule(VisionDataModule):
+    """A folder with one sub-folder of images per class (face identification: one folder per person).
+
+    Either ``data_root/<class>/...`` (train/val/test split off by ``seed``, stratified: ``test_fraction`` of all
+    images, then ``val_fraction`` of the rest), or ``data_root/train/<class>/...`` with optional ``val/`` and
+    ``test/`` beside it (a missing one is split off ``train/`` the same way). Class names are the sorted folder
+    names; hidden files and folders are ignored, so are files whose extension is not in ``IMAGE_EXTENSIONS``.
+    Images of any size and mode become ``channels``×``image_size``×``image_size`` (shorter side resized, centre
+    crop) normalized with mean = std = 0.5 per channel, i.e. to [-1, 1]. An unreadable file raises ValueError
+    naming it when loaded; ``skip_bad_images`` decodes every file once in ``setup`` and drops the bad ones
+    (listed in ``skipped_images``). ``download`` has no effect: a local folder has nothing to fetch.
+    """
+
+    def __init__(self, data_root: str = "data", image_size: int = 64, channels: int = 3, test_fraction: float = 0.2,
+                 skip_bad_images: bool = False, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
+                 num_workers: int = 0, augment: bool = False, download: bool = False) -> None:
+        super().__init__(data_root=data_root, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                         num_workers=num_workers, augment=augment, download=download)
+
+    def _spec(self) -> ImageSpec:
+        channels, size, test_fraction = self.hparams.channels, self.hparams.image_size, self.hparams.test_fraction
+        _mode(channels)
+        if size < 1:
+            raise ValueError(f"image_size must be at least 1, got {size}")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        class_dirs = _class_dirs(self._train_dir())
+        return ImageSpec(tuple(d.name for d in class_dirs), (channels, size, size), (0.5,) * channels,
+                         (0.5,) * channels)
+
+    def _train_dir(self) -> Path:
+        """The folder whose sub-folders are the classes: ``data_root/train`` if present, else ``data_root``."""
+        root = Path(self.hparams.data_root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root.absolute()} does not exist")
+        return root / "train" if (root / "train").is_dir() else root
+
+    def _scan(self, folder: Path, require_all: bool) -> list[tuple[Path, int]]:
+        """(file, label) for the image files under ``folder``'s class sub-folders, sorted for determinism."""
+        label_of = {name: label for label, name in enumerate(self.class_names)}
+        samples, empty = [], []
+        for class_dir in _class_dirs(folder):
+            if class_dir.name not in label_of:
+                raise ValueError(f"{class_dir.absolute()}: class {class_dir.name!r} has no folder in "
+                                 f"{self._train_dir().absolute()}")
+            files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+            empty += [] if files else [class_dir.name]
+            samples += [(path, label_of[class_dir.name]) for path in files]
+        if empty and require_all:
+            raise ValueError(f"{folder.absolute()}: class folder(s) without image files: {', '.join(empty)} "
+                             f"(extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return samples
+
+    def _drop_unreadable(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        """``samples`` without the files that fail to decode; those are added to ``skipped_images``."""
+        kept = []
+        for path, label in samples:
+            try:
+                load_image(path, self.hparams.channels)
+            except ValueError:
+                self.skipped_images.append(str(path))
+            else:
+                kept.append((path, label))
+        return kept
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        root, train_dir = Path(self.hparams.data_root), self._train_dir()
+        parts: dict[str, list[tuple[Path, int]] | None] = {
+            "train": self._scan(train_dir, require_all=True),
+            **{name: self._scan(root / name, require_all=False) if train_dir != root and (root / name).is_dir()
+               else None for name in ("val", "test")}}
+        if self.hparams.skip_bad_images:
+            parts = {name: None if part is None else self._drop_unreadable(part) for name, part in parts.items()}
+            if self.skipped_images:
+                log.warning("skipped %d unreadable image file(s) under %s (listed in skipped_images), first: %s",
+                            len(self.skipped_images), root.absolute(), self.skipped_images[0])
+        train = parts["train"]
+        for name, fraction, salt in (("test", self.hparams.test_fraction, 0), ("val", self.hparams.val_fraction, 1)):
+            if parts[name] is None:
+                kept, held = stratified_split([label for _, label in train], fraction, self.hparams.seed * 2 + salt)
+                train, parts[name] = [train[i] for i in kept], [train[i] for i in held]
+        if not train:
+            raise ValueError(f"{train_dir.absolute()}: no readable training images")
+        augment = [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=10.0, translate=(0.05, 0.05), scale=(0.95, 1.05)),
+                   v2.ColorJitter(brightness=0.2, contrast=0.2)] if self.hparams.augment else []
+        channels, train_transform = self.hparams.channels, pil_transform(self.input_shape, self.mean, self.std, augment)
+        self.train_set = ImageFileDataset(train, channels, train_transform)
+        self.val_set = ImageFileDataset(parts["val"], channels, self.eval_transform)
+        self.test_set = ImageFileDataset(parts["test"], channels, self.eval_transform)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    """The non-hidden sub-folders of ``folder``, sorted; a ValueError naming it when there are none."""
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"{folder.absolute()} has no class sub-folders: expected one sub-folder of images per "
+                         f"class (e.g. {folder}/alice/001.jpg), or train/ (and optional val/, test/) sub-folders "
+                         "that each hold them")
+    return class_dirs
+
+
+DATAMODULES: dict[str, type[VisionDataModule]] = {
+    "digits": DigitsImageDataModule,
+    "mnist": MNISTDataModule,
+    "fashion_mnist": FashionMNISTDataModule,
+    "cifar10": CIFAR10DataModule,
+    "imagefolder": ImageFolderDataModule,
+}

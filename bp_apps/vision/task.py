@@ -1,0 +1,213 @@
+"""Image classification with Lightning: any model of ``models.py`` on any data module of ``data.py``.
+
+Fit saves the best checkpoint by validation accuracy (with optional early stopping); the CLI
+then tests that checkpoint, which saves a confusion matrix PNG, and ``metrics.json`` in the
+run's log directory holds the final validation and test metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from bp_apps.core.lit import ClassifierModule, MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.vision.models import build_model
+
+TASK_KEY = "bp_apps_task"
+TASK_NAME = "vision.ImageClassifier"
+PREPROCESSING_KEY = "bp_apps_preprocessing"
+
+
+class VisionMetricsJson(MetricsJsonCallback):
+    """metrics.json with the class names and any images the data module skipped as unreadable."""
+
+    def extra(self, trainer: L.Trainer) -> dict[str, Any]:
+        data = trainer.datamodule
+        skipped = list(getattr(data, "skipped_images", []) or [])
+        return {"class_names": list(getattr(data, "class_names", [])),
+                "skipped_images": {"count": len(skipped), "paths": skipped}}
+
+
+class ImageClassifier(ClassifierModule):
+    """Cross-entropy image classifier with top-1/top-5 accuracy, best-checkpoint saving, optional
+    early stopping and a confusion matrix at test time.
+
+    ``model`` is one of ``mlp`` (the core MLP on flattened pixels; ``backend`` manual or
+    autograd), ``cnn``, ``cnn_manual_head`` (the CNN with the manual MLP head through the
+    bridge) and ``resnet18`` (``pretrained`` names torchvision weights for online users).
+    ``num_classes`` and ``input_shape`` must match the data module; a mismatch is refused.
+    """
+
+    def __init__(self, model: Literal["mlp", "cnn", "cnn_manual_head", "resnet18"] = "cnn", num_classes: int = 10,
+                 input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (128,), dropout: float = 0.25,
+                 width: int = 32, backend: Literal["manual", "autograd"] = "autograd",
+                 optimizer: Literal["sgd", "adam", "adamw"] = "adamw", lr: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float = 1e-4, max_grad_norm: float | None = None, label_smoothing: float = 0.0,
+                 nonfinite: Literal["raise", "skip"] = "raise", scheduler: Literal["constant", "cosine"] = "cosine",
+                 warmup_fraction: float = 0.0, pretrained: str | None = None,
+                 early_stopping_patience: int | None = None, seed: int = 0) -> None:
+        if backend == "manual" and model != "mlp":
+            raise ValueError(f"backend='manual' applies to model='mlp' only (got model={model!r}); "
+                             "'cnn_manual_head' already trains its head by hand through the bridge")
+        net = build_model(model, tuple(input_shape), num_classes, hidden=hidden, dropout=dropout, backend=backend,
+                          width=width, pretrained=pretrained, seed=seed)
+        super().__init__(net, num_classes, backend=backend, optimizer=optimizer, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, label_smoothing=label_smoothing,
+                         nonfinite=nonfinite, scheduler=scheduler, warmup_fraction=warmup_fraction)
+        self.save_hyperparameters()
+        self.flatten = model == "mlp"
+        self.input_shape = tuple(input_shape)
+        self.confusion = MulticlassConfusionMatrix(num_classes=num_classes)
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        return x.flatten(1) if self.flatten else x
+
+    # -- wiring to the data ------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose class count or image shape differs from this model's."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is None:
+            return
+        if getattr(data, "num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(f"the data has {data.num_classes} classes but the model was built for "
+                             f"{self.num_classes}: set model.num_classes to {data.num_classes}")
+        shape = tuple(getattr(data, "input_shape", self.input_shape))
+        if shape != self.input_shape:
+            raise ValueError(f"the data gives images of shape {shape} but the model was built for "
+                             f"{self.input_shape}: set model.input_shape to {list(shape)}")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [VisionMetricsJson(),
+                *best_checkpoint_callbacks(self.trainer, patience=self.hparams.early_stopping_patience)]
+
+    # -- test-time confusion matrix ------------------------------------------------------------------
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, logits, y = self._evaluate(batch, "test")
+        self.confusion.update(logits.argmax(-1), y)
+        return loss
+
+    def on_test_epoch_end(self) -> None:
+        matrix = self.confusion.compute().cpu()
+        self.confusion.reset()
+        if self.trainer.is_global_zero:
+            data = self.trainer.datamodule
+            names = list(getattr(data, "class_names", [])) or [str(i) for i in range(self.num_classes)]
+            path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "confusion_matrix.png"
+            save_confusion_matrix(matrix, names, path)
+            print(f"confusion matrix written to {path}")
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also store the task name and the preprocessing, so ``predict-image`` can rebuild both."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[TASK_KEY] = TASK_NAME
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None:
+            checkpoint[PREPROCESSING_KEY] = {
+                "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
+                "input_shape": list(data.input_shape), "datamodule": type(data).__name__,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints of other tasks or of another class count before any weight is loaded."""
+        check_checkpoint(checkpoint, expected_num_classes=self.num_classes, source="checkpoint")
+        super().on_load_checkpoint(checkpoint)
+
+
+def check_checkpoint(checkpoint: dict[str, Any], expected_num_classes: int | None = None,
+                     source: str = "checkpoint") -> None:
+    """Raise ValueError unless ``checkpoint`` is an image-classifier checkpoint with the expected class count."""
+    task = checkpoint.get(TASK_KEY)
+    if task != TASK_NAME:
+        other = task or checkpoint.get("hyper_parameters", {}).get("_class_path") or "another task"
+        raise ValueError(f"{source} is not an image-classification checkpoint (it belongs to {other}); "
+                         "use a checkpoint written by an ImageClassifier run")
+    found = checkpoint.get("hyper_parameters", {}).get("num_classes")
+    if expected_num_classes is not None and found != expected_num_classes:
+        raise ValueError(f"{source} was trained for {found} classes, but this model has {expected_num_classes}; "
+                         "set num_classes to match the checkpoint or train a new model")
+
+
+def save_confusion_matrix(matrix: Tensor, class_names: Sequence[str], path: Path) -> None:
+    """Draw a confusion matrix (rows: true class, columns: predicted) to a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = max(4.0, min(0.45 * n + 2, 16.0))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="confusion matrix (test)")
+    ax.set_xticklabels(class_names, rotation=90 if n > 10 else 0)
+    ax.set_yticklabels(class_names)
+    if n <= 20:
+        peak = float(matrix.max()) or 1.0
+        for i in range(n):
+            for j in range(n):
+                value = int(matrix[i, j])
+                ax.text(j, i, value, ha="center", va="center", fontsize=8,
+                        color="white" if value > peak / 2 else "black")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def load_image_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Load an ImageClassifier checkpoint safely (``weights_only=True``) for prediction; return the
+    model in eval mode and the stored preprocessing (class names, mean, std, input shape)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt or carrying code: refuse without running it
+        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint")
+    check_checkpoint(checkpoint, source=str(path))
+    if PREPROCESSING_KEY not in checkpoint:
+        raise ValueError(f"{path} carries no preprocessing (it was saved outside a trainer run with a data module)")
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    hparams["pretrained"] = None  # the weights come from the checkpoint: never download
+    model = ImageClassifier(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, checkpoint[PREPROCESSING_KEY]
+
+
+def predict_images(paths: Sequence[str | Path], checkpoint: str | Path, top_k: int = 5) -> list[dict[str, Any]]:
+    """Top-``top_k`` classes with probabilities for each image file, preprocessed as in evaluation
+    (any size and mode: converted to the training channels, resized, normalised)."""
+    from torchvision.transforms import v2
+
+    from bp_apps.vision.data import load_image
+
+    model, prep = load_image_classifier(checkpoint)
+    channels, height, width = prep["input_shape"]
+    transform = v2.Compose([v2.ToImage(), v2.Resize((height, width), antialias=True),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep["mean"], prep["std"])])
+    names = prep["class_names"]
+    k = max(1, min(top_k, len(names)))
+    results = []
+    for path in paths:
+        image = transform(load_image(path, channels)).unsqueeze(0)
+        with torch.no_grad():
+            probs = torch.softmax(model(image), dim=-1)[0]
+        values, indices = probs.topk(k)
+        results.append({"path": str(path), "top": [{"class": names[i], "probability": float(v)}
+                                                   for v, i in zip(values.tolist(), indices.tolist())]})
+    return results

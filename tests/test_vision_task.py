@@ -1,0 +1,165 @@
+"""Image classification task on the embedded digits: every model trains, runs leave metrics.json,
+a confusion matrix and a best checkpoint, predict-image works, and wrong checkpoints are refused."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bp_apps.cli import main
+from bp_apps.vision.data import DigitsImageDataModule
+from bp_apps.vision.task import ImageClassifier, load_image_classifier, predict_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_and_test(model: ImageClassifier, tmp_path: Path, epochs: int = 1, **trainer: Any) -> L.Trainer:
+    L.seed_everything(0, verbose=False)
+    t = L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
+                  enable_model_summary=False, **trainer)
+    data = DigitsImageDataModule(batch_size=64)
+    t.fit(model, datamodule=data)
+    t.test(model, datamodule=data, ckpt_path="best", verbose=False)
+    return t
+
+
+@pytest.mark.parametrize("model, backend", [("mlp", "manual"), ("mlp", "autograd"), ("cnn", "autograd"),
+                                            ("cnn_manual_head", "autograd"), ("resnet18", "autograd")])
+def test_every_model_trains_and_leaves_its_files(model, backend, tmp_path):
+    classifier = ImageClassifier(model=model, backend=backend, input_shape=(1, 8, 8), hidden=(64,), lr=3e-3,
+                                 dropout=0.0, width=8)
+    t = fit_and_test(classifier, tmp_path, epochs=2 if model != "resnet18" else 1,
+                     limit_train_batches=1.0 if model != "resnet18" else 4)
+    log_dir = Path(t.log_dir)
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    assert set(metrics["validation"]) >= {"val_acc", "val_loss", "val_acc_top5"}
+    assert set(metrics["test"]) >= {"test_acc", "test_loss", "test_acc_top5"}
+    assert metrics["class_names"] == [str(i) for i in range(10)]
+    assert metrics["skipped_images"]["count"] == 0
+    assert metrics["best_checkpoint"].endswith(".ckpt") and Path(metrics["best_checkpoint"]).exists()
+    assert (log_dir / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    if model != "resnet18":  # a couple of epochs is enough for the small models
+        assert metrics["test"]["test_acc"] > 0.6
+        assert metrics["test"]["test_acc_top5"] >= metrics["test"]["test_acc"]
+    if backend == "manual":
+        assert not any(p.requires_grad for p in classifier.net.parameters())
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("digits")
+    classifier = ImageClassifier(model="mlp", backend="manual", input_shape=(1, 8, 8), hidden=(64,), lr=3e-3,
+                                 dropout=0.0)
+    t = fit_and_test(classifier, tmp_path, epochs=3)
+    return Path(t.checkpoint_callback.best_model_path)
+
+
+def _digit_png(path: Path, index: int, size: int = 32, mode: str = "RGB") -> int:
+    """Write digits test image ``index`` as a ``size``-pixel PNG in ``mode``; return its label."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images[index] / 16 * 255).astype(np.uint8)
+    Image.fromarray(pixels, mode="L").resize((size, size), Image.NEAREST).convert(mode).save(path)
+    return int(digits.target[index])
+
+
+def test_predict_image_any_size_and_mode(digits_checkpoint, tmp_path, capsys):
+    paths, labels = [], []
+    for i, mode in enumerate(["L", "RGB", "RGBA", "P"]):
+        path = tmp_path / f"digit_{i}.png"
+        labels.append(_digit_png(path, i * 7, size=8 * (i + 1), mode=mode))
+        paths.append(path)
+    results = predict_images(paths, digits_checkpoint, top_k=3)
+    assert [len(r["top"]) for r in results] == [3] * 4
+    for r in results:
+        probs = [t["probability"] for t in r["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert sum(r["top"][0]["class"] == str(y) for r, y in zip(results, labels)) >= 3
+    assert main(["predict-image", *map(str, paths), "--ckpt", str(digits_checkpoint), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith(str(paths[0]) + "\t")
+    assert main(["predict-image", str(paths[1]), "--ckpt", str(digits_checkpoint), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["path"] == str(paths[1])
+
+
+def test_predict_image_unreadable_file_is_named(digits_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["predict-image", str(bad), "--ckpt", str(digits_checkpoint)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_task_is_refused(tmp_path, capsys):
+    from bp_apps.core.data import DigitsDataModule
+    from bp_apps.core.lit import MLPClassifier
+
+    t = L.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                  limit_train_batches=2, limit_val_batches=1)
+    t.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
+    other = Path(t.checkpoint_callback.best_model_path)
+    with pytest.raises(ValueError, match="not an image-classification checkpoint"):
+        load_image_classifier(other)
+    image = tmp_path / "x.png"
+    _digit_png(image, 0)
+    assert main(["predict-image", str(image), "--ckpt", str(other)]) == 2
+    assert "not an image-classification checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_with_another_class_count_is_refused(digits_checkpoint, tmp_path):
+    model = ImageClassifier(model="mlp", backend="manual", num_classes=5, input_shape=(1, 8, 8), hidden=(64,))
+    checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
+    with pytest.raises(ValueError, match="trained for 10 classes, but this model has 5"):
+        model.on_load_checkpoint(checkpoint)
+
+
+def test_data_and_model_mismatch_is_refused(tmp_path):
+    model = ImageClassifier(model="mlp", backend="manual", num_classes=10, input_shape=(1, 28, 28), hidden=(8,))
+    t = L.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
+                  enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\).*\(1, 28, 28\)"):
+        t.fit(model, datamodule=DigitsImageDataModule())
+
+
+def test_manual_backend_needs_the_mlp():
+    with pytest.raises(ValueError, match="model='mlp' only"):
+        ImageClassifier(model="cnn", backend="manual")
+
+
+def test_checkpoint_with_code_payload_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"bp_apps_task": "vision.ImageClassifier", "payload": Payload()}, evil)
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_image_classifier(evil)
+    assert not marker.exists(), "the pickled payload must never run"
+
+
+def test_truncated_checkpoint_gives_a_clear_error(digits_checkpoint, tmp_path):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(digits_checkpoint.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_image_classifier(cut)
+
+
+@pytest.mark.parametrize("config", ["digits_mlp_manual", "digits_mlp_autograd"])
+def test_cli_fit_tests_the_best_checkpoint(config, tmp_path, capsys):
+    argv = ["fit", "--config", str(ROOT / "configs" / "vision" / f"{config}.yaml"), "--trainer.max_epochs=2",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "metrics written to" in out
+    (metrics_path,) = tmp_path.rglob("metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["test"]["test_acc"] > 0.8 and metrics["validation"]["val_acc"] > 0.8
+    assert list(tmp_path.rglob("confusion_matrix.png"))
