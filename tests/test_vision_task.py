@@ -163,3 +163,54 @@ def test_cli_fit_tests_the_best_checkpoint(config, tmp_path, capsys):
     metrics = json.loads(metrics_path.read_text())
     assert metrics["test"]["test_acc"] > 0.8 and metrics["validation"]["val_acc"] > 0.8
     assert list(tmp_path.rglob("confusion_matrix.png"))
+
+
+def test_imagefolder_run_counts_skipped_images_in_its_summary(tmp_path):
+    from bp_apps.vision.data import ImageFolderDataModule
+
+    rng = np.random.default_rng(0)
+    for person in ("alice", "bob"):
+        folder = tmp_path / "faces" / person
+        folder.mkdir(parents=True)
+        for i in range(12):
+            shade = 40 if person == "alice" else 200
+            pixels = np.clip(rng.normal(shade, 20, (20 + i, 16 + i, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    (tmp_path / "faces" / "bob" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    data = ImageFolderDataModule(data_root=str(tmp_path / "faces"), image_size=16, batch_size=8,
+                                 skip_bad_images=True)
+    model = ImageClassifier(model="cnn_manual_head", num_classes=2, input_shape=(3, 16, 16), width=4, hidden=(8,),
+                            lr=1e-2, dropout=0.0)
+    L.seed_everything(0, verbose=False)
+    t = L.Trainer(max_epochs=6, default_root_dir=tmp_path / "run", enable_progress_bar=False,
+                  enable_model_summary=False, log_every_n_steps=1)
+    t.fit(model, datamodule=data)
+    t.test(model, datamodule=data, ckpt_path="best", verbose=False)
+    metrics = json.loads((Path(t.log_dir) / "metrics.json").read_text())
+    assert metrics["skipped_images"]["count"] == 1
+    assert metrics["skipped_images"]["paths"][0].endswith("broken.jpg")
+    assert metrics["class_names"] == ["alice", "bob"]
+    assert metrics["test"]["test_acc"] >= 0.5
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (ROOT / "configs" / "vision").glob("*.yaml")))
+def test_every_vision_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "vision" / f"{config}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "bp_apps.vision.task.ImageClassifier" in printed and "bp_apps.vision.data." in printed
+
+
+def test_train_vision_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_vision.py"), "--config",
+         str(ROOT / "configs" / "vision" / "digits_mlp_autograd.yaml"), "--trainer.max_epochs=1",
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metrics written to" in result.stdout
+    assert json.loads(next(tmp_path.rglob("metrics.json")).read_text())["test"]["test_acc"] > 0.5

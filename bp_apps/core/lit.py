@@ -318,9 +318,11 @@ class MetricsJsonCallback(L.Callback):
         sections = {k: v or previous.get(k, {}) for k, v in self.metrics.items()}
         summary = {**previous, **sections, **self.extra(trainer), "global_step": trainer.global_step,
                    "epochs_completed": trainer.current_epoch}
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        if best:
-            summary["best_checkpoint"] = best
+        callback = trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "best_model_path", ""):
+            summary["best_checkpoint"] = callback.best_model_path
+            if callback.monitor and callback.best_model_score is not None:
+                summary[f"best_{callback.monitor}"] = float(callback.best_model_score)
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         print(f"metrics written to {path}")
 

@@ -41,6 +41,8 @@ class ImageClassifier(ClassifierModule):
     ``model`` is one of ``mlp`` (the core MLP on flattened pixels; ``backend`` manual or
     autograd), ``cnn``, ``cnn_manual_head`` (the CNN with the manual MLP head through the
     bridge) and ``resnet18`` (``pretrained`` names torchvision weights for online users).
+    ``monitor`` picks the best checkpoint (and early stopping): validation accuracy, or the
+    smoother validation loss for small validation sets where accuracy ties are common.
     ``num_classes`` and ``input_shape`` must match the data module; a mismatch is refused.
     """
 
@@ -51,7 +53,8 @@ class ImageClassifier(ClassifierModule):
                  weight_decay: float = 1e-4, max_grad_norm: float | None = None, label_smoothing: float = 0.0,
                  nonfinite: Literal["raise", "skip"] = "raise", scheduler: Literal["constant", "cosine"] = "cosine",
                  warmup_fraction: float = 0.0, pretrained: str | None = None,
-                 early_stopping_patience: int | None = None, seed: int = 0) -> None:
+                 monitor: Literal["val_acc", "val_loss"] = "val_acc", early_stopping_patience: int | None = None,
+                 seed: int = 0) -> None:
         if backend == "manual" and model != "mlp":
             raise ValueError(f"backend='manual' applies to model='mlp' only (got model={model!r}); "
                              "'cnn_manual_head' already trains its head by hand through the bridge")
@@ -84,8 +87,10 @@ class ImageClassifier(ClassifierModule):
                              f"{self.input_shape}: set model.input_shape to {list(shape)}")
 
     def configure_callbacks(self) -> list[L.Callback]:
+        monitor = self.hparams.monitor
         return [VisionMetricsJson(),
-                *best_checkpoint_callbacks(self.trainer, patience=self.hparams.early_stopping_patience)]
+                *best_checkpoint_callbacks(self.trainer, monitor=monitor, mode="max" if monitor == "val_acc" else "min",
+                                           patience=self.hparams.early_stopping_patience)]
 
     # -- test-time confusion matrix ------------------------------------------------------------------
 
@@ -192,14 +197,11 @@ def load_image_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, 
 def predict_images(paths: Sequence[str | Path], checkpoint: str | Path, top_k: int = 5) -> list[dict[str, Any]]:
     """Top-``top_k`` classes with probabilities for each image file, preprocessed as in evaluation
     (any size and mode: converted to the training channels, resized, normalised)."""
-    from torchvision.transforms import v2
-
-    from bp_apps.vision.data import load_image
+    from bp_apps.vision.data import load_image, pil_transform
 
     model, prep = load_image_classifier(checkpoint)
-    channels, height, width = prep["input_shape"]
-    transform = v2.Compose([v2.ToImage(), v2.Resize((height, width), antialias=True),
-                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep["mean"], prep["std"])])
+    channels = prep["input_shape"][0]
+    transform = pil_transform(tuple(prep["input_shape"]), prep["mean"], prep["std"])
     names = prep["class_names"]
     k = max(1, min(top_k, len(names)))
     results = []
