@@ -76,6 +76,7 @@ class ClassifierModule(L.LightningModule):
         self.optimizer_name, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
         self.max_grad_norm, self.label_smoothing, self.nonfinite = max_grad_norm, label_smoothing, nonfinite
         self.scheduler, self.warmup_fraction = scheduler, warmup_fraction
+        self._total_steps = 1  # set in configure_optimizers
         self.engine_loss = SoftmaxCrossEntropy(label_smoothing)
         self.engine_optimizer: Optimizer | None = None  # manual backend; created in configure_optimizers
         self._pending_engine_state: dict | None = None
@@ -211,7 +212,7 @@ class ClassifierModule(L.LightningModule):
 
     def _lr_factor(self, step: int) -> float:
         """The schedule as a multiple of ``lr``: linear warm-up, then constant or cosine decay."""
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        total = self._total_steps
         if self.scheduler == "cosine" or self.warmup_fraction:
             warmup = int(self.warmup_fraction * total)
             if self.scheduler == "cosine":
@@ -224,6 +225,8 @@ class ClassifierModule(L.LightningModule):
         the engine optimizer here, after the module is on its device, restore its state when resuming,
         and give Lightning no optimizer (the schedule is applied in the training step)."""
         name, kwargs = self.optimizer_name, self._optimizer_kwargs()
+        # Known once the data is set up; Lightning recomputes it on every access, so keep it.
+        self._total_steps = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         if not self.manual:
             cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
             optimizer = cls(self.net.parameters(), **kwargs)
