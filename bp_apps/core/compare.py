@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bp_apps.core.backprop import MLP, SoftmaxCrossEntropy, build_optimizer, train_step
+from bp_apps.core.bench import synchronize
 from bp_apps.core.data import batch_order, load_digits_split
 from bp_apps.core.gradcheck import mlp_gradient_errors
 from bp_apps.core.io import atomic_write_bytes, atomic_write_text
@@ -63,11 +64,6 @@ class CompareConfig:
         return {"lr": self.lr, "momentum": self.momentum} if self.optimizer == "sgd" else {"lr": self.lr}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _tensor_bytes(tensors: list[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -77,11 +73,11 @@ def peak_step_memory_mb(step: Callable[[], object], persistent: list[Tensor], de
     buffers, optimizer state) plus the peak of what the step allocates on top of it. On CPU the
     allocations come from the profiler's memory events; on CUDA from the caching allocator."""
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        _sync(device)
+        synchronize(device)
         transient = torch.cuda.max_memory_allocated(device) - base
     else:
         import os
@@ -147,10 +143,10 @@ def run_comparison(config: CompareConfig) -> dict:
         for index in batch_order(len(y_train), config.batch_size, config.seed, epoch):
             x, y = x_train[index], y_train[index]
             for name, step in (("manual", manual_step), ("autograd", autograd_step)):
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 loss = step(x, y)
-                _sync(device)
+                synchronize(device)
                 seconds[name].append(time.perf_counter() - start)
                 losses[name].append(loss.item())
 
