@@ -115,6 +115,57 @@ def _run_predict_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit_jsonl(records: list[dict], out: Path | None) -> int:
+    """One JSON record per line: printed, or written (atomically) to ``out``."""
+    from bp_apps.text.labeling.formats import write_jsonl
+
+    if out is None:
+        for record in records:
+            print(json.dumps(record, ensure_ascii=False))
+    else:
+        write_jsonl(out, records)
+        print(f"wrote {len(records)} records to {out}")
+    return 0
+
+
+def _run_label(args: argparse.Namespace) -> int:
+    from bp_apps.text.labeling.formats import read_labeled_file
+    from bp_apps.text.labeling.task import format_labeled, label_sentences, label_text, load_labeler
+
+    module = load_labeler(args.ckpt)
+    if args.file is None:
+        if args.text is None:
+            raise ValueError("give TEXT or --file PATH")
+        result = label_text(module, args.text, args.predicate)
+        print(json.dumps(result, ensure_ascii=False) if args.json else format_labeled(result))
+        return 0
+    sentences = read_labeled_file(args.file, require_tags=False)
+    tags = label_sentences(module, sentences)
+    records = [{**({"id": s.id} if s.id is not None else {}), "tokens": list(s.tokens),
+                **({"predicate": s.predicate} if s.predicate is not None else {}), "tags": t}
+               for s, t in zip(sentences, tags)]
+    return _emit_jsonl(records, args.out)
+
+
+def _run_summarize(args: argparse.Namespace) -> int:
+    from bp_apps.text.summarization.data import read_records
+    from bp_apps.text.summarization.task import load_summarizer, summarize
+
+    module = load_summarizer(args.ckpt)
+    generation = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens))
+                  if v is not None}
+    if args.file is None:
+        if args.text is None:
+            raise ValueError("give TEXT or --file PATH")
+        summary = summarize(module, [args.text], **generation)[0]
+        print(json.dumps({"summary": summary}, ensure_ascii=False) if args.json else summary)
+        return 0
+    records = read_records(args.file, source_field=args.field, require_target=False)
+    summaries = summarize(module, [r.source for r in records], **generation)
+    results = [{**({"id": r.id} if r.id is not None else {}), "summary": s} for r, s in zip(records, summaries)]
+    return _emit_jsonl(results, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bp-apps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ckpt", required=True, type=Path, help="an image-classification checkpoint")
     predict.add_argument("--top-k", type=int, default=5, help="how many classes to show (default 5)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of one line per file")
+    label = sub.add_parser("label", help="tag the tokens of a text (SRL, punctuation, NER) with a labeling checkpoint")
+    label.add_argument("text", nargs="?", metavar="TEXT", help="the text (split into words and punctuation)")
+    label.add_argument("--ckpt", required=True, type=Path, help="a token-labeling checkpoint")
+    label.add_argument("--predicate", default=None, metavar="INDEX|WORD",
+                       help="SRL: the predicate, as a token index or a word (its first occurrence)")
+    label.add_argument("--file", type=Path, default=None,
+                       help="label every record of a JSONL or CoNLL file instead (tags not needed)")
+    label.add_argument("--out", type=Path, default=None, help="with --file: write the JSONL here (default: stdout)")
+    label.add_argument("--json", action="store_true", help="print JSON instead of one line per token")
+    summ = sub.add_parser("summarize", help="summarize a text (or each record of a file) with a checkpoint")
+    summ.add_argument("text", nargs="?", metavar="TEXT", help="the text to summarize")
+    summ.add_argument("--ckpt", required=True, type=Path, help="a summarization checkpoint")
+    summ.add_argument("--file", type=Path, default=None, help="summarize every record of a JSONL or CSV file instead")
+    summ.add_argument("--field", default="source", help="with --file: the field holding the text (default: source)")
+    summ.add_argument("--out", type=Path, default=None, help="with --file: write the JSONL here (default: stdout)")
+    summ.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
+    summ.add_argument("--max-new-tokens", type=int, default=None,
+                      help="longest summary in tokens (default: the model's)")
+    summ.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -160,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_compare(args, "runs/compare")
         if args.command == "predict-image":
             return _run_predict_image(args)
+        if args.command == "label":
+            return _run_label(args)
+        if args.command == "summarize":
+            return _run_summarize(args)
         return _run_bench(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"bp-apps {args.command}: error: {error}", file=sys.stderr)

@@ -200,9 +200,7 @@ class ClassifierModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         """Autograd backend: clip by ``max_grad_norm`` unless the Trainer asks for its own clipping."""
-        if gradient_clip_val is None and self.max_grad_norm is not None:
-            gradient_clip_val, gradient_clip_algorithm = self.max_grad_norm, "norm"
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_by_max_grad_norm(self, optimizer, self.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def _optimizer_kwargs(self) -> dict[str, float]:
         kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
@@ -211,14 +209,7 @@ class ClassifierModule(L.LightningModule):
         return kwargs
 
     def _lr_factor(self, step: int) -> float:
-        """The schedule as a multiple of ``lr``: linear warm-up, then constant or cosine decay."""
-        total = self._total_steps
-        if self.scheduler == "cosine" or self.warmup_fraction:
-            warmup = int(self.warmup_fraction * total)
-            if self.scheduler == "cosine":
-                return cosine_lr(1.0, step, total, warmup)
-            return min(1.0, (step + 1) / warmup) if warmup else 1.0
-        return 1.0
+        return lr_factor(step, self._total_steps, self.warmup_fraction, self.scheduler)
 
     def configure_optimizers(self) -> Any:
         """Autograd: the ``torch.optim`` optimizer (with a per-step schedule when asked). Manual: build
@@ -257,6 +248,42 @@ class ClassifierModule(L.LightningModule):
             self.engine_optimizer.load_state_dict(state)
         else:
             self._pending_engine_state = state
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float, scheduler: str) -> float:
+    """The learning-rate schedule as a multiple of the base rate: linear warm-up over
+    ``warmup_fraction`` of the steps, then constant or cosine decay to 0."""
+    warmup = int(warmup_fraction * total_steps)
+    if scheduler == "cosine":
+        return cosine_lr(1.0, step, total_steps, warmup)
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+NO_DECAY_KEYS = ("bias", "embed", "shared", "norm", "relative_attention_bias")
+
+
+def adamw_with_schedule(module: L.LightningModule, lr: float, weight_decay: float, warmup_fraction: float,
+                        scheduler: str) -> dict[str, Any]:
+    """AdamW without weight decay on biases, norms and embeddings, and a per-step :func:`lr_factor`
+    schedule over the trainer's estimated number of steps (the text tasks' optimizer)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        plain = p.ndim < 2 or any(key in name.lower() for key in NO_DECAY_KEYS)
+        (no_decay if plain else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    total = max(1, int(module.trainer.estimated_stepping_batches)) if module._trainer is not None else 1
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup_fraction, scheduler))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def clip_by_max_grad_norm(module: L.LightningModule, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+                          gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> None:
+    """Gradient clipping: the Trainer's own setting when it has one, else the norm ``max_grad_norm``."""
+    if gradient_clip_val is None and max_grad_norm is not None:
+        gradient_clip_val, gradient_clip_algorithm = max_grad_norm, "norm"
+    module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 class MLPClassifier(ClassifierModule):
@@ -343,14 +370,41 @@ class MetricsJsonCallback(L.Callback):
 
 def best_checkpoint_callbacks(trainer: L.Trainer, monitor: str = "val_acc", mode: str = "max",
                               patience: int | None = None) -> list[L.Callback]:
-    """Best-checkpoint saving on ``monitor`` (when the trainer saves checkpoints at all) and,
-    with ``patience``, early stopping on it."""
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    """Best-checkpoint saving on ``monitor`` plus an up-to-date ``last.ckpt`` (when the trainer saves
+    checkpoints at all) and, with ``patience``, early stopping on it."""
+    from lightning.pytorch.callbacks import EarlyStopping
 
     callbacks: list[L.Callback] = []
     if trainer.checkpoint_callback is not None:
-        callbacks.append(ModelCheckpoint(monitor=monitor, mode=mode, save_last=True,
-                                         filename=f"best-{{epoch}}-{{{monitor}:.4f}}"))
+        callbacks.append(_best_and_last_checkpoint(monitor, mode))
     if patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     return callbacks
+
+
+def _best_and_last_checkpoint(monitor: str, mode: str) -> L.Callback:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class BestAndLastCheckpoint(ModelCheckpoint):
+        """The best checkpoint by ``monitor``, and ``last.ckpt`` after every validation.
+
+        Lightning 2.6 rewrites ``last.ckpt`` only when it also writes a new best one, so after
+        the metric stops improving ``last.ckpt`` would hold stale weights (wrong for resuming).
+        """
+
+        def _refresh_last(self, trainer: L.Trainer) -> None:
+            if not self._should_skip_saving_checkpoint(trainer):  # nothing saved at this step yet
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            super().on_train_epoch_end(trainer, pl_module)
+            if self._should_save_on_train_epoch_end(trainer):
+                self._refresh_last(trainer)
+
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            super().on_validation_end(trainer, pl_module)
+            if not self._should_save_on_train_epoch_end(trainer):
+                self._refresh_last(trainer)
+
+    return BestAndLastCheckpoint(monitor=monitor, mode=mode, save_last=True,
+                                 filename=f"best-{{epoch}}-{{{monitor}:.4f}}")

@@ -1,0 +1,1 @@
+"""Text tasks: token labeling (semantic role labeling, punctuation restoration, NER) and summarization."""

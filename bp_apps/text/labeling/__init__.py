@@ -1,0 +1,1 @@
+"""Token labeling: data readers, taggers (BiLSTM-CRF, transformer encoders) and the Lightning task."""

@@ -1,0 +1,387 @@
+"""Data for token labeling: vocabularies, batches and Lightning data modules.
+
+Raw files -> :mod:`formats` readers (validated :class:`TaggedSentence` records) -> a vocabulary
+built from the training split -> length-bucketed batches of word ids, character ids, the
+predicate indicator and tag ids. The raw tokens travel with each batch so sub-word models can
+tokenize them their own way.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from bp_apps.text.files import data_path
+from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
+from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence
+
+__all__ = ["PAD", "UNK", "BucketBatchSampler", "HFLabelingDataModule", "LabelingDataModule", "LabelingVocab",
+           "PunctuationDataModule", "collate_sentences", "label_inventory", "normalize_word"]
+
+PAD, UNK = "<pad>", "<unk>"
+MAX_WORD_CHARS = 20
+_DIGITS = re.compile(r"\d")
+
+
+def normalize_word(word: str) -> str:
+    """The form a word is looked up by: lower case, every digit as 0 (numbers share statistics)."""
+    return _DIGITS.sub("0", word.lower())
+
+
+@dataclass
+class LabelingVocab:
+    """Word, character and label inventories (index 0 = padding, 1 = unknown for words and chars).
+
+    Stored in checkpoints as plain lists (``to_dict``), so loading needs no pickle.
+    """
+
+    words: list[str]
+    chars: list[str]
+    labels: list[str]
+    _word_index: dict[str, int] = field(init=False, repr=False)
+    _char_index: dict[str, int] = field(init=False, repr=False)
+    _label_index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.words[:2] != [PAD, UNK] or self.chars[:2] != [PAD, UNK]:
+            raise ValueError("word and character vocabularies must start with <pad>, <unk>")
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be a non-empty list without repeats, got {self.labels[:10]}")
+        self._word_index = {w: i for i, w in enumerate(self.words)}
+        self._char_index = {c: i for i, c in enumerate(self.chars)}
+        self._label_index = {t: i for i, t in enumerate(self.labels)}
+
+    @classmethod
+    def build(cls, sentences: Sequence[TaggedSentence], min_word_freq: int = 2, max_words: int | None = None,
+              labels: Sequence[str] | None = None) -> LabelingVocab:
+        """Words seen at least ``min_word_freq`` times (most frequent first), all characters, and the
+        tags: ``labels`` when given (a fixed inventory), else :func:`label_inventory` of the tags seen."""
+        word_counts = Counter(normalize_word(t) for s in sentences for t in s.tokens)
+        char_counts = Counter(c for s in sentences for t in s.tokens for c in t)
+        tags = {t for s in sentences if s.tags is not None for t in s.tags}
+        if not tags:
+            raise LabelingDataError("the training data has no tags")
+        words = [w for w, n in sorted(word_counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_word_freq]
+        if labels is not None:
+            unknown = sorted(tags - set(labels))
+            if unknown:
+                raise LabelingDataError(f"training tags {unknown[:10]} are not in the given label set")
+            labels = list(labels)
+        else:
+            labels = label_inventory(tags)
+        return cls([PAD, UNK, *words[:max_words]], [PAD, UNK, *sorted(char_counts)], labels)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"words": list(self.words), "chars": list(self.chars), "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[str]]) -> LabelingVocab:
+        return cls(list(data["words"]), list(data["chars"]), list(data["labels"]))
+
+    def word_ids(self, tokens: Sequence[str]) -> list[int]:
+        return [self._word_index.get(normalize_word(t), 1) for t in tokens]
+
+    def char_ids(self, token: str) -> list[int]:
+        return [self._char_index.get(c, 1) for c in token[:MAX_WORD_CHARS]]
+
+    def label_ids(self, tags: Sequence[str]) -> list[int]:
+        return [self._label_index[t] for t in tags]
+
+    @property
+    def is_bio(self) -> bool:
+        """Whether the labels are BIO span tags (scored by spans) rather than per-token classes."""
+        return all(t == "O" or t[:2] in ("B-", "I-") for t in self.labels)
+
+
+def label_inventory(tags: set[str]) -> list[str]:
+    """The label set for the tags seen: "O" first, then sorted. A BIO set is completed so that each
+    span type has both its B- and I- tag (a type seen only as single-token spans in training may
+    still have longer spans elsewhere)."""
+    if all(t == "O" or t[:2] in ("B-", "I-") for t in tags):
+        tags = {"O"} | {f"{p}-{t[2:]}" for t in tags - {"O"} for p in "BI"}
+    return (["O"] if "O" in tags else []) + sorted(tags - {"O"})
+
+
+def collate_sentences(sentences: Sequence[TaggedSentence], vocab: LabelingVocab) -> dict[str, Any]:
+    """A padded batch: ``words`` [B, T], ``chars`` [B, T, C], ``predicate`` [B, T] (1 on the predicate
+    token; all 0 without one), ``mask`` [B, T], ``tags`` [B, T] (-100 on padding; absent when the
+    sentences carry no tags), and the raw ``tokens`` and ``predicates`` lists."""
+    batch_size, length = len(sentences), max(len(s.tokens) for s in sentences)
+    max_chars = max(min(len(t), MAX_WORD_CHARS) for s in sentences for t in s.tokens)
+    words = torch.zeros(batch_size, length, dtype=torch.long)
+    chars = torch.zeros(batch_size, length, max_chars, dtype=torch.long)
+    predicate = torch.zeros(batch_size, length, dtype=torch.long)
+    mask = torch.zeros(batch_size, length, dtype=torch.bool)
+    labeled = all(s.tags is not None for s in sentences)
+    tags = torch.full((batch_size, length), -100, dtype=torch.long)
+    for i, sentence in enumerate(sentences):
+        n = len(sentence.tokens)
+        words[i, :n] = torch.tensor(vocab.word_ids(sentence.tokens))
+        for j, token in enumerate(sentence.tokens):
+            ids = vocab.char_ids(token)
+            chars[i, j, : len(ids)] = torch.tensor(ids)
+        mask[i, :n] = True
+        if sentence.predicate is not None:
+            predicate[i, sentence.predicate] = 1
+        if labeled:
+            tags[i, :n] = torch.tensor(vocab.label_ids(sentence.tags))  # type: ignore[arg-type]
+    batch: dict[str, Any] = {"words": words, "chars": chars, "predicate": predicate, "mask": mask,
+                             "tokens": [s.tokens for s in sentences], "predicates": [s.predicate for s in sentences]}
+    if labeled:
+        batch["tags"] = tags
+    return batch
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length sentences (less padding for the LSTM): shuffle, sort within pools
+    of 50 batches by length, cut into batches, shuffle the batches. Deterministic for a seed and
+    epoch; under DDP each process takes every ``num_replicas``-th batch."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        if not self.shuffle:
+            order.sort(key=lambda i: self.lengths[i])
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        rng.shuffle(order)
+        pool = self.batch_size * 50
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start:start + pool], key=lambda i: self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        if self.num_replicas > 1:  # equal counts per process: pad by repeating the first batches
+            per_rank = math.ceil(len(batches) / self.num_replicas)
+            batches = (batches * self.num_replicas)[: per_rank * self.num_replicas][self.rank::self.num_replicas]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        count = math.ceil(len(self.lengths) / self.batch_size)
+        if self.shuffle:  # pools may leave one short batch each
+            pool = self.batch_size * 50
+            count = sum(math.ceil(min(pool, len(self.lengths) - s) / self.batch_size)
+                        for s in range(0, len(self.lengths), pool))
+        return math.ceil(count / self.num_replicas)
+
+
+class _Collate:
+    """Picklable collate function bound to a vocabulary (for worker processes)."""
+
+    def __init__(self, vocab: LabelingVocab) -> None:
+        self.vocab = vocab
+
+    def __call__(self, sentences: Sequence[TaggedSentence]) -> dict[str, Any]:
+        return collate_sentences(sentences, self.vocab)
+
+
+class LabelingDataModule(L.LightningDataModule):
+    """Labeled sentences from files (JSONL or CoNLL columns; paths relative to ``data_root``).
+
+    The vocabulary comes from the training file. Validation and test tags must belong to the
+    training label set (an error names the file and line otherwise). Training sentences longer
+    than ``max_train_tokens`` are left out with a warning (evaluation keeps every sentence).
+    Without ``val_file``, ``val_fraction`` of the training records (every k-th, deterministic)
+    is held out. ``limit_*`` keep only the first N records (quick runs and tests). ``labels`` fixes
+    the label inventory (otherwise: every tag of the training file).
+    """
+
+    def __init__(self, train_file: str | None = None, val_file: str | None = None, test_file: str | None = None,
+                 data_root: str | None = None, format: Literal["auto", "jsonl", "conll"] = "auto",
+                 tokens_field: str = "tokens", tags_field: str = "tags", predicate_field: str = "predicate",
+                 token_column: int = 0, tag_column: int = -1, batch_size: int = 32, eval_batch_size: int = 128,
+                 min_word_freq: int = 2, max_words: int | None = None, max_train_tokens: int | None = 150,
+                 val_fraction: float = 0.1, limit_train: int | None = None, limit_val: int | None = None,
+                 limit_test: int | None = None, labels: list[str] | None = None, seed: int = 0,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if max_train_tokens is not None and max_train_tokens < 1:
+            raise ValueError(f"max_train_tokens must be >= 1 or null, got {max_train_tokens}")
+        self.save_hyperparameters()
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.data_root = data_root
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.min_word_freq, self.max_words, self.max_train_tokens = min_word_freq, max_words, max_train_tokens
+        self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
+        self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
+        self.labels = labels
+        self.vocab: LabelingVocab | None = None
+        self.splits: dict[str, list[TaggedSentence]] = {}
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _read(self, name: str) -> list[TaggedSentence]:
+        h = self.hparams
+        return read_labeled_file(data_path(name, self.data_root), h.format, tokens_field=h.tokens_field,
+                                 tags_field=h.tags_field, predicate_field=h.predicate_field,
+                                 token_column=h.token_column, tag_column=h.tag_column)
+
+    def load_splits(self) -> dict[str, list[TaggedSentence]]:
+        """The train / val / test records (test may be missing); subclasses read other sources."""
+        if self.train_file is None:
+            raise ValueError("LabelingDataModule needs train_file (a .jsonl or CoNLL file)")
+        splits = {"train": self._read(self.train_file)}
+        if self.val_file is not None:
+            splits["val"] = self._read(self.val_file)
+        if self.test_file is not None:
+            splits["test"] = self._read(self.test_file)
+        return splits
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits = self.load_splits()
+        # The label inventory is the whole training file's, even when only part of it is used.
+        tags = {t for s in splits["train"] if s.tags is not None for t in s.tags}
+        labels = self.labels or label_inventory(tags)
+        if "val" not in splits:
+            splits["train"], splits["val"] = _hold_out(splits["train"], self.val_fraction)
+        for name, limit in self.limits.items():
+            if limit is not None and name in splits:
+                splits[name] = splits[name][:limit]
+        if self.max_train_tokens is not None:
+            kept = [s for s in splits["train"] if len(s.tokens) <= self.max_train_tokens]
+            if len(kept) < len(splits["train"]):
+                warnings.warn(f"left out {len(splits['train']) - len(kept)} training sentences longer than "
+                              f"max_train_tokens={self.max_train_tokens}", stacklevel=2)
+            splits["train"] = kept
+        if not splits["train"]:
+            raise LabelingDataError("no training sentences left")
+        if any(s.tags is None for s in splits["train"]):
+            raise LabelingDataError("training sentences need tags")
+        if self.vocab is None:
+            self.vocab = LabelingVocab.build(splits["train"], self.min_word_freq, self.max_words, labels)
+        for name in ("val", "test"):
+            if name in splits:
+                check_known_tags(splits[name], self.vocab.labels)
+        self.splits = splits
+
+    @property
+    def has_predicates(self) -> bool:
+        return any(s.predicate is not None for s in self.splits.get("train", ()))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.splits:
+            self.setup()
+        sentences = self.splits[split]
+        assert self.vocab is not None
+        replicas, rank = 1, 0
+        if self.trainer is not None and self.trainer.world_size > 1:
+            replicas, rank = self.trainer.world_size, self.trainer.global_rank
+            # The bucket sampler shards batches across processes itself; Lightning cannot inject its
+            # DistributedSampler into a custom batch sampler (it would raise), so it is told not to.
+            self.trainer._accelerator_connector.use_distributed_sampler = False
+        sampler = BucketBatchSampler([len(s.tokens) for s in sentences],
+                                     self.batch_size if train else self.eval_batch_size, shuffle=train,
+                                     seed=self.seed, num_replicas=replicas, rank=rank)
+        if train and self.trainer is not None:
+            sampler.set_epoch(self.trainer.current_epoch)
+        return DataLoader(sentences, batch_sampler=sampler, collate_fn=_Collate(self.vocab),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.splits:
+            self.setup()
+        return self._loader("test" if "test" in self.splits else "val", train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.to_dict()} if self.vocab is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "vocab" in state:
+            self.vocab = LabelingVocab.from_dict(state["vocab"])
+
+
+def _hold_out(sentences: list[TaggedSentence], fraction: float) -> tuple[list[TaggedSentence], list[TaggedSentence]]:
+    """Every k-th sentence for validation (k = 1 / fraction), the rest for training."""
+    if fraction <= 0:
+        raise ValueError("no validation data: give val_file or a positive val_fraction")
+    step = max(2, round(1 / fraction))
+    return ([s for i, s in enumerate(sentences) if i % step],
+            [s for i, s in enumerate(sentences) if i % step == 0])
+
+
+class PunctuationDataModule(LabelingDataModule):
+    """Punctuation and capitalisation restoration on the installed Python standard library's
+    docstrings: real English prose that needs no download. Whole docstrings go to one split
+    (every k-th docstring to validation, the next to test), so no paragraph leaks across."""
+
+    def __init__(self, max_tokens: int = 48, max_docstrings: int | None = None, batch_size: int = 32,
+                 eval_batch_size: int = 128, min_word_freq: int = 2, val_fraction: float = 0.1,
+                 limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
+                 seed: int = 0, num_workers: int = 0) -> None:
+        from bp_apps.text.labeling.punctuation import PUNCT_TAGS
+
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, min_word_freq=min_word_freq,
+                         max_train_tokens=None, val_fraction=val_fraction, limit_train=limit_train,
+                         limit_val=limit_val, limit_test=limit_test, labels=list(PUNCT_TAGS), seed=seed,
+                         num_workers=num_workers)
+        self.max_tokens, self.max_docstrings = max_tokens, max_docstrings
+
+    def load_splits(self) -> dict[str, list[TaggedSentence]]:
+        from bp_apps.text.corpus import stdlib_docstrings
+        from bp_apps.text.labeling.punctuation import examples_from_text
+
+        step = max(3, round(1 / self.val_fraction)) if self.val_fraction > 0 else 0
+        splits: dict[str, list[TaggedSentence]] = {"train": [], "val": [], "test": []}
+        for i, doc in enumerate(stdlib_docstrings(self.max_docstrings)):
+            split = "val" if step and i % step == 0 else "test" if step and i % step == 1 else "train"
+            splits[split] += examples_from_text(doc.text, self.max_tokens, where=doc.name)
+        return splits
+
+
+class HFLabelingDataModule(LabelingDataModule):
+    """A Hugging Face token-labeling data set by name (for example ``conll2003``); needs the
+    ``datasets`` package and a network connection (or its local cache)."""
+
+    def __init__(self, name: str = "conll2003", config_name: str | None = None, tokens_column: str = "tokens",
+                 tags_column: str = "ner_tags", train_split: str = "train", val_split: str = "validation",
+                 test_split: str | None = "test", batch_size: int = 32, eval_batch_size: int = 128,
+                 min_word_freq: int = 2, max_train_tokens: int | None = 150, limit_train: int | None = None,
+                 limit_val: int | None = None, limit_test: int | None = None, seed: int = 0,
+                 num_workers: int = 0) -> None:
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, min_word_freq=min_word_freq,
+                         max_train_tokens=max_train_tokens, limit_train=limit_train, limit_val=limit_val,
+                         limit_test=limit_test, seed=seed, num_workers=num_workers)
+        self.name, self.config_name = name, config_name
+        self.columns = {"tokens_column": tokens_column, "tags_column": tags_column}
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+
+    def load_splits(self) -> dict[str, list[TaggedSentence]]:
+        return {key: load_hf(self.name, split, config_name=self.config_name, **self.columns)
+                for key, split in self.split_names.items() if split is not None}

@@ -1,0 +1,142 @@
+"""Taggers: plain ``nn.Module``s mapping a batch (see :func:`data.collate_sentences`) to word-level
+emission scores ``[B, T, num_labels]``. The task adds the loss (softmax or CRF) and decoding.
+
+- :class:`BiLSTMTagger`: word embeddings + a character CNN (+ a predicate indicator for SRL), a
+  bidirectional LSTM, and a linear head or the core's hand-written MLP through the bridge.
+- :class:`TransformerTagger`: a transformers ``AutoModelForTokenClassification`` (built from a
+  config, or pretrained by name or directory) on sub-words; each word is scored at its first
+  sub-word, and the predicate is marked with token type 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bp_apps.core.bridge import ManualMLPHead
+
+__all__ = ["BiLSTMTagger", "CharCNN", "TransformerTagger"]
+
+
+class CharCNN(nn.Module):
+    """Character embeddings, one convolution, max over the word: spelling features for rare words."""
+
+    def __init__(self, num_chars: int, char_dim: int = 30, channels: int = 50, kernel: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(num_chars, char_dim, padding_idx=0)
+        self.conv = nn.Conv1d(char_dim, channels, kernel, padding=kernel // 2)
+        self.out_features = channels
+
+    def forward(self, chars: Tensor) -> Tensor:
+        """[B, T, C] character ids -> [B, T, channels]."""
+        b, t, c = chars.shape
+        x = self.embed(chars.reshape(b * t, c)).transpose(1, 2)  # [BT, D, C]
+        x = torch.relu(self.conv(x))
+        x = x.masked_fill((chars.reshape(b * t, 1, c) == 0), float("-inf")).amax(dim=2)
+        return torch.nan_to_num(x, neginf=0.0).reshape(b, t, -1)  # all-padding words give 0
+
+
+class BiLSTMTagger(nn.Module):
+    """Embeddings (word + character CNN + predicate indicator) -> BiLSTM -> per-word scores.
+
+    ``predicate_dim`` > 0 makes the tagger predicate-aware (semantic role labeling): every word gets
+    an embedding of "is this the predicate", of its signed distance to the predicate (clipped to
+    ``max_distance``) and the predicate's own word embedding. While training, ``word_dropout`` of
+    the words are read as unknown (so the unknown-word embedding is learned for rare words).
+    ``head='manual_mlp'`` scores with the core's hand-written MLP (``head_hidden`` wide),
+    whose backward pass is the engine's, inside this autograd model.
+    """
+
+    def __init__(self, num_words: int, num_chars: int, num_labels: int, word_dim: int = 100, char_dim: int = 30,
+                 char_channels: int = 50, predicate_dim: int = 0, hidden: int = 200, layers: int = 2,
+                 dropout: float = 0.33, head: str = "linear", head_hidden: int = 128, max_distance: int = 20,
+                 word_dropout: float = 0.0) -> None:
+        super().__init__()
+        if head not in ("linear", "manual_mlp"):
+            raise ValueError(f"head must be 'linear' or 'manual_mlp', got {head!r}")
+        self.word_embed = nn.Embedding(num_words, word_dim, padding_idx=0)
+        self.chars = CharCNN(num_chars, char_dim, char_channels) if char_channels > 0 else None
+        self.predicate_embed = nn.Embedding(2, predicate_dim) if predicate_dim > 0 else None
+        self.distance_embed = nn.Embedding(2 * max_distance + 1, predicate_dim) if predicate_dim > 0 else None
+        self.max_distance, self.word_dropout = max_distance, word_dropout
+        in_features = word_dim + (char_channels if self.chars else 0)
+        if predicate_dim > 0:
+            in_features += 2 * predicate_dim + word_dim
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, bidirectional=True, batch_first=True,
+                            dropout=dropout if layers > 1 else 0.0)
+        if head == "linear":
+            self.head: nn.Module = nn.Linear(2 * hidden, num_labels)
+        else:
+            self.head = ManualMLPHead(2 * hidden, (head_hidden,), num_labels)
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        words = batch["words"]
+        if self.training and self.word_dropout > 0:
+            drop = (torch.rand(words.shape, device=words.device) < self.word_dropout) & (words > 1)
+            words = words.masked_fill(drop, 1)
+        parts = [self.word_embed(words)]
+        if self.chars is not None:
+            parts.append(self.chars(batch["chars"]))
+        if self.predicate_embed is not None and self.distance_embed is not None:
+            indicator = batch["predicate"]  # [B, T], 1 on the predicate
+            position = torch.arange(indicator.shape[1], device=indicator.device)
+            where = indicator.argmax(dim=1, keepdim=True)  # sentences without one: position 0
+            distance = (position.unsqueeze(0) - where).clamp(-self.max_distance, self.max_distance)
+            predicate_word = parts[0].gather(1, where.unsqueeze(-1).expand(-1, 1, parts[0].shape[-1]))
+            parts += [self.predicate_embed(indicator), self.distance_embed(distance + self.max_distance),
+                      predicate_word.expand_as(parts[0])]
+        x = self.dropout(torch.cat(parts, dim=-1))
+        lengths = batch["mask"].sum(dim=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.head(self.dropout(out))
+
+
+class TransformerTagger(nn.Module):
+    """A transformers token-classification model, scored per word at the word's first sub-word.
+
+    ``model`` is the ``AutoModelForTokenClassification``; ``tokenizer`` a fast tokenizer (for
+    ``word_ids``). Words past ``max_subwords`` get zero scores (the task warns about them).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_subwords: int = 256, mark_predicate: bool = False
+                 ) -> None:
+        super().__init__()
+        if mark_predicate and getattr(model.config, "type_vocab_size", 0) < 2:
+            raise ValueError(f"{type(model).__name__} has no token type embeddings to mark the predicate with; "
+                             "use a BERT-family encoder (type_vocab_size >= 2) for semantic role labeling")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_subwords, self.mark_predicate = max_subwords, mark_predicate
+
+    def encode(self, tokens: Sequence[Sequence[str]], predicates: Sequence[int | None]) -> tuple[dict, Tensor]:
+        """Sub-word inputs and, per sentence, each word's first sub-word position (-1 when cut off)."""
+        enc = self.tokenizer([list(t) for t in tokens], is_split_into_words=True, truncation=True,
+                             max_length=self.max_subwords, padding=True, return_tensors="pt")
+        length = max(len(t) for t in tokens)
+        first = torch.full((len(tokens), length), -1, dtype=torch.long)
+        type_ids = torch.zeros_like(enc["input_ids"])
+        for i in range(len(tokens)):
+            for pos, word in enumerate(enc.word_ids(i)):
+                if word is None:
+                    continue
+                if first[i, word] < 0:
+                    first[i, word] = pos
+                if self.mark_predicate and word == predicates[i]:
+                    type_ids[i, pos] = 1
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if getattr(self.model.config, "type_vocab_size", 0) >= 2:
+            inputs["token_type_ids"] = type_ids
+        return inputs, first
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        inputs, first = self.encode(batch["tokens"], batch["predicates"])
+        device = batch["mask"].device
+        logits = self.model(**{k: v.to(device) for k, v in inputs.items()}).logits  # [B, S, L]
+        first = first.to(device)
+        gathered = logits.gather(1, first.clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return gathered.masked_fill((first < 0).unsqueeze(-1), 0.0)

@@ -1,0 +1,239 @@
+"""The token-labeling task: taggers, training on a learnable synthetic SRL task, checkpoints, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from bp_apps.cli import main
+from bp_apps.text.labeling.data import LabelingDataModule, LabelingVocab, collate_sentences
+from bp_apps.text.labeling.formats import read_jsonl
+from bp_apps.text.labeling.models import BiLSTMTagger
+from bp_apps.text.labeling.records import make_sentence
+from bp_apps.text.labeling.task import (
+    TokenLabeler,
+    label_sentences,
+    label_text,
+    load_labeler,
+    resolve_predicate,
+    spans_of,
+    tokenize_text,
+)
+
+WORDS = ["the", "a", "cat", "dog", "man", "woman", "saw", "took", "gave", "ball", "book", "park", "in", "on",
+         "quickly", "later", "big", "red"]
+
+
+def synthetic_srl(n: int, seed: int) -> list[dict]:
+    """Random sentences with a marked predicate: the word before it is ARG0, the two after it ARG1,
+    a following 'in X' is ARGM-LOC. Learnable only by a predicate-aware tagger."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        length = rng.randint(5, 11)
+        tokens = [rng.choice(WORDS) for _ in range(length)]
+        p = rng.randint(1, length - 3)
+        tags = ["O"] * length
+        tags[p - 1], tags[p], tags[p + 1], tags[p + 2] = "B-ARG0", "B-V", "B-ARG1", "I-ARG1"
+        if p + 4 < length:
+            tokens[p + 3] = "in"
+            tags[p + 3], tags[p + 4] = "B-ARGM-LOC", "I-ARGM-LOC"
+        records.append({"tokens": tokens, "tags": tags, "predicate": p, "id": f"s{len(records)}"})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def srl_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("srl")
+    return (write_jsonl(root / "train.jsonl", synthetic_srl(400, 0)),
+            write_jsonl(root / "val.jsonl", synthetic_srl(80, 1)))
+
+
+def small_trainer(root: Path, epochs: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=root, enable_progress_bar=False,
+                     enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(root), **kwargs)
+
+
+def fit_small(root: Path, files: tuple[Path, Path], epochs: int = 12, **model_args) -> tuple[TokenLabeler, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    data = LabelingDataModule(str(files[0]), str(files[1]), batch_size=16, min_word_freq=1)
+    args = {"word_dim": 16, "char_channels": 8, "char_dim": 8, "predicate_dim": 8, "hidden": 32, "layers": 1,
+            "dropout": 0.0, "exclude_labels": ["V"], "lr": 0.01, "warmup_fraction": 0.0, **model_args}
+    model = TokenLabeler(**args)
+    trainer = small_trainer(root, epochs)
+    trainer.fit(model, datamodule=data)
+    return model, trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, srl_files: tuple[Path, Path]) -> tuple[TokenLabeler, L.Trainer]:
+    return fit_small(tmp_path_factory.mktemp("fit"), srl_files)
+
+
+def test_bilstm_learns_predicate_relative_roles(trained: tuple[TokenLabeler, L.Trainer]) -> None:
+    trainer = trained[1]
+    assert trainer.callback_metrics["val_f1"] > 0.95
+    metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    assert metrics["validation"]["val_f1"] > 0.95 and "B-ARG0" in metrics["labels"]
+    assert Path(metrics["best_checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize("crf", [True, False])
+def test_decoding_is_always_valid_bio(trained: tuple[TokenLabeler, L.Trainer], crf: bool) -> None:
+    model = trained[0]
+    if not crf:  # same network, softmax decoding
+        model.crf, saved = None, model.crf
+    try:
+        sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in synthetic_srl(30, 7)]
+        torch.manual_seed(0)
+        for p in model.net.head.parameters():  # noisy head: raw argmax would break BIO
+            p.data.add_(torch.randn_like(p) * 0.5)
+        for tags in label_sentences(model.eval(), sentences):
+            for previous, tag in zip(["O", *tags], tags):
+                if tag.startswith("I-"):
+                    assert previous[2:] == tag[2:] and previous != "O"
+    finally:
+        if not crf:
+            model.crf = saved
+
+
+def test_checkpoint_round_trip_and_label_command(tmp_path: Path, srl_files: tuple[Path, Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    model, trainer = fit_small(tmp_path, srl_files, epochs=12, crf=True)
+    ckpt = trainer.checkpoint_callback.last_model_path  # the weights the model ends with
+    loaded = load_labeler(ckpt)
+    sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in synthetic_srl(20, 3)]
+    assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
+
+    capsys.readouterr()  # drop what training printed
+    assert main(["label", "The man took the ball in park", "--ckpt", ckpt, "--predicate", "took", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["predicate"] == 2
+    assert result["tags"] == ["O", "B-ARG0", "B-V", "B-ARG1", "I-ARG1", "B-ARGM-LOC", "I-ARGM-LOC"]
+    assert {"label": "ARG1", "start": 3, "end": 5, "text": "the ball"} in result["spans"]
+    assert main(["label", "the man took the red ball", "--ckpt", ckpt, "--predicate", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "took\tB-V" and "ARG0: man" in out
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "tokens": ["a", "dog", "saw", "the", "cat"],
+                                                  "predicate": 2}, {"tokens": ["man", "gave", "a", "book"],
+                                                                    "predicate": 1}])
+    out_file = tmp_path / "out" / "tags.jsonl"
+    assert main(["label", "--ckpt", ckpt, "--file", str(inputs), "--out", str(out_file)]) == 0
+    records = read_jsonl(out_file)
+    assert [r.id for r in records] == ["a", None]
+    assert records[0].tags == ("O", "B-ARG0", "B-V", "B-ARG1", "I-ARG1")
+    assert records[1].tags == ("B-ARG0", "B-V", "B-ARG1", "I-ARG1")
+
+
+def test_label_text_errors(trained: tuple[TokenLabeler, L.Trainer]) -> None:
+    model = trained[0].eval()
+    with pytest.raises(ValueError, match="empty"):
+        label_text(model, "   ")
+    with pytest.raises(ValueError, match="give the predicate"):
+        label_text(model, "the man saw the dog")
+    with pytest.raises(ValueError, match="out of range"):
+        label_text(model, "the man saw the dog", "9")
+    with pytest.raises(ValueError, match="'ran' is not among"):
+        label_text(model, "the man saw the dog", "ran")
+
+
+def test_load_labeler_refuses_bad_files(tmp_path: Path, trained: tuple[TokenLabeler, L.Trainer]) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
+        load_labeler(tmp_path / "missing.ckpt")
+    other = tmp_path / "other.ckpt"
+    torch.save({"bp_apps_task": "vision.ImageClassifier", "state_dict": {}}, other)
+    with pytest.raises(ValueError, match="not a token-labeling checkpoint"):
+        load_labeler(other)
+    ckpt = Path(trained[1].checkpoint_callback.best_model_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"truncated\.ckpt: not a loadable checkpoint"):
+        load_labeler(truncated)
+
+
+def test_manual_mlp_head_passes_gradients_to_the_lstm() -> None:
+    torch.manual_seed(0)
+    sentences = [make_sentence(r["tokens"], r["tags"], r["predicate"]) for r in synthetic_srl(8, 0)]
+    vocab = LabelingVocab.build(sentences, min_word_freq=1)
+    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), word_dim=8, char_channels=4,
+                       predicate_dim=4, hidden=8, layers=1, head="manual_mlp", head_hidden=16)
+    batch = collate_sentences(sentences, vocab)
+    scores = net(batch)
+    assert scores.shape == (8, batch["mask"].shape[1], len(vocab.labels))
+    loss = torch.nn.functional.cross_entropy(scores.flatten(0, 1), batch["tags"].flatten(), ignore_index=-100)
+    loss.backward()
+    assert net.lstm.weight_ih_l0.grad is not None and net.lstm.weight_ih_l0.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head.parameters())
+
+
+def test_manual_mlp_head_trains_in_the_task(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
+    trainer = fit_small(tmp_path, srl_files, epochs=10, head="manual_mlp", head_hidden=32, crf=False)[1]
+    assert trainer.callback_metrics["val_f1"] > 0.9
+
+
+def test_transformer_from_config_trains_and_reloads(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
+    model, trainer = fit_small(tmp_path, srl_files, epochs=8, model="transformer", transformer_hidden=32,
+                               transformer_layers=1, transformer_heads=2, tokenizer_vocab_size=200, lr=0.003)
+    assert trainer.callback_metrics["val_f1"] > 0.5
+    loaded = load_labeler(trainer.checkpoint_callback.last_model_path)
+    sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in synthetic_srl(10, 5)]
+    assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
+    long = make_sentence(["the"] * 30, predicate=3)
+    with pytest.warns(UserWarning, match="windows of 10"):
+        assert len(label_sentences(loaded, [long], max_window=10)[0]) == 30
+
+
+def test_pretrained_encoder_from_a_local_directory(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
+    """model='pretrained' loads save_pretrained files (as a hub name would be); the checkpoint is
+    then self-contained: it loads after the directory is gone."""
+    import shutil
+
+    from transformers import BertConfig, BertForTokenClassification
+
+    from bp_apps.text.tokenization import train_tokenizer
+
+    records = synthetic_srl(50, 9)
+    tokenizer = train_tokenizer((" ".join(r["tokens"]) for r in records), vocab_size=120)
+    encoder = BertForTokenClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=3))
+    directory = tmp_path / "tiny-bert"
+    encoder.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model, trainer = fit_small(tmp_path / "run", srl_files, epochs=1, model="pretrained",
+                               pretrained_name=str(directory))
+    assert model.net.model.config.num_labels == len(model.vocab.labels)
+    shutil.rmtree(directory)
+    loaded = load_labeler(trainer.checkpoint_callback.last_model_path)
+    sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in records[:5]]
+    assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
+
+
+def test_pretrained_needs_a_name() -> None:
+    with pytest.raises(ValueError, match="pretrained_name"):
+        TokenLabeler(model="pretrained")
+    with pytest.raises(ValueError, match="manual_mlp"):
+        TokenLabeler(model="transformer", head="manual_mlp")
+
+
+def test_spans_tokenizer_and_predicate_lookup() -> None:
+    tokens = ["I", "saw", "the", "big", "dog", "."]
+    tags = ["B-ARG0", "B-V", "B-ARG1", "I-ARG1", "I-ARG1", "O"]
+    assert spans_of(tokens, tags) == [{"label": "ARG0", "start": 0, "end": 1, "text": "I"},
+                                      {"label": "V", "start": 1, "end": 2, "text": "saw"},
+                                      {"label": "ARG1", "start": 2, "end": 5, "text": "the big dog"}]
+    assert spans_of(["a", "b"], ["I-X", "I-Y"]) == [{"label": "X", "start": 0, "end": 1, "text": "a"},
+                                                   {"label": "Y", "start": 1, "end": 2, "text": "b"}]
+    assert tokenize_text("Don't stop, e.g. at 3.14 -- ok?") == ["Don't", "stop", ",", "e.g", ".", "at", "3.14",
+                                                                   "-", "-", "ok", "?"]
+    assert resolve_predicate(tokens, "SAW") == 1 and resolve_predicate(tokens, "4") == 4

@@ -1,0 +1,408 @@
+"""The summarization task: ROUGE, the seq2seq builders, learning a toy copy task, checkpoints, ``hf_best``, the
+pretrained path (offline, from a local directory) and the prediction helpers' errors.
+
+Batches are built here through the data module contract (``input_ids``, ``attention_mask``, ``labels`` without
+the leading [CLS] and padded with -100, ``sources``, ``references``, ``ids``) by a tiny in-test data module.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from bp_apps.text.rouge import rouge_scores, split_sentences
+from bp_apps.text.summarization.models import build_seq2seq, load_pretrained_seq2seq
+from bp_apps.text.summarization.task import (
+    HFBestExport,
+    Summarizer,
+    export_pretrained,
+    load_summarizer,
+    summarize,
+)
+from bp_apps.text.tokenization import train_tokenizer
+
+WORDS = ["red", "blue", "green", "cat", "dog", "bird", "runs", "jumps", "sleeps", "big", "small", "old", "new", "fast",
+         "slow", "happy"]
+TINY = {"d_model": 32, "layers": 1, "heads": 2, "ff": 64, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and busy cores make spinning ones very slow: use one here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- ROUGE
+
+
+def test_rouge_identical_and_disjoint() -> None:
+    assert rouge_scores(["the cat sat on the mat."], [["the cat sat on the mat."]]) == pytest.approx(
+        {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0})
+    scores = rouge_scores(["the cat sat", "a b c"], [["the cat sat"], ["x y z"]])
+    assert scores == pytest.approx({"rouge1": 0.5, "rouge2": 0.5, "rougeL": 0.5, "rougeLsum": 0.5})
+
+
+def test_rouge_exact_overlap_and_stemming() -> None:
+    # stems: [the, cat, sat] vs [the, cat, was, run]: 2 shared unigrams (P 2/3, R 2/4), 1 shared bigram (1/2, 1/3)
+    scores = rouge_scores(["The cat sat"], [["the cat was running"]])
+    assert scores["rouge1"] == pytest.approx(4 / 7)
+    assert scores["rouge2"] == pytest.approx(2 / 5)
+    assert scores["rougeL"] == pytest.approx(4 / 7)
+    assert rouge_scores(["run"], [["running"]])["rouge1"] == pytest.approx(1.0)
+    assert rouge_scores(["run"], [["running"]], use_stemmer=False)["rouge1"] == 0.0
+
+
+def test_rouge_best_reference_and_sentence_level_lsum() -> None:
+    assert rouge_scores(["the cat"], [["a dog", "the cat", "the"]])["rouge1"] == pytest.approx(1.0)
+    # sentences swapped: the summary-level LCS (rougeL) finds 2 of 4 words, the per-sentence union (Lsum) all 4
+    scores = rouge_scores(["a b. c d."], [["c d. a b."]])
+    assert scores["rougeL"] == pytest.approx(0.5)
+    assert scores["rougeLsum"] == pytest.approx(1.0)
+    assert split_sentences(" One. Two!  Three?\nfour five ") == ["One.", "Two!", "Three?", "four five"]
+
+
+def test_rouge_empty_and_mismatched() -> None:
+    assert rouge_scores([], []) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0}
+    with pytest.raises(ValueError, match="2 predictions but 1 reference"):
+        rouge_scores(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="example 0"):
+        rouge_scores(["a"], ["a"])
+
+
+# ---------------------------------------------------------------- a toy copy task through the batch contract
+
+
+def copy_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(id, source, target): 4-7 random words; the summary is the first three."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 7))]
+        rows.append((f"{seed}-{i}", " ".join(words), " ".join(words[:3])))
+    return rows
+
+
+def make_batch(tokenizer: Any, rows: list[tuple[str, str, str]]) -> dict[str, Any]:
+    encoded = tokenizer([source for _, source, _ in rows], padding=True, return_tensors="pt")
+    targets = [ids[1:] for ids in tokenizer([target for *_, target in rows])["input_ids"]]  # drop [CLS]
+    labels = torch.full((len(rows), max(map(len, targets))), -100, dtype=torch.long)
+    for i, ids in enumerate(targets):
+        labels[i, : len(ids)] = torch.tensor(ids)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels,
+            "sources": [s for _, s, _ in rows], "references": [(t,) for *_, t in rows], "ids": [i for i, *_ in rows]}
+
+
+class CopyData(L.LightningDataModule):
+    """Copy-the-first-three-words pairs; trains its tokenizer in ``setup`` unless one was assigned."""
+
+    max_source_tokens = 16
+
+    def __init__(self, n_train: int = 400, n_val: int = 48, vocab_size: int = 200) -> None:
+        super().__init__()
+        self.tokenizer: Any = None
+        self.train_rows, self.val_rows, self.vocab_size = copy_pairs(n_train, 0), copy_pairs(n_val, 1), vocab_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = train_tokenizer([s for _, s, _ in self.train_rows], vocab_size=self.vocab_size)
+
+    def _loader(self, rows: list, shuffle: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(rows, batch_size=16 if shuffle else 48, shuffle=shuffle,
+                                           collate_fn=lambda r: make_batch(self.tokenizer, r))
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.train_rows, True)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.val_rows, False)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.val_rows, False)
+
+
+def small_trainer(root: Path, epochs: int, **kwargs: Any) -> L.Trainer:
+    kwargs.setdefault("logger", L.pytorch.loggers.CSVLogger(root))
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=root, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
+class Fitted(NamedTuple):
+    model: Summarizer
+    trainer: L.Trainer
+    before: float  # val_rouge1 of the untrained weights
+    after: float  # val_rouge1 after fitting
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
+    """A tiny BART fitted on the copy task."""
+    root = tmp_path_factory.mktemp("fit")
+    L.seed_everything(0, verbose=False)
+    model = Summarizer(arch="bart", **TINY, lr=0.005, warmup_fraction=0.0, num_beams=2, max_new_tokens=6)
+    data = CopyData()
+    untrained = small_trainer(root / "untrained", 1, logger=False, enable_checkpointing=False)
+    untrained.validate(model, datamodule=data, verbose=False)
+    before = float(untrained.callback_metrics["val_rouge1"])
+    trainer = small_trainer(root, 16)
+    trainer.fit(model, datamodule=data)
+    return Fitted(model, trainer, before, float(trainer.callback_metrics["val_rouge1"]))
+
+
+def test_fit_learns_the_copy_task(trained: Fitted) -> None:
+    trainer, before, after = trained.trainer, trained.before, trained.after
+    assert before < 0.4 and after > 0.8 and after > before + 0.4
+    logged = set(trainer.callback_metrics)
+    assert {"val_rouge2", "val_rougeL", "val_rougeLsum", "val_loss", "train_loss_epoch"} <= logged
+    metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    assert metrics["validation"]["val_rouge1"] == pytest.approx(after)
+    assert Path(metrics["best_checkpoint"]).is_file() and metrics["best_val_rouge1"] >= after
+    assert metrics["generation"]["num_beams"] == 2
+    samples = metrics["samples"]["val"]
+    assert len(samples) == 3 and samples[0]["id"] == "1-0"
+    assert samples[0]["references"] == [copy_pairs(1, 1)[0][2]] and samples[0]["prediction"]
+
+
+def test_test_writes_predictions_and_metrics(trained: Fitted) -> None:
+    model, trainer = trained.model, trained.trainer
+    trainer.test(model, datamodule=trainer.datamodule, verbose=False)
+    lines = (Path(trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 48 and set(records[0]) == {"id", "source", "references", "prediction"}
+    rows = copy_pairs(48, 1)
+    assert [(r["id"], r["source"], r["references"]) for r in records] == [(i, s, [t]) for i, s, t in rows]
+    correct = sum(r["prediction"] == r["references"][0] for r in records)
+    assert correct >= 40
+    metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    assert metrics["test"]["test_rouge1"] > 0.9 and "val_rouge1" in metrics["validation"]
+    assert len(metrics["samples"]["test"]) == 3
+
+
+def test_checkpoint_round_trip_gives_identical_summaries(trained: Fitted) -> None:
+    model, trainer = trained.model, trained.trainer
+    loaded = load_summarizer(trainer.checkpoint_callback.last_model_path)  # the weights the model ends with
+    assert not loaded.training and loaded.hparams.arch == "bart" and loaded.max_source_tokens == 16
+    texts = [source for _, source, _ in copy_pairs(12, 5)]
+    expected = summarize(model, texts, batch_size=5)
+    assert summarize(loaded, texts, batch_size=5) == expected
+    assert sum(e == " ".join(t.split()[:3]) for e, t in zip(expected, texts)) >= 10
+    short = summarize(loaded, texts[:4], num_beams=1, max_new_tokens=2)  # generation overrides reach generate
+    assert short != expected[:4] and all(len(s.split()) <= 1 for s in short)
+
+
+def test_loaded_model_makes_the_data_module_use_its_tokenizer(trained: Fitted, tmp_path: Path) -> None:
+    """A data module that built a different tokenizer is pointed at the checkpoint's, so scores do not change."""
+    trainer = trained.trainer
+    loaded = load_summarizer(trainer.checkpoint_callback.last_model_path)
+    data = CopyData(vocab_size=60)
+    validator = small_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
+    validator.validate(loaded, datamodule=data, verbose=False)
+    assert data.tokenizer is loaded.tokenizer
+    assert float(validator.callback_metrics["val_rouge1"]) == pytest.approx(trained.after)
+
+
+def test_hf_best_matches_the_best_checkpoint(trained: Fitted) -> None:
+    best = Path(trained.trainer.checkpoint_callback.best_model_path)
+    directory = best.parent / "hf_best"
+    hf_model, hf_tokenizer = AutoModelForSeq2SeqLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    assert [p.name for p in best.parent.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
+    texts = [source for _, source, _ in copy_pairs(6, 7)]
+    encoded = hf_tokenizer(texts, padding=True, return_tensors="pt")
+    ids = hf_model.generate(**{k: encoded[k] for k in ("input_ids", "attention_mask")}, num_beams=1, max_new_tokens=6)
+    from_hf = [t.strip() for t in hf_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    from_best = load_summarizer(best)
+    assert from_hf == summarize(from_best, texts, num_beams=1, max_new_tokens=6)
+    best_weights = from_best.model.state_dict()
+    assert all(torch.equal(value, best_weights[key]) for key, value in hf_model.state_dict().items())
+
+
+def test_export_pretrained_replaces_an_older_export(tmp_path: Path) -> None:
+    tokenizer = train_tokenizer([s for _, s, _ in copy_pairs(50, 0)], vocab_size=100)
+    first = build_seq2seq("t5", len(tokenizer), 0, 3, 2, **TINY)
+    second = build_seq2seq("t5", len(tokenizer), 0, 3, 2, **TINY)
+    export_pretrained(first, tokenizer, tmp_path / "hf_best")
+    (tmp_path / "hf_best" / "stale.txt").write_text("from the first export")
+    export_pretrained(second, tokenizer, tmp_path / "hf_best")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_best"]
+    assert not (tmp_path / "hf_best" / "stale.txt").exists()
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf_best")
+    assert torch.equal(reloaded.shared.weight, second.shared.weight)
+
+
+def test_hf_best_export_follows_new_best_scores_only(tmp_path: Path) -> None:
+    """Exported when a save follows a new best score; not for a resumed fit's restored best path, a non-improving
+    save, or at the end of a fit that has a scored best; at fit end when no best exists."""
+    module = Summarizer(arch="t5", **TINY)
+    module.build(train_tokenizer([s for _, s, _ in copy_pairs(20, 0)], vocab_size=80))
+    checkpoints = SimpleNamespace(best_model_path=str(tmp_path / "a.ckpt"), best_model_score=torch.tensor(0.5),
+                                  monitor="val_rouge1", dirpath=str(tmp_path))
+    trainer = SimpleNamespace(checkpoint_callback=checkpoints, callback_metrics={}, is_global_zero=True,
+                              default_root_dir=str(tmp_path))
+    export = HFBestExport()
+    export.on_save_checkpoint(trainer, module, {})  # resumed: the restored best, no metric computed yet
+    export.on_fit_end(trainer, module)
+    trainer.callback_metrics = {"val_rouge1": torch.tensor(0.4)}
+    export.on_save_checkpoint(trainer, module, {})  # a validation that did not improve
+    assert not (tmp_path / "hf_best").exists() and export.exported is None
+    checkpoints.best_model_path, checkpoints.best_model_score = str(tmp_path / "b.ckpt"), torch.tensor(0.6)
+    trainer.callback_metrics = {"val_rouge1": torch.tensor(0.6)}
+    export.on_save_checkpoint(trainer, module, {})
+    assert (tmp_path / "hf_best" / "config.json").is_file() and export.exported == str(tmp_path / "b.ckpt")
+
+    trainer.checkpoint_callback = SimpleNamespace(best_model_path="", best_model_score=None, monitor="val_rouge1",
+                                                  dirpath=str(tmp_path / "none"))
+    HFBestExport().on_fit_end(trainer, module)
+    assert (tmp_path / "none" / "hf_best" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- architectures, pretrained models, options
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_both_archs_build_and_take_a_step(arch: str, tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    model = Summarizer(arch=arch, **TINY, num_beams=2, max_new_tokens=4)
+    data = CopyData(n_train=32, n_val=8)
+    trainer = small_trainer(tmp_path, 1, fast_dev_run=1)
+    trainer.fit(model, datamodule=data)
+    config, tokenizer = model.model.config, data.tokenizer
+    assert config.model_type == arch and config.d_model == 32 and config.vocab_size == len(tokenizer)
+    assert (config.decoder_start_token_id, config.eos_token_id, config.pad_token_id) == (
+        tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    assert torch.isfinite(trainer.callback_metrics["train_loss"]) and "val_rouge1" in trainer.callback_metrics
+    assert trainer.global_step == 1
+    batch = make_batch(tokenizer, copy_pairs(2, 3))
+    assert model(batch).shape == (2, batch["labels"].shape[1], len(tokenizer))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_loss_without_smoothing_is_the_models_cross_entropy(arch: str) -> None:
+    """Logits and labels are aligned and padding (-100) is ignored: with no smoothing, the model's own loss; with
+    smoothing e, the usual mixture with the mean over the vocabulary."""
+    tokenizer = train_tokenizer([s for _, s, _ in copy_pairs(50, 0)], vocab_size=100)
+    batch = make_batch(tokenizer, [*copy_pairs(5, 4), ("short", "red cat runs", "red")])
+    assert (batch["labels"] == -100).sum() == 2
+    model = Summarizer(arch=arch, **TINY, label_smoothing=0.0)
+    model.build(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        expected = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"]).loss
+        assert float(model.loss(batch)) == pytest.approx(float(expected), rel=1e-5)
+        model.hparams.label_smoothing = 0.1  # (1 - e) * NLL + e * mean over the vocabulary of -log p
+        log_p = model(batch).log_softmax(-1)[batch["labels"] != -100]
+        smoothed = 0.9 * expected - 0.1 * log_p.mean(-1).mean()
+        assert float(model.loss(batch)) == pytest.approx(float(smoothed), rel=1e-5)
+
+
+def test_build_seq2seq_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        build_seq2seq("t5", 100, 0, 3, 2, d_model=30, heads=4)
+    with pytest.raises(ValueError, match="arch must be"):
+        build_seq2seq("gpt", 100, 0, 3, 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="arch must be"):
+        Summarizer(arch="gpt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        Summarizer(min_new_tokens=5, max_new_tokens=4)
+
+
+def save_tiny_pretrained(directory: Path) -> tuple[Any, Any]:
+    tokenizer = train_tokenizer([s for _, s, _ in copy_pairs(100, 9)], vocab_size=120, kind="unigram")
+    model = build_seq2seq("t5", len(tokenizer), tokenizer.pad_token_id, tokenizer.sep_token_id, tokenizer.cls_token_id,
+                          d_model=16, layers=1, heads=2, ff=32, dropout=0.0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model, tokenizer
+
+
+def test_load_pretrained_seq2seq_from_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    saved, tokenizer = save_tiny_pretrained(tmp_path / "tiny")
+    model, loaded_tokenizer = load_pretrained_seq2seq(str(tmp_path / "tiny"))
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+
+
+def test_pretrained_name_replaces_the_data_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model and tokenizer come from the directory; the checkpoint then loads after it is gone."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, tokenizer = save_tiny_pretrained(tmp_path / "tiny")
+    L.seed_everything(0, verbose=False)
+    model = Summarizer(pretrained_name=str(tmp_path / "tiny"), num_beams=1, max_new_tokens=4)
+    data = CopyData(n_train=64, n_val=8)
+    trainer = small_trainer(tmp_path / "run", 1)
+    trainer.fit(model, datamodule=data)
+    assert data.tokenizer.get_vocab() == tokenizer.get_vocab() and model.model.config.d_model == 16
+    shutil.rmtree(tmp_path / "tiny")
+    loaded = load_summarizer(trainer.checkpoint_callback.last_model_path)
+    texts = [source for _, source, _ in copy_pairs(4, 2)]
+    assert summarize(loaded, texts, max_source_tokens=64) == summarize(model, texts, max_source_tokens=64)
+
+
+def test_val_generate_limit_caps_generation(tmp_path: Path) -> None:
+    model = Summarizer(arch="bart", **TINY, num_beams=1, max_new_tokens=3, val_generate_limit=5, sample_generations=9)
+    trainer = small_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
+    trainer.validate(model, datamodule=CopyData(n_train=32, n_val=20), verbose=False)
+    assert [s["id"] for s in model.samples["val"]] == [f"1-{i}" for i in range(5)]
+    assert "val_loss" in trainer.callback_metrics
+
+
+def test_optimizer_groups_skip_decay_on_embeddings_norms_and_biases() -> None:
+    model = Summarizer(arch="bart", **TINY, weight_decay=0.1)
+    model.build(train_tokenizer([s for _, s, _ in copy_pairs(20, 0)], vocab_size=80))
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    decay = {id(p) for p in groups[0]["params"]}
+    no_decay = {id(p) for p in groups[1]["params"]}
+    net = model.model.model
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.1, 0.0)
+    assert id(net.encoder.layers[0].fc1.weight) in decay
+    for p in (net.shared.weight, net.encoder.embed_positions.weight, net.encoder.layers[0].fc1.bias,
+              net.encoder.layers[0].self_attn_layer_norm.weight):
+        assert id(p) in no_decay
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_summarize_errors_and_truncation(trained: Fitted) -> None:
+    model = trained.model
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        summarize(model, ["red cat runs", "  \n "])
+    with pytest.raises(ValueError, match="text 0 is empty"):
+        summarize(model, [""])
+    assert summarize(model, []) == []
+    with pytest.warns(UserWarning, match="1 of 2 texts are longer than 5 tokens"):
+        out = summarize(model, ["red cat runs", "red cat runs fast and big dogs sleep"], max_source_tokens=5)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    model.train()
+    try:
+        summarize(model, ["red cat runs"])
+        assert model.training  # summarize generates in eval mode, then restores the module's mode
+    finally:
+        model.eval()
+
+
+def test_load_summarizer_refuses_bad_files(tmp_path: Path, trained: Fitted) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
+        load_summarizer(tmp_path / "missing.ckpt")
+    other = tmp_path / "other.ckpt"
+    torch.save({"bp_apps_task": "text.TokenLabeler", "state_dict": {}}, other)
+    with pytest.raises(ValueError, match=r"other\.ckpt: not a summarization checkpoint"):
+        load_summarizer(other)
+    ckpt = Path(trained.trainer.checkpoint_callback.best_model_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"truncated\.ckpt: not a loadable checkpoint"):
+        load_summarizer(truncated)
