@@ -1,7 +1,8 @@
 """The ``bp-apps`` command.
 
 ``fit | validate | test | predict`` go to Lightning's CLI (the config's ``class_path`` picks
-the model and data module); ``demo``, ``compare`` and ``bench`` are the core's own commands.
+the model and data module); ``demo``, ``compare`` and ``bench`` are the core's own commands;
+``plot`` draws a run's curves; the others predict with a task's checkpoint.
 """
 
 from __future__ import annotations
@@ -89,7 +90,13 @@ def _lightning(argv: Sequence[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     class BpAppsCLI(LightningCLI):
-        """LightningCLI that, after ``fit``, tests the best checkpoint when the data has a test split."""
+        """LightningCLI that logs to CSV (and TensorBoard when installed) unless the config names a logger,
+        and, after ``fit``, tests the best checkpoint when the data has a test split."""
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            if self.config[self.subcommand].trainer.logger in (None, True):  # the default: replace it
+                self.trainer.loggers = default_loggers(self.trainer.default_root_dir)
 
         def after_fit(self) -> None:
             if self.trainer.interrupted or not hasattr(self.datamodule, "test_dataloader"):
@@ -99,6 +106,31 @@ def _lightning(argv: Sequence[str]) -> int:
 
     BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
               args=list(argv), save_config_kwargs={"overwrite": True})
+    return 0
+
+
+def default_loggers(root: str | Path) -> list:
+    """A CSVLogger (read by ``bp-apps plot``) and, when tensorboard or tensorboardX is installed, a
+    TensorBoardLogger, both writing into the same ``<root>/lightning_logs/version_N`` folder."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    csv_logger = CSVLogger(root, name="lightning_logs")
+    loggers: list = [csv_logger]
+    try:
+        loggers.append(TensorBoardLogger(root, name="lightning_logs", version=csv_logger.version,
+                                         default_hp_metric=False))
+    except ModuleNotFoundError:  # neither tensorboard nor tensorboardX: CSV only
+        pass
+    return loggers
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from bp_apps.plot import plot_runs
+
+    out = args.out or Path(args.runs[0]) / "plots"
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    for path in plot_runs(args.runs, out, metrics):
+        print(f"wrote {path}")
     return 0
 
 
@@ -186,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="core: comma-separated BATCHxHIDDEN sizes (default: %(default)s)")
     bench.add_argument("--seeds", type=int, default=3, help="digits: number of seeds")
     bench.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
+    plot = sub.add_parser("plot", help="loss and metric curves of one or more runs, as PNG files")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                      help="a run's log folder (lightning_logs/version_N) or a folder above it; several: compared")
+    plot.add_argument("--out", type=Path, default=None, help="folder for the PNG files (default: RUN_DIR/plots)")
+    plot.add_argument("--metrics", default=None, help="comma-separated metric names to draw (default: all), "
+                      "e.g. loss,acc")
     predict = sub.add_parser("predict-image", help="top classes with probabilities for image files")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files (any size and mode)")
     predict.add_argument("--ckpt", required=True, type=Path, help="an image-classification checkpoint")
@@ -228,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_compare(defaults, "runs/demo")
         if args.command == "compare":
             return _run_compare(args, "runs/compare")
+        if args.command == "plot":
+            return _run_plot(args)
         if args.command == "predict-image":
             return _run_predict_image(args)
         if args.command == "label":

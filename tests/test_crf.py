@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from bp_apps.text.labeling.crf import CRF, bio_constraints, constrained_decode, viterbi_decode
+from bp_apps.text.labeling.crf import CRF, _log_partition, bio_constraints, constrained_decode, viterbi_decode
 
 BIO = ["O", "B-A", "I-A", "B-B", "I-B"]
 
@@ -257,3 +257,34 @@ def test_sgd_training_learns_transitions():
     assert crf.start.argmax().item() == 0
     assert crf.transitions[0].argmax().item() == 1 and crf.transitions[1].argmax().item() == 2
     assert crf.decode(emissions[:1, :4], mask[:1, :4]) == [[0, 1, 2, 0]]
+
+
+
+def _logsumexp_partition(alpha, transitions, emissions, mask, end):
+    """The textbook forward recursion: a [B, L, L] logsumexp per step."""
+    for t in range(1, emissions.shape[1]):
+        nxt = torch.logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t]
+        alpha = torch.where(mask[:, t].unsqueeze(1), nxt, alpha)
+    return torch.logsumexp(alpha + end, dim=1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_matrix_product_partition_matches_logsumexp_recursion(scale):
+    # Large emission scores (40) underflow most labels' mass in probability space: the shifted matrix products
+    # must still agree with the log-space recursion, with the constraint penalties, and keep gradients finite.
+    torch.manual_seed(3)
+    labels = ["O", "B-A", "I-A", "B-B", "I-B", "B-C", "I-C"]
+    start_ok, allowed, end_ok = bio_constraints(labels)
+    transitions = (torch.randn(6, 7, 7) * 2 + (~allowed).float() * -1.0e4).requires_grad_()
+    start = torch.randn(6, 7) + (~start_ok).float() * -1.0e4
+    end = torch.randn(6, 7) + (~end_ok).float() * -1.0e4
+    emissions = (torch.randn(6, 30, 7) * scale).requires_grad_()
+    mask = torch.arange(30)[None] < torch.tensor([30, 29, 17, 5, 2, 1])[:, None]
+    alpha = start + emissions[:, 0]
+    fast = _log_partition(alpha, transitions, emissions, mask, end)
+    reference = _logsumexp_partition(alpha.double(), transitions.double(), emissions.double(), mask, end.double())
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-6, atol=1e-4)
+    fast.sum().backward()
+    assert torch.isfinite(emissions.grad).all() and torch.isfinite(transitions.grad).all()
+    # the gradient of log Z w.r.t. the emissions is the label marginals: each real token's row sums to 1
+    torch.testing.assert_close(emissions.grad.sum(-1), mask.float(), rtol=1e-4, atol=1e-4)

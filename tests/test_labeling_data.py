@@ -5,6 +5,7 @@ All data files are small ones written to ``tmp_path``; the punctuation module re
 
 from __future__ import annotations
 
+import random
 import json
 import re
 from collections import Counter
@@ -278,6 +279,36 @@ def test_sampler_pads_every_replica_even_with_fewer_batches_than_half_the_replic
 def test_sampler_rejects_batch_size_below_1() -> None:
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         BucketBatchSampler([1, 2], 0)
+
+
+def test_grouped_items_share_batches_and_every_item_comes_once() -> None:
+    # 300 sentences of 1-5 predicate instances each (consecutive, as in an SRL file), lengths per sentence
+    gen = random.Random(4)
+    groups, lengths = [], []
+    for sentence in range(300):
+        length = gen.randint(3, 40)
+        for _ in range(gen.randint(1, 5)):
+            groups.append(sentence)
+            lengths.append(length)
+    sampler = BucketBatchSampler(lengths, 16, seed=1, groups=groups)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(groups))) and len(sampler) == len(batches)
+    split = {g for g in set(groups) if len({k for k, b in enumerate(batches) for i in b if groups[i] == g}) > 1}
+    assert len(split) <= len(batches)  # a group is cut only where a batch ends
+    ungrouped = list(BucketBatchSampler(lengths, 16, seed=1))
+    split_ungrouped = {g for g in set(groups)
+                       if len({k for k, b in enumerate(ungrouped) for i in b if groups[i] == g}) > 1}
+    assert len(split_ungrouped) > 2 * len(split)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # the groups are shuffled anew each epoch
+    with pytest.raises(ValueError, match="2 groups for 3 items"):
+        BucketBatchSampler([1, 2, 3], 2, groups=[0, 0])
+
+
+def test_grouped_sampler_without_groups_is_unchanged_by_the_tie_order() -> None:
+    lengths = [3] * 12 + [5] * 12  # many ties: they keep the shuffled order, as before groups existed
+    batches = list(BucketBatchSampler(lengths, 4, seed=0))
+    assert [i for b in batches for i in b if lengths[i] == 3] != sorted(i for i in range(12))
 
 
 # ---------------------------------------------------------------- LabelingDataModule

@@ -177,6 +177,45 @@ def test_manual_mlp_head_passes_gradients_to_the_lstm() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head.parameters())
 
 
+def test_shared_layers_read_each_sentence_once_and_match_per_instance_scores() -> None:
+    torch.manual_seed(0)
+    records = synthetic_srl(6, 3)
+    # three predicates of sentence 0, two of sentence 1, one of sentence 2 (different lengths: padding too)
+    picks = [(0, 1), (0, 2), (1, 1), (0, 3), (1, 2), (2, 1)]
+    sentences = [make_sentence(records[k]["tokens"], None, p) for k, p in picks]
+    vocab = LabelingVocab.build([make_sentence(r["tokens"], r["tags"], r["predicate"]) for r in records],
+                                min_word_freq=1)
+    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), word_dim=8, char_channels=4,
+                       predicate_dim=4, hidden=8, layers=3, shared_layers=2, predicate_hidden=6, dropout=0.0).eval()
+    seen: list[int] = []
+    net.shared_lstm.register_forward_hook(lambda module, args, out: seen.append(int(args[0].batch_sizes[0])))
+    batch = collate_sentences(sentences, vocab)
+    scores = net(batch)
+    assert seen == [3]  # three distinct sentences, not six instances
+    for i, sentence in enumerate(sentences):  # the same scores as each instance alone
+        alone = net(collate_sentences([sentence], vocab))[0]
+        n = len(sentence.tokens)
+        torch.testing.assert_close(scores[i, :n], alone[:n], atol=1e-5, rtol=1e-5)
+    scores.sum().backward()
+    assert net.shared_lstm.weight_ih_l0.grad.abs().sum() > 0 and net.lstm.weight_ih_l0.grad.abs().sum() > 0
+    assert net.word_embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("layers", "shared", "predicate_dim"), [(2, 2, 4), (2, -1, 4), (2, 1, 0)])
+def test_shared_layers_validation(layers: int, shared: int, predicate_dim: int) -> None:
+    with pytest.raises(ValueError, match="shared_layers needs"):
+        BiLSTMTagger(10, 10, 3, predicate_dim=predicate_dim, layers=layers, shared_layers=shared)
+
+
+def test_shared_layers_train_in_the_task_and_reload(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
+    model, trainer = fit_small(tmp_path, srl_files, epochs=12, layers=2, shared_layers=1, predicate_hidden=24)
+    assert trainer.callback_metrics["val_f1"] > 0.9
+    reloaded = load_labeler(trainer.checkpoint_callback.best_model_path)
+    assert reloaded.net.shared_layers == 1 and reloaded.net.lstm.hidden_size == 24
+    tags = label_sentences(reloaded, [make_sentence(["the", "man", "saw", "a", "dog"], None, 2)])[0]
+    assert tags[1:4] == ["B-ARG0", "B-V", "B-ARG1"]
+
+
 def test_manual_mlp_head_trains_in_the_task(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
     trainer = fit_small(tmp_path, srl_files, epochs=10, head="manual_mlp", head_hidden=32, crf=False)[1]
     assert trainer.callback_metrics["val_f1"] > 0.9

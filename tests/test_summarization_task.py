@@ -66,6 +66,11 @@ def test_rouge_exact_overlap_and_stemming() -> None:
 
 def test_rouge_best_reference_and_sentence_level_lsum() -> None:
     assert rouge_scores(["the cat"], [["a dog", "the cat", "the"]])["rouge1"] == pytest.approx(1.0)
+    # the mean over the references: F1 0, 1 and 2/3 ("the" matches one of the two predicted words)
+    mean = rouge_scores(["the cat"], [["a dog", "the cat", "the"]], multi_reference="mean")
+    assert mean["rouge1"] == pytest.approx((0 + 1 + 2 / 3) / 3)
+    with pytest.raises(ValueError, match="multi_reference"):
+        rouge_scores(["a"], [["a"]], multi_reference="max")
     # sentences swapped: the summary-level LCS (rougeL) finds 2 of 4 words, the per-sentence union (Lsum) all 4
     scores = rouge_scores(["a b. c d."], [["c d. a b."]])
     assert scores["rougeL"] == pytest.approx(0.5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 __all__ = ["ROUGE_TYPES", "rouge_scores", "split_sentences"]
 
@@ -22,9 +23,12 @@ def split_sentences(text: str) -> list[str]:
 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]],
-                 use_stemmer: bool = True) -> dict[str, float]:
-    """Mean ROUGE-1/2/L/Lsum F1 (fractions) of ``predictions`` against their references: with several
-    references, each example counts its best one (per ROUGE type). No predictions give zeros."""
+                 use_stemmer: bool = True, multi_reference: Literal["best", "mean"] = "best") -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F1 (fractions) of ``predictions`` against their references. With several
+    references, each example counts its best one per ROUGE type (``multi_reference="best"``) or the mean over
+    them (``"mean"``, the stricter figure). No predictions give zeros."""
+    if multi_reference not in ("best", "mean"):
+        raise ValueError(f"multi_reference must be 'best' or 'mean', got {multi_reference!r}")
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
@@ -36,8 +40,14 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
     for i, (prediction, refs) in enumerate(zip(predictions, references)):
         if isinstance(refs, str) or not refs:
             raise ValueError(f"example {i}: references must be a non-empty sequence of strings, got {refs!r}")
-        scores = scorer.score_multi(["\n".join(split_sentences(r)) for r in refs],
-                                    "\n".join(split_sentences(prediction)))
-        for key in ROUGE_TYPES:
-            totals[key] += scores[key].fmeasure
+        target = "\n".join(split_sentences(prediction))
+        lines = ["\n".join(split_sentences(r)) for r in refs]
+        if multi_reference == "best":
+            scores = scorer.score_multi(lines, target)
+            for key in ROUGE_TYPES:
+                totals[key] += scores[key].fmeasure
+        else:
+            each = [scorer.score(line, target) for line in lines]
+            for key in ROUGE_TYPES:
+                totals[key] += sum(s[key].fmeasure for s in each) / len(each)
     return {key: value / len(predictions) for key, value in totals.items()}

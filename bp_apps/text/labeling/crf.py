@@ -107,6 +107,25 @@ def constrained_decode(scores: Tensor, mask: Tensor, labels: Sequence[str]) -> l
     return viterbi_decode(scores, mask, transitions, start, end)
 
 
+_TINY = 1e-30  # floor of a step's summed probability mass: a label no path reaches gets log(1e-30), not -inf
+
+
+def _log_partition(alpha: Tensor, transitions: Tensor, emissions: Tensor, mask: Tensor, end: Tensor) -> Tensor:
+    """The forward algorithm, ``log Z`` per sentence ``[B]``, from ``alpha = start + emissions[:, 0]`` and per-sentence
+    ``transitions[B, L, L]``. Each step is a batched matrix product in probability space, shifted for stability:
+    ``alpha_t = m + c + log(exp(alpha - m) @ exp(transitions - c)) + emissions[:, t]`` with ``m`` the row maximum of
+    ``alpha`` and ``c`` that of the transitions. It equals the ``logsumexp`` recursion up to rounding, without the
+    ``[B, L, L]`` temporary per step (several times faster, and far less memory kept for the backward pass)."""
+    shift = transitions.amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]
+    weights = torch.exp(transitions - shift)  # forbidden moves (penalty -1e4) are exactly 0
+    for t in range(1, emissions.shape[1]):
+        top = alpha.amax(dim=1, keepdim=True)  # [B, 1]
+        mass = torch.bmm(torch.exp(alpha - top).unsqueeze(1), weights).squeeze(1).clamp_min(_TINY)
+        nxt = mass.log() + top + shift[:, 0] + emissions[:, t]
+        alpha = torch.where(mask[:, t].unsqueeze(1), nxt, alpha)
+    return torch.logsumexp(alpha + end, dim=1)
+
+
 class CRF(nn.Module):
     """Linear-chain CRF over ``labels`` with learned transition, start and end scores; with ``constrain`` the moves
     :func:`bio_constraints` forbids are excluded from the partition function and from decoding."""
@@ -154,11 +173,7 @@ class CRF(nn.Module):
         start = start + constrained[:, None] * (~self.start_allowed).to(dtype) * CONSTRAINT_PENALTY
         end = end + constrained[:, None] * (~self.end_allowed).to(dtype) * CONSTRAINT_PENALTY
 
-        alpha = start + emissions[:, 0]
-        for t in range(1, emissions.shape[1]):
-            nxt = torch.logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t]
-            alpha = torch.where(mask[:, t].unsqueeze(1), nxt, alpha)
-        return gold - torch.logsumexp(alpha + end, dim=1)
+        return gold - _log_partition(start + emissions[:, 0], transitions, emissions, mask, end)
 
     def forward(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
         """Per-sentence log-likelihood ``[B]`` (see :meth:`log_likelihood`), so the module can be called directly."""

@@ -13,7 +13,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -145,14 +145,28 @@ def collate_sentences(sentences: Sequence[TaggedSentence], vocab: LabelingVocab)
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar-length sentences (less padding for the LSTM): shuffle, sort within pools
     of 50 batches by length, cut into batches, shuffle the batches. Deterministic for a seed and
-    epoch; under DDP each process takes every ``num_replicas``-th batch."""
+    epoch; under DDP each process takes every ``num_replicas``-th batch.
+
+    ``groups`` (one hashable key per item, e.g. the sentence of an SRL predicate instance) keeps the
+    items of a group next to each other, so they share batches: the shuffle moves whole groups."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, groups: Sequence[Hashable] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if groups is not None and len(groups) != len(lengths):
+            raise ValueError(f"{len(groups)} groups for {len(lengths)} items")
         self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.members: list[list[int]] | None = None  # the items of each group, in first-seen order
+        if groups is not None:
+            index: dict[Hashable, int] = {}
+            self.members = []
+            for i, key in enumerate(groups):
+                if key not in index:
+                    index[key] = len(self.members)
+                    self.members.append([])
+                self.members[index[key]].append(i)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -163,11 +177,19 @@ class BucketBatchSampler(Sampler[list[int]]):
             order.sort(key=lambda i: self.lengths[i])
             return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        rng.shuffle(order)
+        if self.members is None:
+            rng.shuffle(order)
+        else:
+            groups = list(self.members)
+            rng.shuffle(groups)
+            order = [i for group in groups for i in group]
+        rank = [0] * len(order)  # ties in length keep the shuffled order (a group's items stay together)
+        for position, i in enumerate(order):
+            rank[i] = position
         pool = self.batch_size * 50
         batches = []
         for start in range(0, len(order), pool):
-            chunk = sorted(order[start:start + pool], key=lambda i: self.lengths[i])
+            chunk = sorted(order[start:start + pool], key=lambda i: (self.lengths[i], rank[i]))
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
         return batches
@@ -206,7 +228,8 @@ class LabelingDataModule(L.LightningDataModule):
     than ``max_train_tokens`` are left out with a warning (evaluation keeps every sentence).
     Without ``val_file``, ``val_fraction`` of the training records (every k-th, deterministic)
     is held out. ``limit_*`` keep only the first N records (quick runs and tests). ``labels`` fixes
-    the label inventory (otherwise: every tag of the training file).
+    the label inventory (otherwise: every tag of the training file). ``group_predicates`` batches
+    the SRL predicate instances of one sentence together (what a shared sentence encoder needs).
     """
 
     def __init__(self, train_file: str | None = None, val_file: str | None = None, test_file: str | None = None,
@@ -216,7 +239,7 @@ class LabelingDataModule(L.LightningDataModule):
                  min_word_freq: int = 2, max_words: int | None = None, max_train_tokens: int | None = 150,
                  val_fraction: float = 0.1, limit_train: int | None = None, limit_val: int | None = None,
                  limit_test: int | None = None, labels: list[str] | None = None, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, group_predicates: bool = True) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
@@ -231,7 +254,7 @@ class LabelingDataModule(L.LightningDataModule):
         self.min_word_freq, self.max_words, self.max_train_tokens = min_word_freq, max_words, max_train_tokens
         self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
-        self.labels = labels
+        self.labels, self.group_predicates = labels, group_predicates
         self.vocab: LabelingVocab | None = None
         self.splits: dict[str, list[TaggedSentence]] = {}
 
@@ -300,9 +323,12 @@ class LabelingDataModule(L.LightningDataModule):
             # The bucket sampler shards batches across processes itself; Lightning cannot inject its
             # DistributedSampler into a custom batch sampler (it would raise), so it is told not to.
             self.trainer._accelerator_connector.use_distributed_sampler = False
+        # SRL: the predicate instances of one sentence share batches (a shared encoder reads the sentence once)
+        grouped = self.group_predicates and any(s.predicate is not None for s in sentences)
+        groups = [s.tokens for s in sentences] if grouped else None
         sampler = BucketBatchSampler([len(s.tokens) for s in sentences],
                                      self.batch_size if train else self.eval_batch_size, shuffle=train,
-                                     seed=self.seed, num_replicas=replicas, rank=rank)
+                                     seed=self.seed, num_replicas=replicas, rank=rank, groups=groups)
         if train and self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
         return DataLoader(sentences, batch_sampler=sampler, collate_fn=_Collate(self.vocab),

@@ -48,15 +48,25 @@ class BiLSTMTagger(nn.Module):
     the words are read as unknown (so the unknown-word embedding is learned for rare words).
     ``head='manual_mlp'`` scores with the core's hand-written MLP (``head_hidden`` wide),
     whose backward pass is the engine's, inside this autograd model.
+
+    ``shared_layers`` (SRL) splits the ``layers``: the first ``shared_layers`` read the sentence
+    without the predicate and run once per distinct sentence of the batch (a sentence has several
+    predicates: batch them together, see ``BucketBatchSampler(groups=...)``); the remaining
+    layers (``predicate_hidden`` wide, default ``hidden``) read those states with the predicate
+    features (indicator, distance, and the shared state at the predicate, projected to
+    ``word_dim``) once per predicate instance.
     """
 
     def __init__(self, num_words: int, num_chars: int, num_labels: int, word_dim: int = 100, char_dim: int = 30,
                  char_channels: int = 50, predicate_dim: int = 0, hidden: int = 200, layers: int = 2,
                  dropout: float = 0.33, head: str = "linear", head_hidden: int = 128, max_distance: int = 20,
-                 word_dropout: float = 0.0) -> None:
+                 word_dropout: float = 0.0, shared_layers: int = 0, predicate_hidden: int | None = None) -> None:
         super().__init__()
         if head not in ("linear", "manual_mlp"):
             raise ValueError(f"head must be 'linear' or 'manual_mlp', got {head!r}")
+        if shared_layers and (predicate_dim <= 0 or not 0 < shared_layers < layers):
+            raise ValueError(f"shared_layers needs predicate_dim > 0 and 0 < shared_layers < layers, got "
+                             f"shared_layers={shared_layers}, layers={layers}, predicate_dim={predicate_dim}")
         self.word_embed = nn.Embedding(num_words, word_dim, padding_idx=0)
         self.chars = CharCNN(num_chars, char_dim, char_channels) if char_channels > 0 else None
         self.predicate_embed = nn.Embedding(2, predicate_dim) if predicate_dim > 0 else None
@@ -66,6 +76,15 @@ class BiLSTMTagger(nn.Module):
         if predicate_dim > 0:
             in_features += 2 * predicate_dim + word_dim
         self.dropout = nn.Dropout(dropout)
+        self.shared_layers = shared_layers
+        if shared_layers:
+            sentence_features = word_dim + (char_channels if self.chars else 0)
+            self.shared_lstm = nn.LSTM(sentence_features, hidden, num_layers=shared_layers, bidirectional=True,
+                                       batch_first=True, dropout=dropout if shared_layers > 1 else 0.0)
+            self.predicate_state = nn.Linear(2 * hidden, word_dim)  # the shared state at the predicate, narrowed
+            in_features = 2 * hidden + word_dim + 2 * predicate_dim
+            layers -= shared_layers
+            hidden = predicate_hidden or hidden
         self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, bidirectional=True, batch_first=True,
                             dropout=dropout if layers > 1 else 0.0)
         if head == "linear":
@@ -73,7 +92,45 @@ class BiLSTMTagger(nn.Module):
         else:
             self.head = ManualMLPHead(2 * hidden, (head_hidden,), num_labels)
 
+    @staticmethod
+    def _run_lstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = lstm(packed)
+        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+
+    def _predicate_features(self, indicator: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The predicate's position [B, 1], and the indicator and clipped distance embeddings [B, T, P]."""
+        assert self.predicate_embed is not None and self.distance_embed is not None
+        position = torch.arange(indicator.shape[1], device=indicator.device)
+        where = indicator.argmax(dim=1, keepdim=True)  # sentences without one: position 0
+        distance = (position.unsqueeze(0) - where).clamp(-self.max_distance, self.max_distance)
+        return where, self.predicate_embed(indicator), self.distance_embed(distance + self.max_distance)
+
+    def _forward_shared(self, batch: dict[str, Any]) -> Tensor:
+        """The sentence layers once per distinct sentence, then the predicate layers per instance."""
+        words, mask = batch["words"], batch["mask"]
+        key = words if self.chars is None else torch.cat([words, batch["chars"].flatten(1)], dim=1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        rows = torch.zeros(len(unique), dtype=torch.long, device=words.device).scatter_(
+            0, inverse, torch.arange(len(words), device=words.device))  # one instance of each distinct sentence
+        sentence_words = words[rows]
+        if self.training and self.word_dropout > 0:
+            drop = (torch.rand(sentence_words.shape, device=words.device) < self.word_dropout) & (sentence_words > 1)
+            sentence_words = sentence_words.masked_fill(drop, 1)
+        parts = [self.word_embed(sentence_words)]
+        if self.chars is not None:
+            parts.append(self.chars(batch["chars"][rows]))
+        lengths = mask.sum(dim=1).cpu()
+        states = self._run_lstm(self.shared_lstm, self.dropout(torch.cat(parts, dim=-1)), lengths[rows.cpu()])
+        states = states[inverse]  # [B, T, 2H] per instance
+        where, indicator, distance = self._predicate_features(batch["predicate"])
+        at_predicate = self.predicate_state(states.gather(1, where.unsqueeze(-1).expand(-1, 1, states.shape[-1])))
+        x = self.dropout(torch.cat([states, at_predicate.expand(-1, states.shape[1], -1), indicator, distance], -1))
+        return self.head(self.dropout(self._run_lstm(self.lstm, x, lengths)))
+
     def forward(self, batch: dict[str, Any]) -> Tensor:
+        if self.shared_layers:
+            return self._forward_shared(batch)
         words = batch["words"]
         if self.training and self.word_dropout > 0:
             drop = (torch.rand(words.shape, device=words.device) < self.word_dropout) & (words > 1)
@@ -81,19 +138,12 @@ class BiLSTMTagger(nn.Module):
         parts = [self.word_embed(words)]
         if self.chars is not None:
             parts.append(self.chars(batch["chars"]))
-        if self.predicate_embed is not None and self.distance_embed is not None:
-            indicator = batch["predicate"]  # [B, T], 1 on the predicate
-            position = torch.arange(indicator.shape[1], device=indicator.device)
-            where = indicator.argmax(dim=1, keepdim=True)  # sentences without one: position 0
-            distance = (position.unsqueeze(0) - where).clamp(-self.max_distance, self.max_distance)
+        if self.predicate_embed is not None:
+            where, indicator, distance = self._predicate_features(batch["predicate"])  # [B, T]: 1 on the predicate
             predicate_word = parts[0].gather(1, where.unsqueeze(-1).expand(-1, 1, parts[0].shape[-1]))
-            parts += [self.predicate_embed(indicator), self.distance_embed(distance + self.max_distance),
-                      predicate_word.expand_as(parts[0])]
+            parts += [indicator, distance, predicate_word.expand_as(parts[0])]
         x = self.dropout(torch.cat(parts, dim=-1))
-        lengths = batch["mask"].sum(dim=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        out = self._run_lstm(self.lstm, x, batch["mask"].sum(dim=1).cpu())
         return self.head(self.dropout(out))
 
 

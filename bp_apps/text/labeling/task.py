@@ -57,6 +57,8 @@ class TokenLabeler(L.LightningModule):
 
     The network is built once the data module's vocabulary is known (``setup``), or from the
     checkpoint when loading. ``head='manual_mlp'`` puts the core's hand-written MLP on the BiLSTM.
+    ``shared_layers`` (SRL, BiLSTM): that many of the ``layers`` read each sentence once for all of
+    its predicates; the rest (``predicate_hidden`` wide) read it per predicate instance.
     ``monitor`` is ``val_f1``: span F1 (without ``exclude_labels``) for BIO tags, otherwise the
     micro F1 of the tags' first ``|`` field (the punctuation mark) over tokens that carry one.
     """
@@ -70,7 +72,8 @@ class TokenLabeler(L.LightningModule):
                  exclude_labels: Sequence[str] = (), lr: float = 2e-3, weight_decay: float = 0.0,
                  warmup_fraction: float = 0.05, scheduler: Literal["constant", "cosine"] = "cosine",
                  max_grad_norm: float | None = 5.0, label_smoothing: float = 0.0,
-                 early_stopping_patience: int | None = None) -> None:
+                 early_stopping_patience: int | None = None, shared_layers: int = 0,
+                 predicate_hidden: int | None = None) -> None:
         super().__init__()
         if model not in ("bilstm", "transformer", "pretrained"):
             raise ValueError(f"model must be 'bilstm', 'transformer' or 'pretrained', got {model!r}")
@@ -103,7 +106,9 @@ class TokenLabeler(L.LightningModule):
         if h.model == "bilstm":
             self.net = BiLSTMTagger(len(vocab.words), len(vocab.chars), num_labels, h.word_dim, h.char_dim,
                                     h.char_channels, h.predicate_dim if has_predicates else 0, h.hidden, h.layers,
-                                    h.dropout, h.head, h.head_hidden, word_dropout=h.word_dropout)
+                                    h.dropout, h.head, h.head_hidden, word_dropout=h.word_dropout,
+                                    shared_layers=h.shared_layers if has_predicates else 0,
+                                    predicate_hidden=h.predicate_hidden)
         else:
             self.net = self._build_transformer(num_labels, has_predicates, train_tokens)
         self.crf = CRF(vocab.labels) if h.crf else None

@@ -119,7 +119,8 @@ class Summarizer(L.LightningModule):
     ``tokenizer_name`` to spare it training one first).
 
     Validation and test generate with beam search (``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``,
-    ``max_new_tokens``, ``min_new_tokens``) and log ROUGE-1/2/L/Lsum F1 (``val_rouge1`` is monitored);
+    ``max_new_tokens``, ``min_new_tokens``) and log ROUGE-1/2/L/Lsum F1 (``val_rouge1`` is monitored; with
+    several references per example the best one counts, and ``*_refmean`` logs the mean over them too);
     ``val_generate_limit`` caps how many validation examples are generated per epoch (all are scored for the
     loss). The first ``sample_generations`` generations of each evaluation are printed and kept in
     :attr:`samples`; testing writes every generation to ``predictions.jsonl`` in the log directory.
@@ -304,6 +305,11 @@ class Summarizer(L.LightningModule):
             scores = rouge_scores([r["prediction"] for r in scored], [r["references"] for r in scored])
             for key, value in scores.items():
                 self.log(f"{stage}_{key}", value, prog_bar=key == "rouge1", sync_dist=True)
+            if any(len(r["references"]) > 1 for r in scored):  # also the mean over the references, stricter
+                means = rouge_scores([r["prediction"] for r in scored], [r["references"] for r in scored],
+                                     multi_reference="mean")
+                for key, value in means.items():
+                    self.log(f"{stage}_{key}_refmean", value, sync_dist=True)
         self.samples[stage] = records[: self.hparams.sample_generations]
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for sample in self.samples[stage]:

@@ -1,0 +1,98 @@
+"""`bp-apps plot` and the default loggers of `bp-apps fit`: curves from real runs' logs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from bp_apps.cli import main
+from bp_apps.plot import find_log, metric_group, plot_runs, read_run, run_name
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def fitted_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two `bp-apps fit` runs of the digits MLP (two epochs each) in one root: version_0 and version_1."""
+    root = tmp_path_factory.mktemp("runs")
+    config = ROOT / "configs" / "core" / "digits_mlp_manual.yaml"
+    for _ in range(2):
+        argv = ["fit", "--config", str(config), "--trainer.max_epochs=2", f"--trainer.default_root_dir={root}",
+                "--trainer.enable_progress_bar=false"]
+        assert main(argv) == 0
+    return root
+
+
+def test_fit_logs_csv_and_tensorboard_into_one_version_folder(fitted_runs: Path) -> None:
+    versions = sorted(p.name for p in (fitted_runs / "lightning_logs").iterdir())
+    assert versions == ["version_0", "version_1"]  # no collision: the second run takes the next version
+    for version in versions:
+        folder = fitted_runs / "lightning_logs" / version
+        assert (folder / "metrics.csv").is_file() and list(folder.glob("events.out.tfevents*"))
+        assert (folder / "config.yaml").is_file() and (folder / "metrics.json").is_file()
+        rows = list(csv.DictReader((folder / "metrics.csv").open()))
+        assert {r["epoch"] for r in rows if r.get("val_acc")} == {"0", "1"}
+
+
+def test_metric_group_names() -> None:
+    assert metric_group("train_loss_epoch") == ("loss", "train", False)
+    assert metric_group("train_loss_step") == ("loss", "train", True)
+    assert metric_group("val_f1") == ("f1", "val", False)
+    assert metric_group("test_rouge1") == ("rouge1", "test", False)
+    assert metric_group("lr-AdamW") == ("lr-AdamW", "", False)
+
+
+def test_run_names() -> None:
+    assert run_name("runs/a/lightning_logs/version_3") == "a/version_3"
+    assert run_name("runs/mnist") == "mnist"
+
+
+def test_read_run_from_csv_and_from_tensorboard_agree(fitted_runs: Path, tmp_path: Path) -> None:
+    version = fitted_runs / "lightning_logs" / "version_0"
+    from_csv = read_run(version)
+    assert find_log(version).name == "metrics.csv"
+    only_events = tmp_path / "events_only"
+    only_events.mkdir()
+    for event_file in version.glob("events.out.tfevents*"):
+        (only_events / event_file.name).write_bytes(event_file.read_bytes())
+    from_events = read_run(only_events)
+    assert find_log(only_events).name.startswith("events.out.tfevents")
+    for name in ("val_acc", "val_loss"):
+        assert [v for *_, v in from_csv.series[name]] == pytest.approx([v for *_, v in from_events.series[name]])
+        assert [e for e, *_ in from_csv.series[name]] == [e for e, *_ in from_events.series[name]] == [0.0, 1.0]
+
+
+def test_plot_one_run_writes_a_png_per_metric(fitted_runs: Path, tmp_path: Path, capsys) -> None:
+    run = fitted_runs / "lightning_logs" / "version_0"
+    assert main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
+    written = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert {"loss.png", "acc.png"} <= set(written)
+    assert all((tmp_path / "plots" / name).read_bytes().startswith(PNG) for name in written)
+    assert "wrote" in capsys.readouterr().out
+    assert not list((tmp_path / "plots").glob(".*"))  # no temporary files left
+
+
+def test_plot_compares_runs_and_filters_metrics(fitted_runs: Path, tmp_path: Path) -> None:
+    runs = [fitted_runs / "lightning_logs" / v for v in ("version_0", "version_1")]
+    paths = plot_runs(runs, tmp_path, metrics=["loss"])
+    assert sorted(p.name for p in paths) in (["loss.png"], ["loss.png", "loss_steps.png"])
+    with pytest.raises(ValueError, match="no metrics to plot among"):
+        plot_runs(runs, tmp_path, metrics=["no_such_metric"])
+
+
+def test_plot_errors_name_the_directory(tmp_path: Path, capsys) -> None:
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty)]) == 2
+    assert "no metrics.csv or TensorBoard event file" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "metrics.csv"
+    bad.parent.mkdir()
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a Lightning metrics.csv"):
+        read_run(bad.parent)
