@@ -198,3 +198,14 @@ def test_digit_classifier_learns_fsdd_through_the_script(tmp_path: Path, capsys:
     words = [r["text"] for r in transcribe(recordings, ckpt)]
     assert all(w in {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"} for w in words)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8])
+def test_subsampling_lengths_match_the_convolution_output(factor: int) -> None:
+    from bp_apps.speech.models import ConvSubsampling
+
+    layer = ConvSubsampling(40, 8, channels=2, factor=factor)
+    for frames in (1, 7, 8, 33, 100):
+        out, lengths = layer(torch.zeros(1, frames, 40), torch.tensor([frames]))
+        assert out.shape[1] == int(lengths[0]) and out.shape[2] == 8
+    assert int(layer.output_lengths(torch.tensor(100))) == -(-100 // factor)

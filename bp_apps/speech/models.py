@@ -31,8 +31,8 @@ CTC_MODELS = ("conv_gru", "conformer", "wav2vec2")
 
 
 class ConvSubsampling(nn.Module):
-    """``log2(factor)`` stride-2 3×3 convolutions over (time, frequency) with ReLU, flattened and projected to
-    ``out_dim``: cuts the frame rate (10 ms → 20 or 40 ms) before the sequence model."""
+    """``log2(factor)`` stride-2 3×3 convolutions over (time, frequency) with ReLU, flattened, projected to
+    ``out_dim`` and layer-normalised: cuts the frame rate (10 ms → 20 or 40 ms) before the sequence model."""
 
     def __init__(self, input_dim: int, out_dim: int, channels: int = 32, factor: int = 4) -> None:
         super().__init__()
@@ -45,7 +45,7 @@ class ConvSubsampling(nn.Module):
             c_in, freq = channels, (freq - 1) // 2 + 1
         self.convs = nn.Sequential(*layers)
         self.steps = factor.bit_length() - 1
-        self.proj = nn.Linear(c_in * freq, out_dim)
+        self.proj = nn.Sequential(nn.Linear(c_in * freq, out_dim), nn.LayerNorm(out_dim))
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         for _ in range(self.steps):

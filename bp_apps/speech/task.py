@@ -296,12 +296,11 @@ def transcribe(paths: Sequence[str | Path], checkpoint: str | Path, beam_size: i
     extract = make_extractor(config)
     decoder = None
     if beam_size is not None and beam_size > 1 and isinstance(model, SpeechRecognizer):
-        lexicon = None
-        if prep.get("words"):
-            import tempfile
+        import tempfile
 
-            lexicon = write_lexicon(prep["words"], Path(tempfile.mkdtemp(prefix="bp_apps_lexicon_")) / "lexicon.txt")
-        decoder = BeamSearchDecoder(beam_size, lexicon)
+        with tempfile.TemporaryDirectory(prefix="bp_apps_lexicon_") as tmp:  # read once by the decoder
+            lexicon = write_lexicon(prep["words"], Path(tmp) / "lexicon.txt") if prep.get("words") else None
+            decoder = BeamSearchDecoder(beam_size, lexicon)
     results = []
     for path in paths:
         waveform = load_audio(path, config.sample_rate, allow_silent=True)
