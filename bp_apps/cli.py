@@ -8,6 +8,7 @@ the model and data module); ``demo``, ``compare`` and ``bench`` are the core's o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -116,11 +117,9 @@ def default_loggers(root: str | Path) -> list:
 
     csv_logger = CSVLogger(root, name="lightning_logs")
     loggers: list = [csv_logger]
-    try:
+    with contextlib.suppress(ModuleNotFoundError):  # neither tensorboard nor tensorboardX: CSV only
         loggers.append(TensorBoardLogger(root, name="lightning_logs", version=csv_logger.version,
                                          default_hp_metric=False))
-    except ModuleNotFoundError:  # neither tensorboard nor tensorboardX: CSV only
-        pass
     return loggers
 
 
@@ -198,6 +197,18 @@ def _run_summarize(args: argparse.Namespace) -> int:
     return _emit_jsonl(results, args.out)
 
 
+def _run_transcribe(args: argparse.Namespace) -> int:
+    from bp_apps.speech.task import transcribe
+
+    results = transcribe(args.paths, args.ckpt, beam_size=args.beam)
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return 0
+    for result in results:
+        print(f"{result['path']}\t{result['text']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bp-apps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--max-new-tokens", type=int, default=None,
                       help="longest summary in tokens (default: the model's)")
     summ.add_argument("--json", action="store_true", help="print JSON")
+    trans = sub.add_parser("transcribe", help="speech to text for audio files (any sample rate, mono or stereo)")
+    trans.add_argument("paths", nargs="+", metavar="FILE", help="audio files soundfile can read (WAV, FLAC, OGG...)")
+    trans.add_argument("--ckpt", required=True, type=Path,
+                       help="a speech checkpoint (CTC recognizer or digit classifier)")
+    trans.add_argument("--beam", type=int, default=None, metavar="N",
+                       help="beam search with N beams (flashlight-text; default: greedy decoding)")
+    trans.add_argument("--json", action="store_true", help="print JSON instead of path<TAB>transcript lines")
     return parser
 
 
@@ -274,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_label(args)
         if args.command == "summarize":
             return _run_summarize(args)
+        if args.command == "transcribe":
+            return _run_transcribe(args)
         return _run_bench(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"bp-apps {args.command}: error: {error}", file=sys.stderr)

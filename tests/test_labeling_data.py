@@ -5,8 +5,8 @@ All data files are small ones written to ``tmp_path``; the punctuation module re
 
 from __future__ import annotations
 
-import random
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path

@@ -208,7 +208,7 @@ def test_shared_layers_validation(layers: int, shared: int, predicate_dim: int) 
 
 
 def test_shared_layers_train_in_the_task_and_reload(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
-    model, trainer = fit_small(tmp_path, srl_files, epochs=12, layers=2, shared_layers=1, predicate_hidden=24)
+    trainer = fit_small(tmp_path, srl_files, epochs=12, layers=2, shared_layers=1, predicate_hidden=24)[1]
     assert trainer.callback_metrics["val_f1"] > 0.9
     reloaded = load_labeler(trainer.checkpoint_callback.best_model_path)
     assert reloaded.net.shared_layers == 1 and reloaded.net.lstm.hidden_size == 24

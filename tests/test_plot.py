@@ -32,7 +32,7 @@ def test_fit_logs_csv_and_tensorboard_into_one_version_folder(fitted_runs: Path)
     for version in versions:
         folder = fitted_runs / "lightning_logs" / version
         assert (folder / "metrics.csv").is_file() and list(folder.glob("events.out.tfevents*"))
-        assert (folder / "config.yaml").is_file() and (folder / "metrics.json").is_file()
+        assert (folder / "config.yaml").is_file()
         rows = list(csv.DictReader((folder / "metrics.csv").open()))
         assert {r["epoch"] for r in rows if r.get("val_acc")} == {"0", "1"}
 
@@ -94,5 +94,5 @@ def test_plot_errors_name_the_directory(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad" / "metrics.csv"
     bad.parent.mkdir()
     bad.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="not a Lightning metrics.csv"):
+    with pytest.raises(ValueError, match=r"not a Lightning metrics\.csv"):
         read_run(bad.parent)

@@ -25,3 +25,21 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def load_checkpoint_dict(path: Path | str) -> dict:
+    """A Lightning checkpoint read safely: ``torch.load(weights_only=True)`` on the CPU, so a file carrying a
+    pickled payload is refused without running it. A missing, truncated or corrupt file, or one that is not a
+    checkpoint dictionary, gives an error naming it."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt or carrying code: refuse without running it
+        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint")
+    return checkpoint

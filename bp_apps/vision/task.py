@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule, MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.vision.models import build_model
 
@@ -175,14 +176,7 @@ def load_image_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, 
     """Load an ImageClassifier checkpoint safely (``weights_only=True``) for prediction; return the
     model in eval mode and the stored preprocessing (class names, mean, std, input shape)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, corrupt or carrying code: refuse without running it
-        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint")
+    checkpoint = load_checkpoint_dict(path)
     check_checkpoint(checkpoint, source=str(path))
     if PREPROCESSING_KEY not in checkpoint:
         raise ValueError(f"{path} carries no preprocessing (it was saved outside a trainer run with a data module)")

@@ -1,0 +1,539 @@
+"""Speech data for Lightning: the Free Spoken Digit Dataset (isolated digits, and TIDIGITS-style connected digits
+made from it), espeak-ng synthesized speech, JSONL manifests, and torchaudio's LibriSpeech / Speech Commands.
+
+Every module turns its utterances into model inputs once (log-mel or waveform, see ``features.py``), keeps them in
+an atomically written feature cache, and exposes ``feature_config`` right after ``__init__``. Recognition loaders
+yield :class:`SpeechBatch`; the isolated-digit loader yields ``((features, lengths), labels)``.
+
+FSDD's official split: recordings 0-4 of every speaker and digit are the test set, the rest train; validation is
+taken from train by index (``val_indices``, default 5-9). Connected-digit utterances of a split are built only from
+that split's recordings. Synthesized speech holds out whole voice variants for validation and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+
+from bp_apps.speech.audio import load_audio, normalise_level
+from bp_apps.speech.decoding import DIGIT_WORDS, encode_text, normalise_transcript
+from bp_apps.speech.features import FeatureCache, FeatureConfig, make_extractor
+from bp_apps.text.corpus import default_cache_dir
+from bp_apps.text.files import utf8_lines
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FSDD_ARCHIVE_URL", "FSDD_RECORDINGS_DIGEST", "ConnectedDigitsDataModule", "FSDDDigitsDataModule",
+           "LibriSpeechDataModule", "ManifestDataModule", "SpeechBatch", "SpeechCommandsDataModule",
+           "SynthSpeechDataModule", "Utterance", "connected_digit_utterances", "download_fsdd", "fsdd_split",
+           "list_fsdd", "parse_fsdd_name", "read_manifest", "split_voice_variants"]
+
+FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
+FSDD_ARCHIVE_URL = f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.tar.gz"
+FSDD_RECORDINGS_DIGEST = "f288642b28d9e72bd7c0dd48b04e517e16ee87e0846e2f036fe6b926b270b33b"
+"""sha256 over ``name\\0sha256(file)\\n`` of the sorted recordings of speakers george, jackson, lucas and nicolas
+at the pinned commit (the four speakers of ``../shared/data/fsdd``); checked after every download."""
+FSDD_CHECKED_SPEAKERS = ("george", "jackson", "lucas", "nicolas")
+FSDD_NAME = re.compile(r"^([0-9])_([A-Za-z]+)_([0-9]+)\.wav$")
+DEFAULT_FSDD_ROOT = "../shared/data/fsdd"
+
+
+# ----------------------------------------------------------------------------------------------- utterances
+
+@dataclass(frozen=True)
+class Utterance:
+    """Audio made of one or more files joined with pauses (seconds after each part but the last), its transcript
+    (already normalised), and an optional class label (the isolated digit)."""
+
+    parts: tuple[str, ...]
+    text: str
+    pauses: tuple[float, ...] = ()
+    label: int = -1
+    speaker: str = ""
+
+    def key(self) -> str:
+        return json.dumps([self.parts, self.text, [round(p, 4) for p in self.pauses], self.label])
+
+
+def load_utterance(utterance: Utterance, sample_rate: int, max_seconds: float | None = None) -> Tensor:
+    """The utterance's waveform at ``sample_rate``: parts loaded (any rate, down-mixed), joined with silent pauses,
+    level-normalised as a whole."""
+    pieces = []
+    for i, part in enumerate(utterance.parts):
+        pieces.append(load_audio(part, sample_rate, normalise=len(utterance.parts) > 1, max_seconds=max_seconds))
+        if i < len(utterance.pauses):
+            pieces.append(torch.zeros(int(utterance.pauses[i] * sample_rate)))
+    return normalise_level(torch.cat(pieces))
+
+
+class SpeechBatch(NamedTuple):
+    """A padded recognition batch: inputs ``(B, T, F)``, their lengths, targets ``(B, L)`` (0-padded), target
+    lengths, and the transcripts."""
+
+    features: Tensor
+    lengths: Tensor
+    targets: Tensor
+    target_lengths: Tensor
+    texts: list[str]
+
+
+class FeatureDataset(Dataset):
+    """Precomputed model inputs with their utterances."""
+
+    def __init__(self, features: list[Tensor], utterances: Sequence[Utterance]) -> None:
+        self.features, self.utterances = features, list(utterances)
+        self.targets = [encode_text(u.text) for u in self.utterances]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, str, int]:
+        u = self.utterances[index]
+        return self.features[index], self.targets[index], u.text, u.label
+
+
+def collate_speech(items: list[tuple[Tensor, Tensor, str, int]]) -> SpeechBatch:
+    features, targets, texts, _ = zip(*items)
+    return SpeechBatch(pad_sequence(list(features), batch_first=True),
+                       torch.tensor([f.shape[0] for f in features]),
+                       pad_sequence(list(targets), batch_first=True),
+                       torch.tensor([t.shape[0] for t in targets]), list(texts))
+
+
+def collate_digits(items: list[tuple[Tensor, Tensor, str, int]]) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    features, _, _, labels = zip(*items)
+    return ((pad_sequence(list(features), batch_first=True), torch.tensor([f.shape[0] for f in features])),
+            torch.tensor(labels))
+
+
+# ----------------------------------------------------------------------------------------------- base module
+
+class SpeechDataModule(L.LightningDataModule):
+    """What every speech data module shares: feature settings, the feature cache, loaders.
+
+    Subclasses implement ``utterances(split)`` for ``train``, ``val`` and ``test``. ``cache_dir`` defaults to
+    ``$BP_APPS_CACHE/speech`` (or ``~/.cache/bp_apps/speech``); ``cache=False`` keeps features in memory only.
+    ``max_seconds`` refuses longer training/evaluation files (a ValueError naming the file)."""
+
+    collate = staticmethod(collate_speech)
+
+    def __init__(self, batch_size: int = 32, sample_rate: int = 16_000,
+                 features: Literal["logmel", "waveform"] = "logmel", n_mels: int = 64, hop_ms: float = 10.0,
+                 max_seconds: float | None = 30.0, num_workers: int = 0,
+                 cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.feature_config = FeatureConfig(kind=features, sample_rate=sample_rate, n_mels=n_mels, hop_ms=hop_ms)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.max_seconds = max_seconds
+        root = Path(cache_dir) if cache_dir else default_cache_dir() / "speech"
+        self.cache = FeatureCache(root if cache else None)
+        self.datasets: dict[str, FeatureDataset] = {}
+
+    def utterances(self, split: str) -> list[Utterance]:
+        raise NotImplementedError
+
+    def vocabulary_words(self) -> list[str]:
+        """Every word of the training transcripts (for a beam-search lexicon)."""
+        return sorted({w for u in self.utterances("train") for w in u.text.split()})
+
+    def build_features(self, utterances: Sequence[Utterance]) -> list[Tensor]:
+        extract = make_extractor(self.feature_config)
+        rate = self.feature_config.sample_rate
+        return [extract(load_utterance(u, rate, self.max_seconds)).contiguous() for u in utterances]
+
+    def dataset(self, split: str) -> FeatureDataset:
+        if split not in self.datasets:
+            utterances = self.utterances(split)
+            if not utterances:
+                raise ValueError(f"{type(self).__name__}: the {split} split is empty")
+            key = FeatureCache.key([u.key() for u in utterances], self.feature_config)
+            features = self.cache.get_or_build(f"{type(self).__name__}-{split}", key,
+                                               lambda: self.build_features(utterances))
+            self.datasets[split] = FeatureDataset(features, utterances)
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val"))
+        for split in splits:
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          collate_fn=self.collate, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+# ----------------------------------------------------------------------------------------------- FSDD
+
+def parse_fsdd_name(path: str | Path) -> tuple[int, str, int]:
+    """``{digit}_{speaker}_{index}.wav`` → (digit, speaker, index); ValueError naming the file otherwise."""
+    match = FSDD_NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not an FSDD recording name (expected DIGIT_SPEAKER_INDEX.wav)")
+    return int(match.group(1)), match.group(2), int(match.group(3))
+
+
+def list_fsdd(root: str | Path) -> list[Path]:
+    """The sorted FSDD recordings under ``root`` (``root/recordings`` or ``root`` itself)."""
+    root = Path(root)
+    folder = root / "recordings" if (root / "recordings").is_dir() else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"FSDD folder {root} does not exist; set data_root or download=True")
+    files = sorted(p for p in folder.glob("*.wav") if FSDD_NAME.match(p.name))
+    if not files:
+        raise FileNotFoundError(f"no FSDD recordings (DIGIT_SPEAKER_INDEX.wav) in {folder}")
+    return files
+
+
+def fsdd_split(files: Sequence[str | Path], val_indices: Sequence[int] = (5, 6, 7, 8, 9),
+               test_indices: Sequence[int] = (0, 1, 2, 3, 4)) -> dict[str, list[Path]]:
+    """FSDD's official split by recording index: ``test_indices`` (0-4) test, the rest train, with
+    ``val_indices`` of train taken as validation. Every speaker and digit is in every split."""
+    overlap = set(val_indices) & set(test_indices)
+    if overlap:
+        raise ValueError(f"val_indices and test_indices overlap at {sorted(overlap)}")
+    split: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
+    for path in files:
+        index = parse_fsdd_name(path)[2]
+        name = "test" if index in test_indices else "val" if index in val_indices else "train"
+        split[name].append(Path(path))
+    return split
+
+
+def _recordings_digest(folder: Path, speakers: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.glob("*.wav") if parse_fsdd_name(p)[1] in speakers):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")
+    return digest.hexdigest()
+
+
+def download_fsdd(root: str | Path, url: str = FSDD_ARCHIVE_URL, expected_digest: str = FSDD_RECORDINGS_DIGEST
+                  ) -> Path:
+    """Download the pinned FSDD commit into ``root/recordings`` (for online users) and check the recordings of the
+    four reference speakers against ``expected_digest``. Nothing is left in ``root`` when the check fails.
+    Returns the recordings folder; an existing one is kept as is."""
+    root = Path(root)
+    target = root / "recordings"
+    if target.is_dir() and any(target.glob("*.wav")):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".fsdd-download-") as tmp:
+        archive = Path(tmp) / "fsdd.tar.gz"
+        urllib.request.urlretrieve(url, archive)
+        unpacked = Path(tmp) / "unpacked"
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and "/recordings/" in f"/{m.name}"
+                       and FSDD_NAME.match(Path(m.name).name)]
+            tar.extractall(unpacked, members=members, filter="data")
+        found = {Path(m.name).parent for m in members}
+        if len(found) != 1:
+            raise ValueError(f"{url}: expected one recordings/ folder in the archive, found {len(found)}")
+        folder = unpacked / found.pop()
+        digest = _recordings_digest(folder, FSDD_CHECKED_SPEAKERS)
+        if digest != expected_digest:
+            raise ValueError(f"{url}: FSDD recordings checksum mismatch (got {digest}, expected {expected_digest})")
+        os.replace(folder, target)
+    return target
+
+
+def _fsdd_files(data_root: str, download: bool) -> list[Path]:
+    if download:
+        download_fsdd(data_root)
+    return list_fsdd(data_root)
+
+
+class FSDDDigitsDataModule(SpeechDataModule):
+    """Isolated spoken digits (10 classes) from FSDD with its official split; loaders yield
+    ``((features (B, T, F), lengths), labels)``. ``limit_per_split`` keeps the first N of each split (tests)."""
+
+    collate = staticmethod(collate_digits)
+
+    def __init__(self, data_root: str = DEFAULT_FSDD_ROOT, download: bool = False,
+                 val_indices: Sequence[int] = (5, 6, 7, 8, 9), limit_per_split: int | None = None,
+                 batch_size: int = 32, sample_rate: int = 8000, n_mels: int = 40, hop_ms: float = 10.0,
+                 max_seconds: float | None = 10.0, num_workers: int = 0, cache: bool = True,
+                 cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features="logmel", n_mels=n_mels,
+                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
+                         cache_dir=cache_dir, seed=seed)
+        self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
+        self.limit_per_split = limit_per_split
+        self.num_classes = 10
+        self.class_names = list(DIGIT_WORDS)
+        self._split: dict[str, list[Path]] | None = None
+
+    def split(self) -> dict[str, list[Path]]:
+        if self._split is None:
+            self._split = fsdd_split(_fsdd_files(self.data_root, self.download), self.val_indices)
+        return self._split
+
+    def utterances(self, split: str) -> list[Utterance]:
+        rng = np.random.default_rng(self.seed)
+        files = self.split()[split]
+        if self.limit_per_split is not None:  # a random but fixed subset, so every class appears
+            files = [files[i] for i in sorted(rng.permutation(len(files))[:self.limit_per_split])]
+        out = []
+        for path in files:
+            digit, speaker, _ = parse_fsdd_name(path)
+            out.append(Utterance((str(path),), DIGIT_WORDS[digit], label=digit, speaker=speaker))
+        return out
+
+
+def connected_digit_utterances(files: Sequence[str | Path], count: int, seed: int, min_digits: int = 1,
+                               max_digits: int = 7, pause_range: tuple[float, float] = (0.05, 0.3)
+                               ) -> list[Utterance]:
+    """``count`` TIDIGITS-style utterances, deterministic by ``seed``: each joins 1-7 recordings of one speaker,
+    drawn from ``files`` only, with random pauses; the transcript reads the digits ("three one four")."""
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+    by_speaker: dict[str, list[Path]] = {}
+    for path in sorted(Path(f) for f in files):
+        by_speaker.setdefault(parse_fsdd_name(path)[1], []).append(path)
+    if not by_speaker:
+        raise ValueError("connected digits need at least one recording")
+    speakers = sorted(by_speaker)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        speaker = speakers[int(rng.integers(len(speakers)))]
+        pool = by_speaker[speaker]
+        n = int(rng.integers(min_digits, max_digits + 1))
+        parts = [pool[int(i)] for i in rng.integers(len(pool), size=n)]
+        pauses = tuple(float(p) for p in rng.uniform(*pause_range, size=n - 1))
+        text = " ".join(DIGIT_WORDS[parse_fsdd_name(p)[0]] for p in parts)
+        out.append(Utterance(tuple(str(p) for p in parts), text, pauses, speaker=speaker))
+    return out
+
+
+class ConnectedDigitsDataModule(SpeechDataModule):
+    """Connected digit strings (1-7 digits) made from FSDD recordings: each split's utterances use only that
+    split's recordings (test: indices 0-4), so test speech never reaches training. Deterministic by ``seed``."""
+
+    def __init__(self, data_root: str = DEFAULT_FSDD_ROOT, download: bool = False,
+                 val_indices: Sequence[int] = (5, 6, 7, 8, 9), train_utterances: int = 3000,
+                 val_utterances: int = 200, test_utterances: int = 500, min_digits: int = 1, max_digits: int = 7,
+                 pause_range: tuple[float, float] = (0.05, 0.3), batch_size: int = 32, sample_rate: int = 8000,
+                 n_mels: int = 40, hop_ms: float = 10.0, max_seconds: float | None = 10.0, num_workers: int = 0,
+                 cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features="logmel", n_mels=n_mels,
+                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
+                         cache_dir=cache_dir, seed=seed)
+        self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
+        self.counts = {"train": train_utterances, "val": val_utterances, "test": test_utterances}
+        self.min_digits, self.max_digits, self.pause_range = min_digits, max_digits, tuple(pause_range)
+        self._utterances: dict[str, list[Utterance]] = {}
+
+    def utterances(self, split: str) -> list[Utterance]:
+        if split not in self._utterances:
+            files = fsdd_split(_fsdd_files(self.data_root, self.download), self.val_indices)[split]
+            split_seed = self.seed * 1000 + ("train", "val", "test").index(split)
+            self._utterances[split] = connected_digit_utterances(files, self.counts[split], split_seed,
+                                                                 self.min_digits, self.max_digits, self.pause_range)
+        return self._utterances[split]
+
+    def vocabulary_words(self) -> list[str]:
+        return list(DIGIT_WORDS)
+
+
+# ----------------------------------------------------------------------------------------------- synthesized
+
+def split_voice_variants(variants: Sequence[str], val_count: int, test_count: int, seed: int = 0
+                         ) -> dict[str, list[str]]:
+    """A deterministic split of voice variants into train / val / test (held out: never heard in training)."""
+    if val_count + test_count >= len(variants):
+        raise ValueError(f"cannot hold out {val_count}+{test_count} of {len(variants)} voice variants")
+    order = np.random.default_rng(seed).permutation(len(variants))
+    picked = [variants[i] for i in order]
+    return {"test": sorted(picked[:test_count]), "val": sorted(picked[test_count:test_count + val_count]),
+            "train": sorted(picked[test_count + val_count:])}
+
+
+class SynthSpeechDataModule(SpeechDataModule):
+    """espeak-ng speech (no download): digit strings and short sentences, many voices, rates and pitches.
+
+    Voices are ACCENT+VARIANT; the variants of validation and test (``heldout_variants``, else a deterministic
+    split by ``voice_seed``) are never used in training. ``noise_prob`` of the utterances get background noise.
+    WAVs are cached under ``cache_dir`` (see ``synth.synthesize_corpus``)."""
+
+    def __init__(self, train_utterances: int = 4000, val_utterances: int = 300, test_utterances: int = 500,
+                 digit_fraction: float = 0.3, accents: Sequence[str] | None = None,
+                 variants: Sequence[str] | None = None, heldout_variants: dict[str, list[str]] | None = None,
+                 val_variant_count: int = 5, test_variant_count: int = 8, voice_seed: int = 0,
+                 noise_prob: float = 0.3, batch_size: int = 32, sample_rate: int = 16_000,
+                 features: Literal["logmel", "waveform"] = "logmel", n_mels: int = 64, hop_ms: float = 10.0,
+                 max_seconds: float | None = 30.0, num_workers: int = 0, cache: bool = True,
+                 cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features=features, n_mels=n_mels,
+                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
+                         cache_dir=cache_dir, seed=seed)
+        from bp_apps.speech.synth import ENGLISH_ACCENTS, VOICE_VARIANTS
+
+        self.counts = {"train": train_utterances, "val": val_utterances, "test": test_utterances}
+        self.digit_fraction, self.noise_prob = digit_fraction, noise_prob
+        self.accents = list(accents or ENGLISH_ACCENTS)
+        all_variants = list(variants or VOICE_VARIANTS)
+        if heldout_variants is not None:
+            held = {s: list(heldout_variants.get(s, [])) for s in ("val", "test")}
+            self.variants = {**held, "train": [v for v in all_variants if v not in held["val"] + held["test"]]}
+        else:
+            self.variants = split_voice_variants(all_variants, val_variant_count, test_variant_count, voice_seed)
+        for split, names in self.variants.items():
+            if not names:
+                raise ValueError(f"no voice variants left for the {split} split")
+        self.synth_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "speech"
+        self._utterances: dict[str, list[Utterance]] = {}
+
+    def voices(self, split: str) -> list[str]:
+        return [f"{a}+{v}" for v in self.variants[split] for a in self.accents]
+
+    def utterances(self, split: str) -> list[Utterance]:
+        if split not in self._utterances:
+            from bp_apps.speech.synth import make_texts, synthesize_corpus
+
+            split_seed = self.seed * 1000 + ("train", "val", "test").index(split)
+            texts = make_texts(self.counts[split], split_seed, self.digit_fraction)
+            items = synthesize_corpus(texts, self.voices(split), self.synth_dir, seed=split_seed,
+                                      noise_prob=self.noise_prob)
+            self._utterances[split] = [Utterance((u.audio,), u.text, speaker=u.voice) for u in items]
+        return self._utterances[split]
+
+
+# ----------------------------------------------------------------------------------------------- manifests
+
+def read_manifest(path: str | Path, strict_text: bool = False) -> list[Utterance]:
+    """A JSONL manifest: one ``{"audio": path, "text": transcript}`` per line; relative audio paths are relative
+    to the manifest's folder. Transcripts are normalised (see ``normalise_transcript``; ``strict_text`` refuses
+    characters outside the vocabulary). Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    out = []
+    for number, line in utf8_lines(path):  # invalid UTF-8: an error naming the file and line
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("audio"), str) \
+                or not isinstance(record.get("text"), str):
+            raise ValueError(f"{where}: each line needs string fields 'audio' and 'text'")
+        text = normalise_transcript(record["text"], strict=strict_text, source=where)
+        if not text:
+            raise ValueError(f"{where}: the transcript is empty after normalisation ({record['text']!r})")
+        audio = Path(record["audio"])
+        out.append(Utterance((str(audio if audio.is_absolute() else path.parent / audio),), text))
+    if not out:
+        raise ValueError(f"manifest {path} holds no records")
+    return out
+
+
+class ManifestDataModule(SpeechDataModule):
+    """Any speech corpus described by JSONL manifests (``train_manifest``, ``val_manifest``, ``test_manifest``;
+    without a validation manifest, ``val_fraction`` of train is held out by ``seed``)."""
+
+    def __init__(self, train_manifest: str | None = None, val_manifest: str | None = None,
+                 test_manifest: str | None = None, val_fraction: float = 0.1, strict_text: bool = False,
+                 batch_size: int = 32, sample_rate: int = 16_000, features: Literal["logmel", "waveform"] = "logmel",
+                 n_mels: int = 64, hop_ms: float = 10.0, max_seconds: float | None = 30.0, num_workers: int = 0,
+                 cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features=features, n_mels=n_mels,
+                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
+                         cache_dir=cache_dir, seed=seed)
+        self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
+        self.val_fraction, self.strict_text = val_fraction, strict_text
+
+    def utterances(self, split: str) -> list[Utterance]:
+        if self.manifests["train"] is None:
+            raise ValueError("ManifestDataModule needs train_manifest (a JSONL of {\"audio\": ..., \"text\": ...})")
+        if split == "test" or self.manifests["val"] is not None:
+            if self.manifests[split] is None:
+                raise ValueError(f"no {split}_manifest given")
+            return read_manifest(self.manifests[split], self.strict_text)
+        train = read_manifest(self.manifests["train"], self.strict_text)
+        order = np.random.default_rng(self.seed).permutation(len(train))
+        held = max(1, round(self.val_fraction * len(train)))
+        chosen = sorted(order[:held]) if split == "val" else sorted(order[held:])
+        return [train[i] for i in chosen]
+
+
+# ----------------------------------------------------------------------------------------------- torchaudio sets
+
+class LibriSpeechDataModule(SpeechDataModule):
+    """LibriSpeech through torchaudio's ``LIBRISPEECH`` (its file list and download; audio read with soundfile).
+    ``limit`` keeps the first N utterances of each split."""
+
+    def __init__(self, root: str = "data/librispeech", train_url: str = "train-clean-100", val_url: str = "dev-clean",
+                 test_url: str = "test-clean", download: bool = False, limit: int | None = None,
+                 batch_size: int = 16, n_mels: int = 80, hop_ms: float = 10.0, max_seconds: float | None = 35.0,
+                 num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, sample_rate=16_000, features="logmel", n_mels=n_mels, hop_ms=hop_ms,
+                         max_seconds=max_seconds, num_workers=num_workers, cache=cache, cache_dir=cache_dir,
+                         seed=seed)
+        self.root, self.download, self.limit = root, download, limit
+        self.urls = {"train": train_url, "val": val_url, "test": test_url}
+
+    def utterances(self, split: str) -> list[Utterance]:
+        from torchaudio.datasets import LIBRISPEECH
+
+        dataset = LIBRISPEECH(self.root, url=self.urls[split], download=self.download)
+        count = len(dataset) if self.limit is None else min(self.limit, len(dataset))
+        out = []
+        for n in range(count):
+            relative, _, transcript, speaker, _, _ = dataset.get_metadata(n)
+            out.append(Utterance((str(Path(dataset._archive) / relative),), normalise_transcript(transcript),
+                                 speaker=str(speaker)))
+        return out
+
+
+class SpeechCommandsDataModule(SpeechDataModule):
+    """Speech Commands keywords through torchaudio's ``SPEECHCOMMANDS``, transcribed as words (CTC on the label)."""
+
+    def __init__(self, root: str = "data/speechcommands", download: bool = False, limit: int | None = None,
+                 batch_size: int = 64, n_mels: int = 40, hop_ms: float = 10.0, num_workers: int = 0,
+                 cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, sample_rate=16_000, features="logmel", n_mels=n_mels, hop_ms=hop_ms,
+                         max_seconds=2.0, num_workers=num_workers, cache=cache, cache_dir=cache_dir, seed=seed)
+        self.root, self.download, self.limit = root, download, limit
+
+    def utterances(self, split: str) -> list[Utterance]:
+        from torchaudio.datasets import SPEECHCOMMANDS
+
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        subset = {"train": "training", "val": "validation", "test": "testing"}[split]
+        dataset = SPEECHCOMMANDS(self.root, download=self.download, subset=subset)
+        count = len(dataset) if self.limit is None else min(self.limit, len(dataset))
+        out = []
+        for n in range(count):
+            relative, _, label, speaker, _ = dataset.get_metadata(n)
+            out.append(Utterance((str(Path(dataset._archive) / relative),), normalise_transcript(label),
+                                 speaker=speaker))
+        return out

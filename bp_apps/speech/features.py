@@ -1,0 +1,149 @@
+"""Acoustic features: log-mel spectrograms with per-utterance normalisation, SpecAugment for training, and an
+on-disk feature cache that is written atomically (an interrupted run leaves the old file or none, never half)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchaudio.transforms as T
+from torch import Tensor, nn
+
+__all__ = ["FeatureCache", "FeatureConfig", "LogMel", "SpecAugment", "feature_lengths"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """What turns a waveform into a model input: ``logmel`` (frames × ``n_mels``, 25 ms windows every
+    ``hop_ms``) or the raw ``waveform`` (for wav2vec 2.0)."""
+
+    kind: str = "logmel"
+    sample_rate: int = 16_000
+    n_mels: int = 64
+    hop_ms: float = 10.0
+    win_ms: float = 25.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("logmel", "waveform"):
+            raise ValueError(f"feature kind must be 'logmel' or 'waveform', got {self.kind!r}")
+        if self.sample_rate <= 0 or self.n_mels <= 0 or self.hop_ms <= 0 or self.win_ms < self.hop_ms:
+            raise ValueError(f"invalid feature settings {self}")
+
+    @property
+    def dim(self) -> int:
+        """Feature size per frame (1 for waveforms)."""
+        return self.n_mels if self.kind == "logmel" else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LogMel(nn.Module):
+    """Waveform ``(frames,)`` → normalised log-mel ``(time, n_mels)``: each mel band of the utterance is shifted
+    to zero mean and scaled to unit variance, so level and channel differences between recordings vanish."""
+
+    def __init__(self, config: FeatureConfig) -> None:
+        super().__init__()
+        self.config = config
+        win = round(config.sample_rate * config.win_ms / 1000)
+        self.hop = round(config.sample_rate * config.hop_ms / 1000)
+        n_fft = 1 << (win - 1).bit_length()
+        self.mel = T.MelSpectrogram(sample_rate=config.sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop,
+                                    n_mels=config.n_mels, f_min=20.0, f_max=config.sample_rate / 2, power=2.0)
+
+    @torch.no_grad()
+    def forward(self, waveform: Tensor) -> Tensor:
+        features = (self.mel(waveform.float()) + 1e-6).log().transpose(-1, -2)
+        mean = features.mean(-2, keepdim=True)
+        std = features.std(-2, keepdim=True) if features.shape[-2] > 1 else torch.ones_like(mean)
+        return (features - mean) / (std + 1e-5)
+
+
+def feature_lengths(num_samples: int, config: FeatureConfig) -> int:
+    """Frames :class:`LogMel` gives for ``num_samples`` samples (centred STFT: one frame per hop, plus one)."""
+    if config.kind == "waveform":
+        return num_samples
+    return num_samples // round(config.sample_rate * config.hop_ms / 1000) + 1
+
+
+def make_extractor(config: FeatureConfig) -> Callable[[Tensor], Tensor]:
+    """Waveform ``(frames,)`` → model input: ``(time, n_mels)`` log-mel, or ``(frames, 1)`` waveform."""
+    if config.kind == "logmel":
+        return LogMel(config)
+    return lambda waveform: waveform.float().unsqueeze(-1)
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment (frequency and time masks, torchaudio's) on a padded batch ``(B, time, features)`` in training
+    mode; identity in eval mode. Masks are drawn per utterance and only inside its true length."""
+
+    def __init__(self, freq_masks: int = 2, freq_width: int = 10, time_masks: int = 2, time_width: int = 20,
+                 max_time_fraction: float = 0.15) -> None:
+        super().__init__()
+        self.freq_masks, self.time_masks = freq_masks, time_masks
+        self.max_time_fraction = max_time_fraction
+        self.freq = T.FrequencyMasking(freq_width) if freq_masks and freq_width else None
+        self.time_width = time_width
+
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        if not self.training or features.shape[-1] == 1:  # nothing to do at eval time, or on waveforms
+            return features
+        out = features.clone()
+        for i, length in enumerate(lengths.tolist()):
+            spec = out[i, :length].transpose(0, 1)  # (features, time) view for torchaudio's masks
+            if self.freq is not None:
+                for _ in range(self.freq_masks):
+                    spec.copy_(self.freq(spec))
+            width = min(self.time_width, int(self.max_time_fraction * length))
+            if width > 0:
+                masking = T.TimeMasking(width)
+                for _ in range(self.time_masks):
+                    spec.copy_(masking(spec))
+        return out
+
+
+class FeatureCache:
+    """Model inputs of a whole data split kept in one ``.pt`` file under ``root``, keyed by a digest of the
+    utterance sources and the feature settings. Written to a temporary name and moved into place, so an
+    interrupted run leaves no half-written cache; a corrupt file is ignored with a warning and rebuilt."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root) if root is not None else None
+
+    @staticmethod
+    def key(sources: Sequence[str], config: FeatureConfig, extra: str = "") -> str:
+        digest = hashlib.sha256(json.dumps([list(sources), config.to_dict(), extra]).encode())
+        return digest.hexdigest()[:24]
+
+    def get_or_build(self, name: str, key: str, build: Callable[[], list[Tensor]]) -> list[Tensor]:
+        if self.root is None:
+            return build()
+        path = self.root / f"{name}-{key}.pt"
+        if path.is_file():
+            try:
+                items = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(items, list) and all(isinstance(t, Tensor) for t in items):
+                    return items
+                raise ValueError("not a list of tensors")
+            except Exception as error:  # corrupt or foreign: rebuild rather than fail
+                log.warning("ignoring unusable feature cache %s (%s); rebuilding it", path, error)
+        items = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(items, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return items

@@ -1,0 +1,177 @@
+"""Speech models as plain ``nn.Module``s (no Lightning here).
+
+CTC acoustic models map padded inputs ``(B, T, F)`` and their lengths to log-probabilities ``(B, T', V)`` over
+the character vocabulary and the output lengths ``T'``:
+
+- ``conv_gru``: convolutional subsampling (×2 or ×4 in time) and a bidirectional GRU;
+- ``conformer``: the same subsampling and torchaudio's Conformer;
+- ``wav2vec2``: transformers' ``Wav2Vec2ForCTC`` on raw waveforms, built from a small config here or from a
+  pretrained name / folder (for online users).
+
+``DigitClassifierNet`` classifies isolated spoken digits with a conv + BiGRU encoder and the core's hand-written
+MLP as its head, trained through the autograd bridge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from bp_apps.core.bridge import ManualMLPHead
+from bp_apps.speech.decoding import TOKENS
+
+__all__ = ["CTC_MODELS", "ConformerCTC", "ConvGRUCTC", "ConvSubsampling", "DigitClassifierNet", "Wav2Vec2CTC",
+           "build_ctc_model"]
+
+CTC_MODELS = ("conv_gru", "conformer", "wav2vec2")
+
+
+class ConvSubsampling(nn.Module):
+    """``log2(factor)`` stride-2 3×3 convolutions over (time, frequency) with ReLU, flattened, projected to
+    ``out_dim`` and layer-normalised: cuts the frame rate (10 ms → 20 or 40 ms) before the sequence model."""
+
+    def __init__(self, input_dim: int, out_dim: int, channels: int = 32, factor: int = 4) -> None:
+        super().__init__()
+        if factor not in (1, 2, 4, 8):
+            raise ValueError(f"subsampling factor must be 1, 2, 4 or 8, got {factor}")
+        layers: list[nn.Module] = []
+        c_in, freq = 1, input_dim
+        for _ in range(factor.bit_length() - 1):
+            layers += [nn.Conv2d(c_in, channels, 3, stride=2, padding=1), nn.ReLU()]
+            c_in, freq = channels, (freq - 1) // 2 + 1
+        self.convs = nn.Sequential(*layers)
+        self.steps = factor.bit_length() - 1
+        self.proj = nn.Sequential(nn.Linear(c_in * freq, out_dim), nn.LayerNorm(out_dim))
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        for _ in range(self.steps):
+            lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+        return lengths
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.convs(features.unsqueeze(1))  # (B, C, T', F')
+        x = x.transpose(1, 2).flatten(2)
+        return self.proj(x), self.output_lengths(lengths)
+
+
+def _masked_gru(gru: nn.GRU, x: Tensor, lengths: Tensor) -> Tensor:
+    packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = gru(packed)
+    return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+
+
+class ConvGRUCTC(nn.Module):
+    """Convolutional subsampling + bidirectional GRU + linear layer to the characters (log-softmax)."""
+
+    def __init__(self, input_dim: int, vocab_size: int = len(TOKENS), conv_channels: int = 32, subsample: int = 4,
+                 hidden: int = 192, layers: int = 2, dropout: float = 0.15) -> None:
+        super().__init__()
+        self.subsampling = ConvSubsampling(input_dim, hidden, conv_channels, subsample)
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+                          dropout=dropout if layers > 1 else 0.0)
+        self.out = nn.Linear(2 * hidden, vocab_size)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x, lengths = self.subsampling(features, lengths)
+        x = _masked_gru(self.gru, self.dropout(x), lengths)
+        return F.log_softmax(self.out(self.dropout(x)), dim=-1), lengths
+
+
+class ConformerCTC(nn.Module):
+    """Convolutional subsampling + torchaudio's Conformer + linear layer to the characters (log-softmax)."""
+
+    def __init__(self, input_dim: int, vocab_size: int = len(TOKENS), conv_channels: int = 32, subsample: int = 4,
+                 d_model: int = 144, heads: int = 4, ffn_dim: int = 576, layers: int = 4, kernel_size: int = 15,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        from torchaudio.models import Conformer
+
+        self.subsampling = ConvSubsampling(input_dim, d_model, conv_channels, subsample)
+        self.conformer = Conformer(input_dim=d_model, num_heads=heads, ffn_dim=ffn_dim, num_layers=layers,
+                                   depthwise_conv_kernel_size=kernel_size, dropout=dropout)
+        self.out = nn.Linear(d_model, vocab_size)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x, lengths = self.subsampling(features, lengths)
+        lengths = lengths.clamp(min=1, max=x.shape[1])
+        x, lengths = self.conformer(x, lengths)
+        return F.log_softmax(self.out(x), dim=-1), lengths
+
+
+class Wav2Vec2CTC(nn.Module):
+    """transformers' ``Wav2Vec2ForCTC`` on waveform inputs ``(B, T, 1)``: from ``pretrained`` (a hub name or a
+    ``save_pretrained`` folder; its CTC layer is rebuilt for this vocabulary) or from a small config built here."""
+
+    def __init__(self, vocab_size: int = len(TOKENS), pretrained: str | None = None, hidden: int = 96,
+                 layers: int = 3, heads: int = 4, ffn_dim: int = 192, conv_dim: int = 64, dropout: float = 0.1) -> None:
+        super().__init__()
+        from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+        if pretrained:
+            self.model = Wav2Vec2ForCTC.from_pretrained(pretrained, vocab_size=vocab_size, pad_token_id=0,
+                                                        ignore_mismatched_sizes=True)
+        else:
+            config = Wav2Vec2Config(vocab_size=vocab_size, pad_token_id=0, hidden_size=hidden,
+                                    num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn_dim,
+                                    conv_dim=(conv_dim,) * 7, num_conv_pos_embeddings=32,
+                                    num_conv_pos_embedding_groups=4, hidden_dropout=dropout, activation_dropout=dropout,
+                                    attention_dropout=dropout, feat_proj_dropout=dropout, final_dropout=dropout,
+                                    mask_time_prob=0.05, layerdrop=0.0, feat_extract_norm="layer",
+                                    do_stable_layer_norm=True)
+            self.model = Wav2Vec2ForCTC(config)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        waveform = features.squeeze(-1)
+        mask = (torch.arange(waveform.shape[1], device=waveform.device)[None] < lengths[:, None]).long()
+        logits = self.model(input_values=waveform, attention_mask=mask).logits
+        out_lengths = self.model._get_feat_extract_output_lengths(lengths).clamp(max=logits.shape[1])
+        return F.log_softmax(logits.float(), dim=-1), out_lengths.long()
+
+
+def build_ctc_model(name: str, input_dim: int, *, hidden: int = 192, layers: int = 2, subsample: int = 4,
+                    conv_channels: int = 32, dropout: float = 0.15, heads: int = 4, ffn_dim: int = 576,
+                    kernel_size: int = 15, pretrained: str | None = None, seed: int = 0) -> nn.Module:
+    """The CTC network for ``name`` (see ``CTC_MODELS``); initial weights depend on ``seed`` only."""
+    if name not in CTC_MODELS:
+        raise ValueError(f"unknown CTC model {name!r}; choose one of {', '.join(CTC_MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        if name == "conv_gru":
+            return ConvGRUCTC(input_dim, conv_channels=conv_channels, subsample=subsample, hidden=hidden,
+                              layers=layers, dropout=dropout)
+        if name == "conformer":
+            return ConformerCTC(input_dim, conv_channels=conv_channels, subsample=subsample, d_model=hidden,
+                                heads=heads, ffn_dim=ffn_dim, layers=layers, kernel_size=kernel_size, dropout=dropout)
+        return Wav2Vec2CTC(pretrained=pretrained, hidden=hidden, layers=layers, heads=heads, ffn_dim=ffn_dim,
+                           dropout=dropout)
+
+
+class DigitClassifierNet(nn.Module):
+    """Isolated-word classifier: conv subsampling + BiGRU encoder, mean- and max-pooled over the true frames, then
+    the core's manual MLP head (hand-written forward and backward, through the autograd bridge).
+
+    Takes ``(features (B, T, F), lengths)`` as one tuple, like a batch's input."""
+
+    def __init__(self, input_dim: int, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
+                 hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            self.subsampling = ConvSubsampling(input_dim, hidden, conv_channels, subsample)
+            self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+            self.dropout = nn.Dropout(dropout)
+            self.head = ManualMLPHead(4 * hidden, list(head_hidden), num_classes, dropout=dropout)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        features, lengths = inputs
+        x, lengths = self.subsampling(features, lengths)
+        x = _masked_gru(self.gru, x, lengths)
+        mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).unsqueeze(-1)
+        mean = (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+        peak = x.masked_fill(~mask, float("-inf")).amax(1)
+        return self.head(self.dropout(torch.cat([mean, peak], dim=-1)))

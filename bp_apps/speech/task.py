@@ -1,0 +1,316 @@
+"""Speech-to-text with Lightning: a CTC recognizer (``SpeechRecognizer``) and an isolated spoken-digit classifier
+(``SpokenDigitClassifier``, whose head is the hand-written MLP through the bridge), plus checkpoint loading and
+``transcribe`` for the ``bp-apps transcribe`` command.
+
+Fit keeps the best checkpoint by validation CER/WER (or accuracy); the CLI then tests it; ``metrics.json`` in the
+run's log directory holds the final validation and test metrics and a few test transcripts. Checkpoints carry the
+task name and the feature settings, so a checkpoint alone is enough to transcribe files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.text import CharErrorRate, WordErrorRate
+
+from bp_apps.core.io import load_checkpoint_dict
+from bp_apps.core.lit import (
+    ClassifierModule,
+    MetricsJsonCallback,
+    adamw_with_schedule,
+    best_checkpoint_callbacks,
+    clip_by_max_grad_norm,
+)
+from bp_apps.speech.data import SpeechBatch
+from bp_apps.speech.decoding import DIGIT_WORDS, BeamSearchDecoder, greedy_decode, write_lexicon
+from bp_apps.speech.features import FeatureConfig, SpecAugment, make_extractor
+from bp_apps.speech.models import DigitClassifierNet, Wav2Vec2CTC, build_ctc_model
+
+__all__ = ["RECOGNIZER_TASK", "SpeechRecognizer", "SpokenDigitClassifier", "load_speech_model", "transcribe"]
+
+TASK_KEY = "bp_apps_task"
+PREPROCESSING_KEY = "bp_apps_preprocessing"
+HF_CONFIG_KEY = "bp_apps_hf_config"
+RECOGNIZER_TASK = "speech.SpeechRecognizer"
+CLASSIFIER_TASK = "speech.SpokenDigitClassifier"
+EXAMPLES = 8
+
+
+class SpeechMetricsJson(MetricsJsonCallback):
+    """metrics.json with the feature settings and a few test transcripts next to their references."""
+
+    def extra(self, trainer: L.Trainer) -> dict[str, Any]:
+        data = trainer.datamodule
+        module = trainer.lightning_module
+        config = getattr(data, "feature_config", None)
+        return {"features": config.to_dict() if config is not None else None,
+                "test_examples": list(getattr(module, "test_examples", []))}
+
+
+def _preprocessing(module: L.LightningModule) -> dict[str, Any] | None:
+    data = module.trainer.datamodule if module._trainer is not None else None
+    if data is None or not hasattr(data, "feature_config"):
+        return None
+    return {"features": data.feature_config.to_dict(), "datamodule": type(data).__name__,
+            "words": list(getattr(module, "lexicon_words", []) or [])}
+
+
+def _check_feature_dim(module: L.LightningModule, input_dim: int) -> None:
+    data = module.trainer.datamodule if module._trainer is not None else None
+    config = getattr(data, "feature_config", None)
+    if config is not None and config.dim != input_dim:
+        raise ValueError(f"the data gives {config.kind} features of size {config.dim} but the model was built for "
+                         f"input_dim={input_dim}: set model.input_dim to {config.dim}")
+
+
+class SpeechRecognizer(L.LightningModule):
+    """Character CTC speech recognizer: ``conv_gru``, ``conformer`` (on log-mel, ``input_dim`` = ``n_mels``) or
+    ``wav2vec2`` (on waveforms, ``input_dim`` = 1; ``pretrained`` names a model for online users).
+
+    SpecAugment masks the training inputs. Validation decodes greedily; test also runs beam search when
+    ``beam_size`` > 0, restricted to the training words when ``lexicon`` is set. ``monitor`` picks the best
+    checkpoint (``val_cer`` or ``val_wer``, lower is better)."""
+
+    def __init__(self, model: Literal["conv_gru", "conformer", "wav2vec2"] = "conv_gru", input_dim: int = 64,
+                 hidden: int = 192, layers: int = 2, subsample: int = 4, conv_channels: int = 32,
+                 dropout: float = 0.15, heads: int = 4, ffn_dim: int = 576, kernel_size: int = 15,
+                 pretrained: str | None = None, spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 10,
+                 time_masks: int = 2, time_width: int = 20, lr: float = 2e-3, weight_decay: float = 1e-2,
+                 scheduler: Literal["constant", "cosine"] = "cosine", warmup_fraction: float = 0.05,
+                 max_grad_norm: float | None = 5.0, beam_size: int = 0, lexicon: bool = True,
+                 monitor: Literal["val_cer", "val_wer"] = "val_cer", early_stopping_patience: int | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_ctc_model(model, input_dim, hidden=hidden, layers=layers, subsample=subsample,
+                                   conv_channels=conv_channels, dropout=dropout, heads=heads, ffn_dim=ffn_dim,
+                                   kernel_size=kernel_size, pretrained=pretrained, seed=seed)
+        self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
+        self.metrics = torch.nn.ModuleDict({f"{stage}_{name}": metric() for stage in ("val", "test", "test_beam")
+                                            for name, metric in (("wer", WordErrorRate), ("cer", CharErrorRate))})
+        self.lexicon_words: list[str] = []
+        self.test_examples: list[dict[str, str]] = []
+        self._beam: BeamSearchDecoder | None = None
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probabilities ``(B, T', V)`` and output lengths."""
+        return self.net(features, lengths)
+
+    def setup(self, stage: str) -> None:
+        _check_feature_dim(self, self.hparams.input_dim)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None and hasattr(data, "vocabulary_words") and stage in ("fit", "test"):
+            try:
+                self.lexicon_words = data.vocabulary_words()
+            except (ValueError, FileNotFoundError):
+                self.lexicon_words = []
+
+    def _ctc_loss(self, log_probs: Tensor, out_lengths: Tensor, batch: SpeechBatch) -> Tensor:
+        return F.ctc_loss(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths, blank=0,
+                          reduction="mean", zero_infinity=True)
+
+    def training_step(self, batch: SpeechBatch, batch_idx: int) -> Tensor:
+        features = self.augment(batch.features, batch.lengths) if self.augment is not None else batch.features
+        log_probs, out_lengths = self(features, batch.lengths)
+        loss = self._ctc_loss(log_probs, out_lengths, batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.texts))
+        return loss
+
+    def _evaluate(self, batch: SpeechBatch, stage: str) -> list[str]:
+        log_probs, out_lengths = self(batch.features, batch.lengths)
+        size = len(batch.texts)
+        self.log(f"{stage}_loss", self._ctc_loss(log_probs, out_lengths, batch), prog_bar=stage == "val",
+                 batch_size=size)
+        predictions = greedy_decode(log_probs, out_lengths)
+        for name in ("wer", "cer"):
+            metric = self.metrics[f"{stage}_{name}"]
+            metric(predictions, batch.texts)
+            self.log(f"{stage}_{name}", metric, prog_bar=stage == "val", batch_size=size)
+        if stage == "test" and self.hparams.beam_size > 0:
+            beam = self._beam_decoder()(log_probs, out_lengths)
+            for name in ("wer", "cer"):
+                metric = self.metrics[f"test_beam_{name}"]
+                metric(beam, batch.texts)
+                self.log(f"test_beam_{name}", metric, batch_size=size)
+        return predictions
+
+    def _beam_decoder(self) -> BeamSearchDecoder:
+        if self._beam is None:
+            lexicon = None
+            if self.hparams.lexicon and self.lexicon_words:
+                root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+                lexicon = write_lexicon(self.lexicon_words, root / "lexicon.txt")
+            self._beam = BeamSearchDecoder(self.hparams.beam_size, lexicon)
+        return self._beam
+
+    def validation_step(self, batch: SpeechBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_examples = []
+
+    def test_step(self, batch: SpeechBatch, batch_idx: int) -> None:
+        predictions = self._evaluate(batch, "test")
+        for prediction, reference in zip(predictions, batch.texts):
+            if len(self.test_examples) < EXAMPLES:
+                self.test_examples.append({"reference": reference, "prediction": prediction})
+
+    def configure_optimizers(self) -> Any:
+        return adamw_with_schedule(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_fraction,
+                                   self.hparams.scheduler)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip_by_max_grad_norm(self, optimizer, self.hparams.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [SpeechMetricsJson(), *best_checkpoint_callbacks(self.trainer, monitor=self.hparams.monitor, mode="min",
+                                                                patience=self.hparams.early_stopping_patience)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TASK_KEY] = RECOGNIZER_TASK
+        preprocessing = _preprocessing(self)
+        if preprocessing is not None:
+            checkpoint[PREPROCESSING_KEY] = preprocessing
+        if isinstance(self.net, Wav2Vec2CTC):
+            checkpoint[HF_CONFIG_KEY] = self.net.model.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_task(checkpoint, RECOGNIZER_TASK, "checkpoint")
+
+
+class SpokenDigitClassifier(ClassifierModule):
+    """Isolated spoken digits (FSDD): conv + BiGRU encoder and the core's hand-written MLP head through the
+    autograd bridge; cross-entropy, accuracy, SpecAugment while training. Batches are ``((features, lengths), y)``.
+    """
+
+    def __init__(self, input_dim: int = 40, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
+                 hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2,
+                 spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 6, time_masks: int = 2,
+                 time_width: int = 8, optimizer: Literal["sgd", "adam", "adamw"] = "adamw", lr: float = 3e-3,
+                 weight_decay: float = 1e-2, max_grad_norm: float | None = 5.0, label_smoothing: float = 0.05,
+                 scheduler: Literal["constant", "cosine"] = "cosine", warmup_fraction: float = 0.05,
+                 monitor: Literal["val_acc", "val_loss"] = "val_acc", early_stopping_patience: int | None = None,
+                 seed: int = 0) -> None:
+        net = DigitClassifierNet(input_dim, num_classes, conv_channels, subsample, hidden, head_hidden, dropout, seed)
+        super().__init__(net, num_classes, backend="autograd", optimizer=optimizer, lr=lr,
+                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, label_smoothing=label_smoothing,
+                         scheduler=scheduler, warmup_fraction=warmup_fraction)
+        self.save_hyperparameters()
+        self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
+
+    def setup(self, stage: str) -> None:
+        _check_feature_dim(self, self.hparams.input_dim)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None and getattr(data, "num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(f"the data has {data.num_classes} classes but the model was built for "
+                             f"{self.num_classes}: set model.num_classes to {data.num_classes}")
+
+    def training_step(self, batch: tuple[tuple[Tensor, Tensor], Tensor], batch_idx: int) -> Tensor:
+        (features, lengths), labels = batch
+        if self.augment is not None:
+            features = self.augment(features, lengths)
+        return super().training_step(((features, lengths), labels), batch_idx)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        monitor = self.hparams.monitor
+        return [SpeechMetricsJson(),
+                *best_checkpoint_callbacks(self.trainer, monitor=monitor, mode="max" if monitor == "val_acc" else "min",
+                                           patience=self.hparams.early_stopping_patience)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[TASK_KEY] = CLASSIFIER_TASK
+        preprocessing = _preprocessing(self)
+        if preprocessing is not None:
+            data = self.trainer.datamodule
+            checkpoint[PREPROCESSING_KEY] = {**preprocessing,
+                                             "class_names": list(getattr(data, "class_names", DIGIT_WORDS))}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_task(checkpoint, CLASSIFIER_TASK, "checkpoint")
+        super().on_load_checkpoint(checkpoint)
+
+
+def _check_task(checkpoint: dict[str, Any], expected: str | tuple[str, ...], source: str) -> str:
+    expected = (expected,) if isinstance(expected, str) else expected
+    task = checkpoint.get(TASK_KEY)
+    if task not in expected:
+        other = task or checkpoint.get("hyper_parameters", {}).get("_class_path") or "another task"
+        raise ValueError(f"{source} is not a speech checkpoint of {' or '.join(expected)} (it belongs to {other})")
+    return task
+
+
+def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, Any]]:
+    """Load a speech checkpoint safely (``weights_only=True``): the model in eval mode and its preprocessing
+    (feature settings, training words, class names). Errors name the file and what is wrong with it."""
+    path = Path(path)
+    checkpoint = load_checkpoint_dict(path)
+    task = _check_task(checkpoint, (RECOGNIZER_TASK, CLASSIFIER_TASK), str(path))
+    if PREPROCESSING_KEY not in checkpoint:
+        raise ValueError(f"{path} carries no feature settings (field {PREPROCESSING_KEY!r}); it was saved outside "
+                         "a trainer run with a speech data module")
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    if task == RECOGNIZER_TASK:
+        pretrained = hparams.get("pretrained")
+        hparams["pretrained"] = None  # the weights come from the checkpoint: never download
+        model: L.LightningModule = SpeechRecognizer(**hparams)
+        if hparams.get("model") == "wav2vec2" and (pretrained or HF_CONFIG_KEY in checkpoint):
+            from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+            model.net.model = Wav2Vec2ForCTC(Wav2Vec2Config.from_dict(checkpoint[HF_CONFIG_KEY]))
+    else:
+        model = SpokenDigitClassifier(**hparams)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError) as error:
+        raise ValueError(f"{path}: the weights (field 'state_dict') do not fit the model: {error}") from error
+    model.eval()
+    return model, checkpoint[PREPROCESSING_KEY]
+
+
+def transcribe(paths: Sequence[str | Path], checkpoint: str | Path, beam_size: int | None = None,
+               chunk_seconds: float = 20.0) -> list[dict[str, str]]:
+    """Transcribe audio files of any sample rate and channel count with a speech checkpoint.
+
+    Documented handling: silent files give an empty transcript; files longer than ``chunk_seconds`` are cut into
+    pieces transcribed one by one and joined; unreadable or empty files raise ValueError naming the file. With a
+    digit-classifier checkpoint the transcript is the predicted digit word. ``beam_size`` > 1 uses beam search,
+    restricted to the training words when the checkpoint holds them."""
+    from bp_apps.speech.audio import SILENCE_PEAK, chunk_waveform, load_audio
+
+    model, prep = load_speech_model(checkpoint)
+    config = FeatureConfig(**prep["features"])
+    extract = make_extractor(config)
+    decoder = None
+    if beam_size is not None and beam_size > 1 and isinstance(model, SpeechRecognizer):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bp_apps_lexicon_") as tmp:  # read once by the decoder
+            lexicon = write_lexicon(prep["words"], Path(tmp) / "lexicon.txt") if prep.get("words") else None
+            decoder = BeamSearchDecoder(beam_size, lexicon)
+    results = []
+    for path in paths:
+        waveform = load_audio(path, config.sample_rate, allow_silent=True)
+        if float(waveform.abs().max()) < SILENCE_PEAK:
+            results.append({"path": str(path), "text": ""})
+            continue
+        pieces = []
+        for chunk in chunk_waveform(waveform, config.sample_rate, chunk_seconds):
+            features = extract(chunk).unsqueeze(0)
+            lengths = torch.tensor([features.shape[1]])
+            with torch.no_grad():
+                if isinstance(model, SpokenDigitClassifier):
+                    names = prep.get("class_names", list(DIGIT_WORDS))
+                    pieces.append(names[int(model((features, lengths)).argmax(-1))])
+                    continue
+                log_probs, out_lengths = model(features, lengths)
+            pieces.append((decoder or greedy_decode)(log_probs, out_lengths)[0])
+        results.append({"path": str(path), "text": " ".join(p for p in pieces if p)})
+    return results
