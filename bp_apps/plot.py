@@ -37,7 +37,7 @@ class RunLog:
 
 def find_log(run_dir: str | Path) -> Path:
     """The metrics file of a run: ``run_dir``'s newest ``metrics.csv`` (searched below it), else its newest
-    TensorBoard event file. A clear error when there is neither."""
+    TensorBoard event file (whose folder's event files are read together). A clear error when there is neither."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         return run_dir
@@ -115,8 +115,9 @@ def read_run(run_dir: str | Path, name: str | None = None) -> RunLog:
     log = RunLog(name or run_name(run_dir), source)
     if source.name.endswith(".csv"):
         _read_csv(source, log)
-    else:
-        _read_tfevents(source, log)
+    else:  # a run's folder can hold several event files (a test after the fit starts a new one): read them all
+        for events in sorted(source.parent.glob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime):
+            _read_tfevents(events, log)
     if not log.series:
         raise ValueError(f"{source}: no metrics logged yet")
     return log
