@@ -54,7 +54,6 @@ def test_read_run_from_csv_and_from_tensorboard_agree(fitted_runs: Path, tmp_pat
     version = fitted_runs / "lightning_logs" / "version_0"
     from_csv = read_run(version)
     assert find_log(version).name == "metrics.csv"
-    assert len(list(version.glob("events.out.tfevents*"))) >= 2  # the fit's, and the test's after it: both read
     only_events = tmp_path / "events_only"
     only_events.mkdir()
     for event_file in version.glob("events.out.tfevents*"):
