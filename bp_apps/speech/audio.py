@@ -5,8 +5,7 @@ torchaudio. Every problem with a file (unreadable, empty, silent, too long, non-
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 from torch import Tensor
+
+from bp_apps.core.io import atomic_write_bytes
 
 __all__ = ["DEFAULT_SAMPLE_RATE", "SILENCE_PEAK", "chunk_waveform", "load_audio", "normalise_level", "read_audio",
            "save_audio", "to_mono"]
@@ -79,22 +80,16 @@ def load_audio(path: str | Path, sample_rate: int = DEFAULT_SAMPLE_RATE, *, norm
 
 
 def save_audio(path: str | Path, waveform: Tensor | np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> Path:
-    """Write a WAV file atomically (temporary name in the same folder, then ``os.replace``).
+    """Write a WAV file atomically (``atomic_write_bytes``: a temporary name in the same folder, then a rename).
 
     ``waveform`` is ``(frames,)`` or ``(channels, frames)`` in [-1, 1]."""
     path = Path(path)
     data = waveform.detach().cpu().numpy() if isinstance(waveform, Tensor) else np.asarray(waveform)
     data = data.T if data.ndim == 2 else data
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, data, sample_rate, subtype=subtype, format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    sf.write(buffer, data, sample_rate, subtype=subtype, format="WAV")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def chunk_waveform(waveform: Tensor, sample_rate: int, seconds: float, overlap_seconds: float = 0.0) -> list[Tensor]:

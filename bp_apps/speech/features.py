@@ -4,10 +4,9 @@ on-disk feature cache that is written atomically (an interrupted run leaves the 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import torch
 import torchaudio.transforms as T
 from torch import Tensor, nn
+
+from bp_apps.core.io import atomic_write_bytes
 
 __all__ = ["FeatureCache", "FeatureConfig", "LogMel", "SpecAugment", "feature_lengths"]
 
@@ -138,12 +139,7 @@ class FeatureCache:
                 log.warning("ignoring unusable feature cache %s (%s); rebuilding it", path, error)
         items = build()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(items, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        torch.save(items, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
         return items
