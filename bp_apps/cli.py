@@ -118,9 +118,33 @@ def default_loggers(root: str | Path) -> list:
     csv_logger = CSVLogger(root, name="lightning_logs")
     loggers: list = [csv_logger]
     with contextlib.suppress(ModuleNotFoundError):  # neither tensorboard nor tensorboardX: CSV only
-        loggers.append(TensorBoardLogger(root, name="lightning_logs", version=csv_logger.version,
-                                         default_hp_metric=False))
+        loggers.append(_tensorboard_logger_class(TensorBoardLogger)(
+            root, name="lightning_logs", version=csv_logger.version, default_hp_metric=False))
     return loggers
+
+
+def _tensorboard_logger_class(base: type) -> type:
+    """A TensorBoardLogger whose every event file has its own name.
+
+    tensorboardX names an event file by the second and the host only and opens it with "wb", so the writer
+    reopened for the test after ``fit`` (within the same second on a fast run) would overwrite the fit's
+    curves. Each writer opened here gets a unique suffix, and a finalized writer is dropped, not reopened."""
+    import itertools
+
+    counter = itertools.count()
+
+    class UniqueFileTensorBoardLogger(base):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._kwargs["filename_suffix"] = f".{os.getpid()}.{next(counter)}"
+            return super().experiment
+
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            self._experiment = None
+
+    return UniqueFileTensorBoardLogger
 
 
 def _run_plot(args: argparse.Namespace) -> int:

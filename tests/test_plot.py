@@ -96,3 +96,27 @@ def test_plot_errors_name_the_directory(tmp_path: Path, capsys) -> None:
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match=r"not a Lightning metrics\.csv"):
         read_run(bad.parent)
+
+
+def test_a_test_after_fit_in_the_same_second_keeps_the_fits_event_file(tmp_path: Path, monkeypatch) -> None:
+    """tensorboardX names event files by the second: the logger must not let the test's writer overwrite the fit's."""
+    import tensorboardX.event_file_writer as event_file_writer
+
+    from bp_apps.cli import default_loggers
+
+    class FrozenClock:
+        @staticmethod
+        def time() -> float:
+            return 1_800_000_000.0
+
+    monkeypatch.setattr(event_file_writer, "time", FrozenClock)
+    tensorboard = default_loggers(tmp_path)[-1]
+    tensorboard.log_metrics({"val_acc": 0.5}, step=1)
+    tensorboard.finalize("success")
+    tensorboard.log_metrics({"test_acc": 0.75}, step=2)
+    tensorboard.finalize("success")
+    folder = Path(tensorboard.log_dir)
+    assert len(list(folder.glob("events.out.tfevents*"))) == 2
+    run = read_run(folder)
+    assert [v for *_, v in run.series["val_acc"]] == [0.5]
+    assert [v for *_, v in run.series["test_acc"]] == [0.75]
