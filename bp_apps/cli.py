@@ -99,6 +99,13 @@ def _lightning(argv: Sequence[str]) -> int:
             if self.config[self.subcommand].trainer.logger in (None, True):  # the default: replace it
                 self.trainer.loggers = default_loggers(self.trainer.default_root_dir)
 
+        def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+            if config.get("strategy") == "ddp":  # DDP that also trains the hand-written engine
+                from bp_apps.core.distributed import EngineDDPStrategy
+
+                config["strategy"] = EngineDDPStrategy()
+            return super()._instantiate_trainer(config, callbacks)
+
         def after_fit(self) -> None:
             if self.trainer.interrupted or not hasattr(self.datamodule, "test_dataloader"):
                 return

@@ -140,7 +140,7 @@ def test_checkpoint_with_code_payload_is_refused_without_running_it(tmp_path):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"bp_apps_task": "vision.ImageClassifier", "payload": Payload()}, evil)
-    with pytest.raises(ValueError, match="cannot load checkpoint"):
+    with pytest.raises(ValueError, match="not a loadable checkpoint"):
         load_image_classifier(evil)
     assert not marker.exists(), "the pickled payload must never run"
 
@@ -148,7 +148,7 @@ def test_checkpoint_with_code_payload_is_refused_without_running_it(tmp_path):
 def test_truncated_checkpoint_gives_a_clear_error(digits_checkpoint, tmp_path):
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(digits_checkpoint.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="cannot load checkpoint"):
+    with pytest.raises(ValueError, match="not a loadable checkpoint"):
         load_image_classifier(cut)
 
 

@@ -35,11 +35,11 @@ def load_checkpoint_dict(path: Path | str) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt or carrying code: refuse without running it
-        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {str(error)[:300]})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint")
     return checkpoint

@@ -26,6 +26,7 @@ from bp_apps.core.backprop import (
     cosine_lr,
     train_step,
 )
+from bp_apps.core.distributed import data_parallel_mean
 from bp_apps.core.io import atomic_write_text
 
 __all__ = ["ENGINE_OPTIMIZER_KEY", "ClassifierModule", "MLPClassifier"]
@@ -33,6 +34,8 @@ __all__ = ["ENGINE_OPTIMIZER_KEY", "ClassifierModule", "MLPClassifier"]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh"]
 ENGINE_OPTIMIZER_KEY = "engine_optimizer"
 """Checkpoint key holding the manual backend's engine optimizer ``state_dict``."""
+RNG_KEY = "bp_apps_cpu_rng_state"
+"""Checkpoint key holding ``torch.get_rng_state()`` at the time of saving."""
 
 Batch = tuple[Tensor, Tensor]
 
@@ -80,6 +83,7 @@ class ClassifierModule(L.LightningModule):
         self.engine_loss = SoftmaxCrossEntropy(label_smoothing)
         self.engine_optimizer: Optimizer | None = None  # manual backend; created in configure_optimizers
         self._pending_engine_state: dict | None = None
+        self._pending_rng_state: Tensor | None = None
         self.skipped_steps = 0
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -111,7 +115,8 @@ class ClassifierModule(L.LightningModule):
         loss = self._loss(logits, y)
         accuracy = getattr(self, f"{stage}_acc")
         accuracy(logits, y)
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val")
+        # sync_dist: under DDP every process must see the same monitored value (checkpoint names, early stopping)
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", batch_size=len(y), sync_dist=True)
         self.log(f"{stage}_acc", accuracy, prog_bar=stage == "val")
         if self.top5:
             top5 = getattr(self, f"{stage}_acc_top5")
@@ -153,7 +158,7 @@ class ClassifierModule(L.LightningModule):
         with torch.no_grad():
             loss, updated = train_step(self.net, self.engine_loss, self.engine_optimizer, x, y,
                                        max_grad_norm=self.max_grad_norm, nonfinite=self.nonfinite,
-                                       step=self.global_step)
+                                       step=self.global_step, reduce_grads=data_parallel_mean())
         if not updated:
             self._record_skip()
         self._advance_global_step()
@@ -234,13 +239,23 @@ class ClassifierModule(L.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        resume_training_loaders(self.trainer)
+        if self._pending_rng_state is not None:  # resuming: continue the random stream where the checkpoint left it
+            torch.set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the engine optimizer's state (Lightning only saves the optimizers it manages)."""
+        """Store the engine optimizer's state (Lightning only saves the optimizers it manages) and the CPU RNG
+        state (dropout), so a resumed run continues exactly as an uninterrupted one would."""
         if self.manual and self.engine_optimizer is not None:
             checkpoint[ENGINE_OPTIMIZER_KEY] = self.engine_optimizer.state_dict()
+        checkpoint[RNG_KEY] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the engine optimizer's state now if it exists, else when configure_optimizers builds it."""
+        """Restore the engine optimizer's state now if it exists, else when configure_optimizers builds it; keep
+        the RNG state for ``on_train_start`` (only a resumed fit restores it, never a load for inference)."""
+        self._pending_rng_state = checkpoint.get(RNG_KEY)
         state = checkpoint.get(ENGINE_OPTIMIZER_KEY)
         if not self.manual or state is None:
             return
@@ -248,6 +263,18 @@ class ClassifierModule(L.LightningModule):
             self.engine_optimizer.load_state_dict(state)
         else:
             self._pending_engine_state = state
+
+
+def resume_training_loaders(trainer: L.Trainer) -> None:
+    """Give resumable training loaders (``state_dict``/``load_state_dict``) their position from the checkpoint.
+
+    Lightning restores it when it sets up the training data, but ``configure_optimizers`` has already done that
+    (``estimated_stepping_batches`` for the schedule) before the checkpoint's loop state was loaded, so the position
+    would be dropped. Applied here, at the start of training, it takes effect: a resumable loader's iterator starts
+    lazily, at the first batch."""
+    fit_loop = trainer.fit_loop
+    if fit_loop.restarting:
+        fit_loop._load_combined_loader_states()
 
 
 def lr_factor(step: int, total_steps: int, warmup_fraction: float, scheduler: str) -> float:
@@ -339,9 +366,9 @@ class MetricsJsonCallback(L.Callback):
                 if k.startswith(prefix) and torch.is_tensor(v) and v.numel() == 1}
 
     def _write(self, trainer: L.Trainer) -> None:
+        path = self.path(trainer)  # trainer.log_dir is a broadcast: every process must ask, not only rank 0
         if not trainer.is_global_zero:
             return
-        path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         # A test after fit in the same log directory adds its section to what fit wrote.
         previous = json.loads(path.read_text()) if path.exists() else {}
@@ -359,6 +386,8 @@ class MetricsJsonCallback(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.metrics["validation"] = self._scalars(trainer, "val_")
+            if trainer.state.fn == "validate":  # `bp-apps validate` leaves its figures too
+                self._write(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer)

@@ -126,7 +126,7 @@ class SpeechRecognizer(L.LightningModule):
         log_probs, out_lengths = self(batch.features, batch.lengths)
         size = len(batch.texts)
         self.log(f"{stage}_loss", self._ctc_loss(log_probs, out_lengths, batch), prog_bar=stage == "val",
-                 batch_size=size)
+                 batch_size=size, sync_dist=True)
         predictions = greedy_decode(log_probs, out_lengths)
         for name in ("wer", "cer"):
             metric = self.metrics[f"{stage}_{name}"]

@@ -3,7 +3,9 @@ tokenizers, and stored as one JSON string so a checkpoint can carry its tokenize
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -16,9 +18,35 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, kind: Literal["wordpiece", "unigram"] = "wordpiece",
-                    lowercase: bool = True) -> PreTrainedTokenizerFast:
+                    lowercase: bool = True, cache_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
     """Train a WordPiece or Unigram tokenizer on ``texts`` (BERT-style special tokens and
-    ``[CLS] ... [SEP]`` framing) and wrap it for transformers."""
+    ``[CLS] ... [SEP]`` framing) and wrap it for transformers.
+
+    With ``cache_dir`` the trained tokenizer is kept there under a digest of the texts and settings, and the same
+    request loads it instead of training again. Besides saving time, that makes runs repeatable: the Unigram trainer
+    of ``tokenizers`` breaks ties in hash-map order, so two trainings on the same texts can pick different pieces."""
+    texts = list(texts)
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(f"{kind}|{vocab_size}|{lowercase}|v1".encode())
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        path = Path(cache_dir) / f"{kind}-{vocab_size}-{digest.hexdigest()[:24]}.json"
+        if path.is_file():
+            try:
+                return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)), **SPECIAL_TOKENS)
+            except Exception:  # a corrupt cache file: train again and replace it
+                pass
+    tokenizer = _train(texts, vocab_size, kind, lowercase)
+    if path is not None:
+        from bp_apps.core.io import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, tokenizer_to_json(tokenizer))
+    return tokenizer
+
+
+def _train(texts: list[str], vocab_size: int, kind: str, lowercase: bool) -> PreTrainedTokenizerFast:
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))

@@ -103,10 +103,11 @@ class ImageClassifier(ClassifierModule):
     def on_test_epoch_end(self) -> None:
         matrix = self.confusion.compute().cpu()
         self.confusion.reset()
+        log_dir = self.trainer.log_dir  # a broadcast: every process must ask, not only rank 0
         if self.trainer.is_global_zero:
             data = self.trainer.datamodule
             names = list(getattr(data, "class_names", [])) or [str(i) for i in range(self.num_classes)]
-            path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "confusion_matrix.png"
+            path = Path(log_dir or self.trainer.default_root_dir) / "confusion_matrix.png"
             save_confusion_matrix(matrix, names, path)
             print(f"confusion matrix written to {path}")
 

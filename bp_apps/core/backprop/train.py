@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
@@ -20,22 +21,28 @@ class Loss(Protocol):
 
 def train_step(model: MLP, loss_fn: Loss, optimizer: Optimizer, x: Tensor, y: Tensor, *,
                max_grad_norm: float | None = None, nonfinite: NonFinitePolicy = "raise",
-               step: int | None = None) -> tuple[Tensor, bool]:
+               step: int | None = None,
+               reduce_grads: Callable[[list[Tensor]], None] | None = None) -> tuple[Tensor, bool]:
     """Run one step and return ``(loss, updated)``.
 
     ``nonfinite`` decides what a NaN/Inf loss or gradient does: ``raise`` a
     :class:`NonFiniteError` naming the step and the layer, ``skip`` the update (``updated`` is
     then False), or ``ignore`` the check entirely (no extra host synchronisation; benchmarks).
+    ``reduce_grads`` (data parallel training) averages the gradients across processes in place
+    right after the backward pass, before the checks, so every process takes the same decision.
     """
     with torch.no_grad():
-        return _train_step(model, loss_fn, optimizer, x, y, max_grad_norm, nonfinite, step)
+        return _train_step(model, loss_fn, optimizer, x, y, max_grad_norm, nonfinite, step, reduce_grads)
 
 
 def _train_step(model: MLP, loss_fn: Loss, optimizer: Optimizer, x: Tensor, y: Tensor, max_grad_norm: float | None,
-                nonfinite: NonFinitePolicy, step: int | None) -> tuple[Tensor, bool]:
+                nonfinite: NonFinitePolicy, step: int | None,
+                reduce_grads: Callable[[list[Tensor]], None] | None = None) -> tuple[Tensor, bool]:
     loss = loss_fn.forward(model.forward(x), y)
     model.backward(loss_fn.backward())
     grads = model.gradients()
+    if reduce_grads is not None:
+        reduce_grads(grads)
     if nonfinite != "ignore":
         where = f"step {step}" if step is not None else "this step"
         problem = None

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from bp_apps.core.distributed import shard_by_process
 from bp_apps.text.files import data_path
 from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence
@@ -317,12 +318,7 @@ class LabelingDataModule(L.LightningDataModule):
             self.setup()
         sentences = self.splits[split]
         assert self.vocab is not None
-        replicas, rank = 1, 0
-        if self.trainer is not None and self.trainer.world_size > 1:
-            replicas, rank = self.trainer.world_size, self.trainer.global_rank
-            # The bucket sampler shards batches across processes itself; Lightning cannot inject its
-            # DistributedSampler into a custom batch sampler (it would raise), so it is told not to.
-            self.trainer._accelerator_connector.use_distributed_sampler = False
+        replicas, rank = shard_by_process(self.trainer)  # the bucket sampler shards batches across processes
         # SRL: the predicate instances of one sentence share batches (a shared encoder reads the sentence once)
         grouped = self.group_predicates and any(s.predicate is not None for s in sentences)
         groups = [s.tokens for s in sentences] if grouped else None

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bp_apps.core.io import atomic_write_text
+from bp_apps.core.io import atomic_write_text, load_checkpoint_dict
 from bp_apps.core.lit import (
     MetricsJsonCallback,
     adamw_with_schedule,
     best_checkpoint_callbacks,
     clip_by_max_grad_norm,
 )
+from bp_apps.text.corpus import default_cache_dir
 from bp_apps.text.labeling.crf import CRF, constrained_decode
 from bp_apps.text.labeling.data import LabelingVocab, collate_sentences
 from bp_apps.text.labeling.models import BiLSTMTagger, TransformerTagger
@@ -135,7 +136,8 @@ class TokenLabeler(L.LightningModule):
         else:
             if not train_tokens:
                 raise ValueError("model='transformer' trains its tokenizer on the training words; none were given")
-            tokenizer = train_tokenizer((" ".join(t) for t in train_tokens), h.tokenizer_vocab_size)
+            tokenizer = train_tokenizer((" ".join(t) for t in train_tokens), h.tokenizer_vocab_size,
+                                        cache_dir=default_cache_dir() / "tokenizers")
             config = BertConfig(vocab_size=len(tokenizer), hidden_size=h.transformer_hidden,
                                 num_hidden_layers=h.transformer_layers, num_attention_heads=h.transformer_heads,
                                 intermediate_size=4 * h.transformer_hidden,
@@ -237,8 +239,9 @@ class TokenLabeler(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.test_report = self._log_scores("test")
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "label_report.md"
+        log_dir = self.trainer.log_dir  # a broadcast: every process must ask, not only rank 0
+        if self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "label_report.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, format_report(self.test_report))
 
@@ -293,14 +296,9 @@ def format_report(report: dict[str, Any]) -> str:
 def load_labeler(path: str | Path) -> TokenLabeler:
     """A TokenLabeler from a checkpoint, loaded safely (``weights_only=True``), in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, corrupt, or carrying code: refuse, naming the file
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {str(error)[:200]})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get(TASK_KEY) != TASK_NAME:
-        task = checkpoint.get(TASK_KEY) if isinstance(checkpoint, dict) else None
+    checkpoint = load_checkpoint_dict(path)
+    if checkpoint.get(TASK_KEY) != TASK_NAME:
+        task = checkpoint.get(TASK_KEY)
         raise ValueError(f"{path}: not a token-labeling checkpoint (task: {task!r})")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     module = TokenLabeler(**hparams)

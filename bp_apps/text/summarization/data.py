@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from bp_apps.text.corpus import stdlib_docstrings, summary_pairs
+from bp_apps.core.distributed import shard_by_process
+from bp_apps.text.corpus import default_cache_dir, stdlib_docstrings, summary_pairs
 from bp_apps.text.files import data_path, utf8_lines
 from bp_apps.text.labeling.data import BucketBatchSampler
 from bp_apps.text.tokenization import train_tokenizer
@@ -443,7 +444,8 @@ class SummarizationDataModule(L.LightningDataModule):
 
             return AutoTokenizer.from_pretrained(self.tokenizer_name)
         texts = [r.source for r in records] + [text for r in records for text in r.references]
-        return train_tokenizer(texts, self.tokenizer_vocab_size, kind=self.tokenizer_kind, lowercase=self.lowercase)
+        return train_tokenizer(texts, self.tokenizer_vocab_size, kind=self.tokenizer_kind, lowercase=self.lowercase,
+                               cache_dir=default_cache_dir() / "tokenizers")
 
     # -- loaders ----------------------------------------------------------------------------
 
@@ -454,9 +456,8 @@ class SummarizationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         records = self.splits["train"]
-        replicas, rank, epoch = 1, 0, 0
-        if self.trainer is not None:
-            replicas, rank, epoch = self.trainer.world_size, self.trainer.global_rank, self.trainer.current_epoch
+        replicas, rank = shard_by_process(self.trainer)  # the bucket sampler shards batches across processes
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         sampler = BucketBatchSampler([len(r.source) for r in records], self.batch_size, shuffle=True, seed=self.seed,
                                      num_replicas=replicas, rank=rank)
         sampler.set_epoch(epoch)  # Lightning calls set_epoch again at the start of each epoch

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bp_apps.core.io import atomic_write_text
+from bp_apps.core.io import atomic_write_text, load_checkpoint_dict
 from bp_apps.core.lit import (
     MetricsJsonCallback,
     adamw_with_schedule,
@@ -381,14 +381,9 @@ def format_sample(sample: dict[str, Any], stage: str, width: int = 300) -> str:
 def load_summarizer(path: str | Path) -> Summarizer:
     """A Summarizer from a checkpoint, loaded safely (``weights_only=True``, no download), in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, corrupt, or carrying code: refuse, naming the file
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {str(error)[:200]})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get(TASK_KEY) != TASK_NAME:
-        task = checkpoint.get(TASK_KEY) if isinstance(checkpoint, dict) else None
+    checkpoint = load_checkpoint_dict(path)
+    if checkpoint.get(TASK_KEY) != TASK_NAME:
+        task = checkpoint.get(TASK_KEY)
         raise ValueError(f"{path}: not a summarization checkpoint (task: {task!r})")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     module = Summarizer(**hparams)

@@ -1,0 +1,105 @@
+"""Fault injection: a run killed mid-epoch (by an exception, and by SIGKILL in a child process) resumes from its
+last checkpoint and ends with exactly the weights and metrics of an uninterrupted run, for both backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from bp_apps.core.data import DigitsDataModule
+from bp_apps.core.lit import MLPClassifier
+
+EPOCHS = 2
+FAIL_AT = 25  # digits: 19 training steps an epoch at batch 64, so step 25 is mid-way through the second epoch
+CONFIG = {"hidden": (32,), "dropout": 0.2, "optimizer": "adam", "lr": 3e-3, "scheduler": "cosine"}
+
+
+class FailAt(L.Callback):
+    """Raise (or SIGKILL the process) at the end of training step ``step``, before that step's checkpoint."""
+
+    def __init__(self, step: int, kill: bool = False) -> None:
+        self.step, self.kill = step, kill
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            if self.kill:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at step {self.step}")
+
+
+def run(backend: str, folder: Path, seed: int = 0, ckpt_path: Path | None = None,
+        fail: FailAt | None = None) -> tuple[MLPClassifier, L.Trainer]:
+    L.seed_everything(seed, verbose=False)
+    model = MLPClassifier(**CONFIG, backend=backend, seed=seed)
+    every_step = ModelCheckpoint(dirpath=folder / "steps", every_n_train_steps=1, save_top_k=0, save_last=True)
+    trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", deterministic=True, default_root_dir=folder,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[every_step, *([fail] if fail else [])])
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def outcome(model: MLPClassifier, trainer: L.Trainer) -> tuple[list[torch.Tensor], dict[str, float]]:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+    return [p.detach().clone() for p in model.net.parameters()], metrics
+
+
+def assert_same(resumed: tuple, straight: tuple) -> None:
+    assert all(torch.equal(a, b) for a, b in zip(resumed[0], straight[0], strict=True)), "weights differ"
+    assert resumed[1] == straight[1] and resumed[1]
+
+
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_resume_after_an_exception_matches_an_uninterrupted_run(backend: str, tmp_path: Path) -> None:
+    straight = outcome(*run(backend, tmp_path / "straight"))
+    with pytest.raises(RuntimeError, match="injected fault at step 25"):
+        run(backend, tmp_path / "faulty", fail=FailAt(FAIL_AT))
+    last = tmp_path / "faulty" / "steps" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == FAIL_AT - 1
+    # Another seed for the fresh process state: everything that matters must come from the checkpoint.
+    model, trainer = run(backend, tmp_path / "faulty", seed=7, ckpt_path=last)
+    assert trainer.global_step == straight_steps(tmp_path)
+    assert_same(outcome(model, trainer), straight)
+
+
+def straight_steps(tmp_path: Path) -> int:
+    return torch.load(tmp_path / "straight" / "steps" / "last.ckpt", weights_only=True)["global_step"]
+
+
+CHILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads({threads})
+from test_resume import FailAt, run
+from pathlib import Path
+run({backend!r}, Path({folder!r}), fail=FailAt({step}, kill=True))
+"""
+
+
+@pytest.mark.parametrize("backend", ["manual", "autograd"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(backend: str, tmp_path: Path) -> None:
+    straight = outcome(*run(backend, tmp_path / "straight"))
+    folder = tmp_path / "killed"
+    code = CHILD.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(), backend=backend,
+                        folder=str(folder), step=FAIL_AT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]  # killed, not finished
+    checkpoints = list((folder / "steps").glob("*.ckpt"))
+    assert [p.name for p in checkpoints] == ["last.ckpt"]
+    assert not [p for p in (folder / "steps").iterdir() if p.suffix != ".ckpt"], "a half-written file was left"
+    last = torch.load(checkpoints[0], weights_only=True)
+    assert last["global_step"] == FAIL_AT - 1
+    assert json.dumps(last["loops"]["fit_loop"]["state_dict"]["combined_loader"]) == json.dumps(
+        [{"batches_served": (FAIL_AT - 1) % 19}]), "the loader's position is in the checkpoint"
+    model, trainer = run(backend, folder, seed=7, ckpt_path=folder / "steps" / "last.ckpt")
+    assert_same(outcome(model, trainer), straight)
