@@ -100,6 +100,7 @@ def _lightning(argv: Sequence[str]) -> int:
                 self.trainer.loggers = default_loggers(self.trainer.default_root_dir)
 
         def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+            callbacks = with_rich_progress_bar(config, callbacks)
             if config.get("strategy") == "ddp":  # DDP that also trains the hand-written engine
                 from bp_apps.core.distributed import EngineDDPStrategy
 
@@ -115,6 +116,23 @@ def _lightning(argv: Sequence[str]) -> int:
     BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
               args=list(argv), save_config_kwargs={"overwrite": True})
     return 0
+
+
+def with_rich_progress_bar(trainer_config: dict, callbacks: list) -> list:
+    """``callbacks`` plus Rich's progress bar, unless the progress bar is off, another progress bar is given, or rich
+    is not installed (Lightning's tqdm bar then stays). Rich's bar draws nothing when the output is not a terminal."""
+    if trainer_config.get("enable_progress_bar", True) is False:
+        return callbacks
+    try:
+        from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+        given = trainer_config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
+            return callbacks
+        return [*callbacks, RichProgressBar()]
+    except (ImportError, ModuleNotFoundError):
+        return callbacks
 
 
 def default_loggers(root: str | Path) -> list:

@@ -120,3 +120,16 @@ def test_a_test_after_fit_in_the_same_second_keeps_the_fits_event_file(tmp_path:
     run = read_run(folder)
     assert [v for *_, v in run.series["val_acc"]] == [0.5]
     assert [v for *_, v in run.series["test_acc"]] == [0.75]
+
+
+def test_fit_uses_richs_progress_bar_unless_told_otherwise() -> None:
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from bp_apps.cli import with_rich_progress_bar
+
+    added = with_rich_progress_bar({}, [])
+    assert len(added) == 1 and isinstance(added[0], RichProgressBar)
+    assert with_rich_progress_bar({"enable_progress_bar": False}, []) == []
+    own = TQDMProgressBar()
+    assert with_rich_progress_bar({"callbacks": [own]}, []) == []
+    assert with_rich_progress_bar({"callbacks": own}, []) == []

@@ -154,9 +154,12 @@ class SpeechDataModule(L.LightningDataModule):
         return sorted({w for u in self.utterances("train") for w in u.text.split()})
 
     def build_features(self, utterances: Sequence[Utterance]) -> list[Tensor]:
+        from tqdm.auto import tqdm
+
         extract = make_extractor(self.feature_config)
         rate = self.feature_config.sample_rate
-        return [extract(load_utterance(u, rate, self.max_seconds)).contiguous() for u in utterances]
+        progress = tqdm(utterances, desc="features", unit="file", disable=None, leave=False)  # silent without a tty
+        return [extract(load_utterance(u, rate, self.max_seconds)).contiguous() for u in progress]
 
     def dataset(self, split: str) -> FeatureDataset:
         if split not in self.datasets:
@@ -234,6 +237,20 @@ def _recordings_digest(folder: Path, speakers: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def _download_progress(description: str):
+    """A ``urlretrieve`` report hook drawing a tqdm bar (silent when not on a terminal)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=description, unit="B", unit_scale=True, disable=None, leave=False)
+
+    def hook(blocks: int, block_size: int, total: int) -> None:
+        if total > 0 and bar.total != total:
+            bar.total = total
+        bar.update(blocks * block_size - bar.n)
+
+    return hook
+
+
 def download_fsdd(root: str | Path, url: str = FSDD_ARCHIVE_URL, expected_digest: str = FSDD_RECORDINGS_DIGEST
                   ) -> Path:
     """Download the pinned FSDD commit into ``root/recordings`` (for online users) and check the recordings of the
@@ -246,7 +263,7 @@ def download_fsdd(root: str | Path, url: str = FSDD_ARCHIVE_URL, expected_digest
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".fsdd-download-") as tmp:
         archive = Path(tmp) / "fsdd.tar.gz"
-        urllib.request.urlretrieve(url, archive)
+        urllib.request.urlretrieve(url, archive, reporthook=_download_progress(f"downloading {url}"))
         unpacked = Path(tmp) / "unpacked"
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and "/recordings/" in f"/{m.name}"

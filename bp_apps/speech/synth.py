@@ -181,7 +181,10 @@ def synthesize_corpus(texts: Sequence[str], voices: Sequence[str], cache_dir: st
     engine = Espeak.get()
     rng = np.random.default_rng(seed)
     items = []
-    for i, text in enumerate(texts):
+    from tqdm.auto import tqdm
+
+    progress = tqdm(texts, desc=f"synthesizing {folder.name}", unit="utt", disable=None, leave=False)
+    for i, text in enumerate(progress):
         voice = str(voices[int(rng.integers(len(voices)))])
         rate = int(rng.integers(rate_range[0], rate_range[1] + 1))
         pitch = int(rng.integers(pitch_range[0], pitch_range[1] + 1))

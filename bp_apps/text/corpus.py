@@ -151,7 +151,10 @@ def stdlib_docstrings(limit: int | None = None, cache_dir: str | Path | None = N
     if limit is not None:
         return list(islice(_unique(_walk(root)), limit))
     start = time.perf_counter()
-    docs = list(_unique(_walk(root)))
+    from tqdm.auto import tqdm
+
+    docs = list(tqdm(_unique(_walk(root)), desc="standard-library docstrings", unit="doc", disable=None,
+                     leave=False))
     elapsed = time.perf_counter() - start
     log.info("walked %s: %d docstrings in %.1f s", root, len(docs), elapsed)
     if elapsed > CACHE_AFTER_S or corrupt:
