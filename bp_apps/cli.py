@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -131,7 +132,7 @@ def with_rich_progress_bar(trainer_config: dict, callbacks: list) -> list:
         if any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
             return callbacks
         return [*callbacks, RichProgressBar()]
-    except (ImportError, ModuleNotFoundError):
+    except ImportError:  # rich is not installed
         return callbacks
 
 
@@ -148,6 +149,7 @@ def default_loggers(root: str | Path) -> list:
     return loggers
 
 
+@functools.cache
 def _tensorboard_logger_class(base: type) -> type:
     """A TensorBoardLogger whose every event file has its own name.
 

@@ -26,16 +26,21 @@ LOADERS = {
 }
 
 
+class Payload:
+    """Unpickling this creates ``marker``: a stand-in for any code an attacker chooses."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def crafted_checkpoint(folder: Path, task: str = "") -> tuple[Path, Path]:
-    """A checkpoint whose unpickling would create ``marker`` (a stand-in for any code an attacker chooses)."""
+    """A checkpoint carrying a :class:`Payload`, and the marker file it would create."""
     marker = folder / "payload_ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
     path = folder / "evil.ckpt"
-    torch.save({"bp_apps_task": task, "state_dict": {}, "hyper_parameters": {}, "payload": Payload()}, path)
+    torch.save({"bp_apps_task": task, "state_dict": {}, "hyper_parameters": {}, "payload": Payload(marker)}, path)
     return path, marker
 
 
@@ -73,12 +78,7 @@ def test_feature_cache_with_a_payload_is_rebuilt_not_run(tmp_path: Path) -> None
     config = FeatureConfig(kind="logmel", sample_rate=8000, n_mels=16, hop_ms=10.0)
     key = FeatureCache.key(["a.wav"], config)
     marker = tmp_path / "payload_ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    torch.save([Payload()], tmp_path / f"train-{key}.pt")
+    torch.save([Payload(marker)], tmp_path / f"train-{key}.pt")
     built = cache.get_or_build("train", key, lambda: [torch.ones(3, 16)])
     assert not marker.exists(), "the pickled payload ran"
     assert torch.equal(built[0], torch.ones(3, 16))

@@ -49,8 +49,13 @@ def load_digits_split(test_size: float = 0.25, random_state: int = 0, standardiz
 
 def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int = 0) -> list[Tensor]:
     """The index batches of one shuffled epoch; the same (seed, epoch) gives the same batches."""
+    return list(epoch_permutation(num_samples, seed, epoch).split(batch_size))
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
+    """A shuffle of ``range(num_samples)`` that depends on ``(seed, epoch)`` alone."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return list(torch.randperm(num_samples, generator=generator).split(batch_size))
+    return torch.randperm(num_samples, generator=generator)
 
 
 class EpochShuffle(Sampler[int]):
@@ -64,8 +69,7 @@ class EpochShuffle(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        return iter(epoch_permutation(self.num_samples, self.seed, self.epoch).tolist())
 
     def __len__(self) -> int:
         return self.num_samples
