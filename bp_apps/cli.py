@@ -326,7 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        return _lightning(argv)
+        try:
+            return _lightning(argv)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as error:  # bad data or settings: say which
+            print(f"bp-apps {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":

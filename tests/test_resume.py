@@ -15,26 +15,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bp_apps.core.data import DigitsDataModule
 from bp_apps.core.lit import MLPClassifier
+from bp_apps.core.resume import FailAtStep as FailAt
+from bp_apps.core.resume import ResumableDataLoader, resumable_loader
 
 EPOCHS = 2
 FAIL_AT = 25  # digits: 19 training steps an epoch at batch 64, so step 25 is mid-way through the second epoch
 CONFIG = {"hidden": (32,), "dropout": 0.2, "optimizer": "adam", "lr": 3e-3, "scheduler": "cosine"}
-
-
-class FailAt(L.Callback):
-    """Raise (or SIGKILL the process) at the end of training step ``step``, before that step's checkpoint."""
-
-    def __init__(self, step: int, kill: bool = False) -> None:
-        self.step, self.kill = step, kill
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            if self.kill:
-                import os
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault at step {self.step}")
 
 
 def run(backend: str, folder: Path, seed: int = 0, ckpt_path: Path | None = None,
@@ -103,3 +89,46 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(backend: str, tmp_pat
         [{"batches_served": (FAIL_AT - 1) % 19}]), "the loader's position is in the checkpoint"
     model, trainer = run(backend, folder, seed=7, ckpt_path=folder / "steps" / "last.ckpt")
     assert_same(outcome(model, trainer), straight)
+
+
+class Recorder(torch.utils.data.Dataset):
+    """Items are their index plus one random draw made while loading (as an augmentation would)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.loaded = size, []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[int, float]:
+        self.loaded.append(index)
+        return index, torch.rand(()).item()
+
+
+def test_resumable_loader_skips_by_index_and_replays_loading_randomness() -> None:
+    straight_data = Recorder(20)
+    loader = resumable_loader(straight_data, batch_size=4, seed=3)
+    loader.sampler.set_epoch(1)
+    straight = list(loader)
+    assert len(loader) == 5 and loader.state_dict() == {"batches_served": 5}
+    resumed_data = Recorder(20)
+    resumed = resumable_loader(resumed_data, batch_size=4, seed=3)
+    resumed.sampler.set_epoch(1)
+    resumed.load_state_dict({"batches_served": 2})
+    torch.manual_seed(123)  # the global stream must neither matter to loading nor be moved by it
+    before = torch.get_rng_state()
+    replayed = list(resumed)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [b[0].tolist() for b in replayed] == [b[0].tolist() for b in straight[2:]]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(replayed, straight[2:], strict=True))
+    assert sorted(resumed_data.loaded) == sorted(i for b in straight[2:] for i in b[0].tolist()), \
+        "skipped batches must not be loaded"
+    assert resumed.state_dict() == {"batches_served": 5}
+    assert [b[0].tolist() for b in resumed] == [b[0].tolist() for b in straight]  # the next pass starts at 0
+    other_epoch = resumable_loader(Recorder(20), batch_size=4, seed=3)
+    assert [b[0].tolist() for b in other_epoch] != [b[0].tolist() for b in straight]
+
+
+def test_resumable_loader_refuses_an_unreplayable_shuffle() -> None:
+    with pytest.raises(ValueError, match="EpochShuffle"):
+        ResumableDataLoader(Recorder(4), batch_size=2, shuffle=True)

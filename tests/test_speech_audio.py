@@ -186,3 +186,26 @@ def test_wer_and_cer() -> None:
     assert wer(["one two three"], ["one two four"]) == pytest.approx(1 / 3)
     assert wer(["one two"], ["one two"]) == 0.0
     assert cer(["abcd"], ["abce"]) == pytest.approx(0.25)
+
+
+def test_time_stretch_resamples_each_utterance_inside_its_length() -> None:
+    from bp_apps.speech.features import TimeStretch
+
+    torch.manual_seed(0)
+    stretch = TimeStretch(0.2)
+    ramp = torch.linspace(0, 1, 50)[:, None].expand(50, 4)
+    batch = torch.zeros(3, 50, 4)
+    batch[0], batch[1, :30], batch[2, :10] = ramp, ramp[::5][:10].repeat_interleave(3, 0)[:30], ramp[:10]
+    lengths = torch.tensor([50, 30, 10])
+    out, new = stretch(batch, lengths)
+    assert ((new >= (lengths * 0.8).floor()) & (new <= (lengths * 1.2).ceil())).all() and not torch.equal(new, lengths)
+    assert out.shape == (3, int(new.max()), 4)
+    for i, n in enumerate(new.tolist()):
+        assert torch.allclose(out[i, 0], batch[i, 0]) and torch.allclose(out[i, n - 1], batch[i, lengths[i] - 1])
+        assert (out[i, n:] == 0).all()  # zero padding past the new length, as the collate functions pad
+    assert (out[0, 1:int(new[0])] - out[0, :int(new[0]) - 1] >= -1e-6).all()  # a ramp stays a ramp
+    stretch.eval()
+    same, same_lengths = stretch(batch, lengths)
+    assert same is batch and same_lengths is lengths
+    with pytest.raises(ValueError, match="time-stretch amount"):
+        TimeStretch(1.0)

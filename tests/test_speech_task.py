@@ -209,3 +209,36 @@ def test_subsampling_lengths_match_the_convolution_output(factor: int) -> None:
         out, lengths = layer(torch.zeros(1, frames, 40), torch.tensor([frames]))
         assert out.shape[1] == int(lengths[0]) and out.shape[2] == 8
     assert int(layer.output_lengths(torch.tensor(100))) == -(-100 // factor)
+
+
+def test_cnn_encoder_lengths_match_its_pooled_output() -> None:
+    from bp_apps.speech.models import ConvBlocksEncoder
+
+    encoder = ConvBlocksEncoder(40, 8, channels=2)
+    for frames in (1, 7, 8, 9, 33, 100):
+        out, lengths = encoder(torch.zeros(1, frames, 40), torch.tensor([frames]))
+        assert out.shape == (1, -(-frames // 8), 8) and int(lengths[0]) == out.shape[1]
+    padded, lengths = encoder(torch.zeros(3, 100, 40), torch.tensor([100, 33, 1]))
+    assert lengths.tolist() == [13, 5, 1] and padded.shape[1] == 13
+
+
+def test_digit_classifier_encoders_train_through_the_manual_head() -> None:
+    from bp_apps.speech.models import DigitClassifierNet
+
+    torch.manual_seed(0)
+    features, lengths = torch.randn(8, 30, 16), torch.tensor([30, 25, 20, 18, 12, 9, 5, 2])
+    labels = torch.arange(8) % 3
+    for encoder in ("gru", "cnn"):
+        net = DigitClassifierNet(16, num_classes=3, conv_channels=4, hidden=12, head_hidden=(8,), dropout=0.0,
+                                 encoder=encoder)
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+        losses = []
+        for _ in range(30):
+            loss = torch.nn.functional.cross_entropy(net((features, lengths)), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.5 * losses[0], (encoder, losses[0], losses[-1])
+    with pytest.raises(ValueError, match="encoder must be"):
+        DigitClassifierNet(16, encoder="lstm")

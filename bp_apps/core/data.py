@@ -8,7 +8,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+
+from bp_apps.core.resume import epoch_permutation, resumable_loader
 
 
 @dataclass(frozen=True)
@@ -52,58 +54,6 @@ def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int = 0) ->
     return list(epoch_permutation(num_samples, seed, epoch).split(batch_size))
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
-    """A shuffle of ``range(num_samples)`` that depends on ``(seed, epoch)`` alone."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_samples, generator=generator)
-
-
-class EpochShuffle(Sampler[int]):
-    """A shuffle that depends only on ``(seed, epoch)`` (Lightning calls ``set_epoch``), so a restarted process
-    replays exactly the order an uninterrupted run would have used."""
-
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(epoch_permutation(self.num_samples, self.seed, self.epoch).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning can restore in the middle of an epoch.
-
-    ``state_dict`` (saved in every checkpoint by Lightning's fit loop) records how many batches of the current pass
-    were handed out; after ``load_state_dict`` the next pass skips that many, so with a replayable sampler
-    (:class:`EpochShuffle`) a resumed run sees exactly the batches an uninterrupted run would have seen."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._served = 0
-        self._skip = 0
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        iterator = super().__iter__()
-        for _ in range(skip):
-            next(iterator)
-        self._served = skip
-        for batch in iterator:
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_served": self._served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state.get("batches_served", 0))
-
-
 class DigitsDataModule(L.LightningDataModule):
     """Digits for Lightning: the stratified test split, and a validation split taken from the
     training part by ``seed`` (``val_fraction`` of it, stratified)."""
@@ -129,12 +79,8 @@ class DigitsDataModule(L.LightningDataModule):
         resumed from a mid-epoch checkpoint continues with the very batches it would have seen."""
         if not shuffle:
             return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
-        # Its own generator: the loader's per-pass seed must not draw from the global RNG (dropout's), or a
-        # resumed run's dropout masks would drift from an uninterrupted run's.
-        return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size,
-                                   sampler=EpochShuffle(len(dataset), self.hparams.seed),
-                                   generator=torch.Generator().manual_seed(self.hparams.seed),
-                                   num_workers=self.hparams.num_workers)
+        return resumable_loader(dataset, self.hparams.batch_size, self.hparams.seed,
+                                num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -28,13 +28,13 @@ from bp_apps.core.backprop import (
 )
 from bp_apps.core.distributed import data_parallel_mean
 from bp_apps.core.io import atomic_write_text
+from bp_apps.core.resume import RNG_KEY, restore_training_state, save_rng_state
 
 __all__ = ["ENGINE_OPTIMIZER_KEY", "ClassifierModule", "MLPClassifier"]
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh"]
 ENGINE_OPTIMIZER_KEY = "engine_optimizer"
 """Checkpoint key holding the manual backend's engine optimizer ``state_dict``."""
-RNG_KEY = "bp_apps_cpu_rng_state"
 """Checkpoint key holding ``torch.get_rng_state()`` at the time of saving."""
 
 Batch = tuple[Tensor, Tensor]
@@ -240,17 +240,15 @@ class ClassifierModule(L.LightningModule):
     # -- checkpoints --------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        resume_training_loaders(self.trainer)
-        if self._pending_rng_state is not None:  # resuming: continue the random stream where the checkpoint left it
-            torch.set_rng_state(self._pending_rng_state)
-            self._pending_rng_state = None
+        pending, self._pending_rng_state = self._pending_rng_state, None  # set only when a fit resumes
+        restore_training_state(self.trainer, pending)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the engine optimizer's state (Lightning only saves the optimizers it manages) and the CPU RNG
         state (dropout), so a resumed run continues exactly as an uninterrupted one would."""
         if self.manual and self.engine_optimizer is not None:
             checkpoint[ENGINE_OPTIMIZER_KEY] = self.engine_optimizer.state_dict()
-        checkpoint[RNG_KEY] = torch.get_rng_state()
+        save_rng_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the engine optimizer's state now if it exists, else when configure_optimizers builds it; keep
@@ -263,18 +261,6 @@ class ClassifierModule(L.LightningModule):
             self.engine_optimizer.load_state_dict(state)
         else:
             self._pending_engine_state = state
-
-
-def resume_training_loaders(trainer: L.Trainer) -> None:
-    """Give resumable training loaders (``state_dict``/``load_state_dict``) their position from the checkpoint.
-
-    Lightning restores it when it sets up the training data, but ``configure_optimizers`` has already done that
-    (``estimated_stepping_batches`` for the schedule) before the checkpoint's loop state was loaded, so the position
-    would be dropped. Applied here, at the start of training, it takes effect: a resumable loader's iterator starts
-    lazily, at the first batch."""
-    fit_loop = trainer.fit_loop
-    if fit_loop.restarting:
-        fit_loop._load_combined_loader_states()
 
 
 def lr_factor(step: int, total_steps: int, warmup_fraction: float, scheduler: str) -> float:

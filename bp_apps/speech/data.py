@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from bp_apps.core.resume import resumable_loader
 from bp_apps.speech.audio import load_audio, normalise_level
 from bp_apps.speech.decoding import DIGIT_WORDS, encode_text, normalise_transcript
 from bp_apps.speech.features import FeatureCache, FeatureConfig, make_extractor
@@ -165,7 +166,9 @@ class SpeechDataModule(L.LightningDataModule):
         if split not in self.datasets:
             utterances = self.utterances(split)
             if not utterances:
-                raise ValueError(f"{type(self).__name__}: the {split} split is empty")
+                where = getattr(self, "data_root", None) or self.__dict__.get("manifests", {}).get(split)
+                raise ValueError(f"{type(self).__name__}: the {split} split is empty"
+                                 + (f" (data from {where})" if where else ""))
             key = FeatureCache.key([u.key() for u in utterances], self.feature_config)
             features = self.cache.get_or_build(f"{type(self).__name__}-{split}", key,
                                                lambda: self.build_features(utterances))
@@ -178,10 +181,11 @@ class SpeechDataModule(L.LightningDataModule):
             self.dataset(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        """Training batches are shuffled by ``(seed, epoch)`` and resume exactly in the middle of an epoch."""
+        kwargs = dict(collate_fn=self.collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if shuffle:
+            return resumable_loader(self.dataset(split), self.batch_size, self.seed, **kwargs)
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bp_apps.core.io import atomic_write_bytes
 
-__all__ = ["FeatureCache", "FeatureConfig", "LogMel", "SpecAugment", "feature_lengths"]
+__all__ = ["FeatureCache", "FeatureConfig", "LogMel", "SpecAugment", "TimeStretch", "feature_lengths"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,32 @@ class SpecAugment(nn.Module):
                 for _ in range(self.time_masks):
                     spec.copy_(masking(spec))
         return out
+
+
+class TimeStretch(nn.Module):
+    """Speed perturbation on a padded feature batch ``(B, time, features)``: in training mode each utterance's
+    true frames are resampled along time (linear interpolation) by its own factor, drawn uniformly from
+    ``[1 - amount, 1 + amount]``, so a word is heard faster or slower while its spectrum stays where it is.
+    Returns the new batch (zero-padded, as the collate functions pad) and the new lengths; identity in eval mode.
+    """
+
+    def __init__(self, amount: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= amount < 1.0:
+            raise ValueError(f"time-stretch amount must be in [0, 1), got {amount}")
+        self.amount = amount
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.training or self.amount == 0.0 or features.shape[-1] == 1:
+            return features, lengths
+        factors = 1.0 + (torch.rand(len(lengths)) * 2.0 - 1.0) * self.amount
+        new_lengths = (lengths.cpu().double() * factors.double()).round().long().clamp(min=1)
+        out = features.new_zeros(features.shape[0], int(new_lengths.max()), features.shape[2])
+        for i, (old, new) in enumerate(zip(lengths.tolist(), new_lengths.tolist())):
+            frames = features[i, :old].transpose(0, 1).unsqueeze(0)  # (1, features, time)
+            out[i, :new] = nn.functional.interpolate(frames, size=new, mode="linear",
+                                                     align_corners=True)[0].transpose(0, 1)
+        return out, new_lengths.to(lengths.device)
 
 
 class FeatureCache:

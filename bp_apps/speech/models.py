@@ -151,26 +151,61 @@ def build_ctc_model(name: str, input_dim: int, *, hidden: int = 192, layers: int
                            dropout=dropout)
 
 
+class ConvBlocksEncoder(nn.Module):
+    """VGG-style 2-D CNN over (time, mel): three blocks of two 3×3 convolutions (batch norm, ReLU) and a 2×2
+    max-pool, ``channels``, 2×``channels`` and 4×``channels`` wide; the pooled frequency axis is flattened and
+    projected to ``out_dim`` per frame. Output frames are 8× longer than the input's 10 ms."""
+
+    def __init__(self, input_dim: int, out_dim: int, channels: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, freq = 1, input_dim
+        for c_out in (channels, 2 * channels, 4 * channels):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            c_in, freq = c_out, -(-freq // 2)
+        self.blocks = nn.Sequential(*layers)
+        self.proj = nn.Sequential(nn.Linear(c_in * freq, out_dim), nn.LayerNorm(out_dim), nn.ReLU())
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.blocks(features.unsqueeze(1))  # (B, C, T / 8, F / 8)
+        x = self.proj(x.transpose(1, 2).flatten(2))
+        return x, torch.div(lengths + 7, 8, rounding_mode="floor").clamp(min=1, max=x.shape[1])
+
+
 class DigitClassifierNet(nn.Module):
-    """Isolated-word classifier: conv subsampling + BiGRU encoder, mean- and max-pooled over the true frames, then
-    the core's manual MLP head (hand-written forward and backward, through the autograd bridge).
+    """Isolated-word classifier: an encoder — conv subsampling + BiGRU (``encoder="gru"``) or a VGG-style 2-D CNN
+    (``encoder="cnn"``) — mean- and max-pooled over the true frames, then the core's manual MLP head (hand-written
+    forward and backward, through the autograd bridge).
 
     Takes ``(features (B, T, F), lengths)`` as one tuple, like a batch's input."""
 
     def __init__(self, input_dim: int, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
-                 hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2, seed: int = 0) -> None:
+                 hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2, seed: int = 0,
+                 encoder: str = "gru") -> None:
         super().__init__()
+        if encoder not in ("gru", "cnn"):
+            raise ValueError(f"encoder must be 'gru' or 'cnn', got {encoder!r}")
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
-            self.subsampling = ConvSubsampling(input_dim, hidden, conv_channels, subsample)
-            self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+            if encoder == "gru":
+                self.subsampling = ConvSubsampling(input_dim, hidden, conv_channels, subsample)
+                self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+                width = 2 * hidden
+            else:
+                self.cnn = ConvBlocksEncoder(input_dim, hidden, conv_channels)
+                width = hidden
             self.dropout = nn.Dropout(dropout)
-            self.head = ManualMLPHead(4 * hidden, list(head_hidden), num_classes, dropout=dropout)
+            self.head = ManualMLPHead(2 * width, list(head_hidden), num_classes, dropout=dropout)
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
         features, lengths = inputs
-        x, lengths = self.subsampling(features, lengths)
-        x = _masked_gru(self.gru, x, lengths)
+        if hasattr(self, "gru"):
+            x, lengths = self.subsampling(features, lengths)
+            x = _masked_gru(self.gru, x, lengths)
+        else:
+            x, lengths = self.cnn(features, lengths)
         mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).unsqueeze(-1)
         mean = (x * mask).sum(1) / mask.sum(1).clamp(min=1)
         peak = x.masked_fill(~mask, float("-inf")).amax(1)

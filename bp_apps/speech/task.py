@@ -27,9 +27,10 @@ from bp_apps.core.lit import (
     best_checkpoint_callbacks,
     clip_by_max_grad_norm,
 )
+from bp_apps.core.resume import ExactResume
 from bp_apps.speech.data import SpeechBatch
 from bp_apps.speech.decoding import DIGIT_WORDS, BeamSearchDecoder, greedy_decode, write_lexicon
-from bp_apps.speech.features import FeatureConfig, SpecAugment, make_extractor
+from bp_apps.speech.features import FeatureConfig, SpecAugment, TimeStretch, make_extractor
 from bp_apps.speech.models import DigitClassifierNet, Wav2Vec2CTC, build_ctc_model
 
 __all__ = ["RECOGNIZER_TASK", "SpeechRecognizer", "SpokenDigitClassifier", "load_speech_model", "transcribe"]
@@ -170,8 +171,9 @@ class SpeechRecognizer(L.LightningModule):
         clip_by_max_grad_norm(self, optimizer, self.hparams.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [SpeechMetricsJson(), *best_checkpoint_callbacks(self.trainer, monitor=self.hparams.monitor, mode="min",
-                                                                patience=self.hparams.early_stopping_patience)]
+        return [SpeechMetricsJson(), ExactResume(),
+                *best_checkpoint_callbacks(self.trainer, monitor=self.hparams.monitor, mode="min",
+                                           patience=self.hparams.early_stopping_patience)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TASK_KEY] = RECOGNIZER_TASK
@@ -187,23 +189,27 @@ class SpeechRecognizer(L.LightningModule):
 
 class SpokenDigitClassifier(ClassifierModule):
     """Isolated spoken digits (FSDD): conv + BiGRU encoder and the core's hand-written MLP head through the
-    autograd bridge; cross-entropy, accuracy, SpecAugment while training. Batches are ``((features, lengths), y)``.
+    autograd bridge; cross-entropy, accuracy; SpecAugment and optional speed perturbation (``time_stretch``) while
+    training. Batches are ``((features, lengths), y)``.
     """
 
     def __init__(self, input_dim: int = 40, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
                  hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2,
                  spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 6, time_masks: int = 2,
-                 time_width: int = 8, optimizer: Literal["sgd", "adam", "adamw"] = "adamw", lr: float = 3e-3,
-                 weight_decay: float = 1e-2, max_grad_norm: float | None = 5.0, label_smoothing: float = 0.05,
-                 scheduler: Literal["constant", "cosine"] = "cosine", warmup_fraction: float = 0.05,
-                 monitor: Literal["val_acc", "val_loss"] = "val_acc", early_stopping_patience: int | None = None,
-                 seed: int = 0) -> None:
-        net = DigitClassifierNet(input_dim, num_classes, conv_channels, subsample, hidden, head_hidden, dropout, seed)
+                 time_width: int = 8, time_stretch: float = 0.0, optimizer: Literal["sgd", "adam", "adamw"] = "adamw",
+                 lr: float = 3e-3, weight_decay: float = 1e-2, max_grad_norm: float | None = 5.0,
+                 label_smoothing: float = 0.05, scheduler: Literal["constant", "cosine"] = "cosine",
+                 warmup_fraction: float = 0.05, monitor: Literal["val_acc", "val_loss"] = "val_acc",
+                 early_stopping_patience: int | None = None, seed: int = 0,
+                 encoder: Literal["gru", "cnn"] = "gru") -> None:
+        net = DigitClassifierNet(input_dim, num_classes, conv_channels, subsample, hidden, head_hidden, dropout, seed,
+                                 encoder)
         super().__init__(net, num_classes, backend="autograd", optimizer=optimizer, lr=lr,
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, label_smoothing=label_smoothing,
                          scheduler=scheduler, warmup_fraction=warmup_fraction)
         self.save_hyperparameters()
         self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
+        self.stretch = TimeStretch(time_stretch)
 
     def setup(self, stage: str) -> None:
         _check_feature_dim(self, self.hparams.input_dim)
@@ -214,6 +220,7 @@ class SpokenDigitClassifier(ClassifierModule):
 
     def training_step(self, batch: tuple[tuple[Tensor, Tensor], Tensor], batch_idx: int) -> Tensor:
         (features, lengths), labels = batch
+        features, lengths = self.stretch(features, lengths)
         if self.augment is not None:
             features = self.augment(features, lengths)
         return super().training_step(((features, lengths), labels), batch_idx)

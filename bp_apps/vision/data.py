@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torchvision.transforms import v2
 
 from bp_apps.core.data import load_digits_split
+from bp_apps.core.resume import resumable_loader
 
 log = logging.getLogger(__name__)
 
@@ -264,14 +265,16 @@ class VisionDataModule(L.LightningDataModule):
         return None
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        """A loader over ``dataset``; training batches are shuffled by a generator seeded with ``seed``."""
+        """A loader over ``dataset``. Training batches are shuffled by ``(seed, epoch)`` and resume exactly in the
+        middle of an epoch (:func:`~bp_apps.core.resume.resumable_loader`), augmentation included."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for data loaders")
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=train,
-                          generator=torch.Generator().manual_seed(self.hparams.seed) if train else None,
-                          num_workers=workers, persistent_workers=workers > 0, collate_fn=self._collate(train),
-                          pin_memory=torch.cuda.is_available())
+        kwargs = dict(num_workers=workers, persistent_workers=workers > 0, collate_fn=self._collate(train),
+                      pin_memory=torch.cuda.is_available())
+        if train:
+            return resumable_loader(dataset, self.hparams.batch_size, self.hparams.seed, **kwargs)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

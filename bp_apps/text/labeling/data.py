@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from bp_apps.core.distributed import shard_by_process
+from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.text.files import data_path
 from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence
@@ -325,10 +326,13 @@ class LabelingDataModule(L.LightningDataModule):
         sampler = BucketBatchSampler([len(s.tokens) for s in sentences],
                                      self.batch_size if train else self.eval_batch_size, shuffle=train,
                                      seed=self.seed, num_replicas=replicas, rank=rank, groups=groups)
-        if train and self.trainer is not None:
+        kwargs = dict(batch_sampler=sampler, collate_fn=_Collate(self.vocab), num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0)
+        if not train:
+            return DataLoader(sentences, **kwargs)
+        if self.trainer is not None:
             sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(sentences, batch_sampler=sampler, collate_fn=_Collate(self.vocab),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(sentences, seed=self.seed, **kwargs)  # resumes exactly mid-epoch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

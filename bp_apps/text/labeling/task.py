@@ -28,6 +28,7 @@ from bp_apps.core.lit import (
     best_checkpoint_callbacks,
     clip_by_max_grad_norm,
 )
+from bp_apps.core.resume import ExactResume
 from bp_apps.text.corpus import default_cache_dir
 from bp_apps.text.labeling.crf import CRF, constrained_decode
 from bp_apps.text.labeling.data import LabelingVocab, collate_sentences
@@ -260,7 +261,7 @@ class TokenLabeler(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [*best_checkpoint_callbacks(self.trainer, "val_f1", "max", self.hparams.early_stopping_patience),
-                LabelingMetricsJson()]
+                LabelingMetricsJson(), ExactResume()]
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from bp_apps.core.distributed import shard_by_process
+from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.text.corpus import default_cache_dir, stdlib_docstrings, summary_pairs
 from bp_apps.text.files import data_path, utf8_lines
 from bp_apps.text.labeling.data import BucketBatchSampler
@@ -461,8 +462,8 @@ class SummarizationDataModule(L.LightningDataModule):
         sampler = BucketBatchSampler([len(r.source) for r in records], self.batch_size, shuffle=True, seed=self.seed,
                                      num_replicas=replicas, rank=rank)
         sampler.set_epoch(epoch)  # Lightning calls set_epoch again at the start of each epoch
-        return DataLoader(records, batch_sampler=sampler, collate_fn=self._collate(), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(records, batch_sampler=sampler, collate_fn=self._collate(), seed=self.seed,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, split: str) -> DataLoader:
         self.setup()

@@ -32,6 +32,7 @@ from bp_apps.core.lit import (
     best_checkpoint_callbacks,
     clip_by_max_grad_norm,
 )
+from bp_apps.core.resume import ExactResume
 from bp_apps.text.rouge import rouge_scores
 
 __all__ = ["TASK_NAME", "HFBestExport", "Summarizer", "export_pretrained", "load_summarizer", "summarize"]
@@ -341,9 +342,10 @@ class Summarizer(L.LightningModule):
         clip_by_max_grad_norm(self, optimizer, self.hparams.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Best (``val_rouge1``) and last checkpoints with ``hf_best``, optional early stopping, metrics.json."""
+        """Best (``val_rouge1``) and last checkpoints with ``hf_best``, optional early stopping, metrics.json, and
+        exact mid-epoch resume."""
         callbacks = best_checkpoint_callbacks(self.trainer, "val_rouge1", "max", self.hparams.early_stopping_patience)
-        callbacks.append(SummarizationMetricsJson())
+        callbacks += [SummarizationMetricsJson(), ExactResume()]
         if self.trainer.checkpoint_callback is not None:
             callbacks.append(HFBestExport())
         return callbacks
