@@ -35,7 +35,6 @@ __all__ = ["ENGINE_OPTIMIZER_KEY", "ClassifierModule", "MLPClassifier"]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh"]
 ENGINE_OPTIMIZER_KEY = "engine_optimizer"
 """Checkpoint key holding the manual backend's engine optimizer ``state_dict``."""
-"""Checkpoint key holding ``torch.get_rng_state()`` at the time of saving."""
 
 Batch = tuple[Tensor, Tensor]
 

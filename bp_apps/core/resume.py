@@ -17,6 +17,8 @@ checkpoint must see the same batches and draw the same random numbers as an unin
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 RNG_KEY = "bp_apps_cpu_rng_state"
+"""Checkpoint key holding ``torch.get_rng_state()`` at the time of saving."""
 MIX = 1_000_003  # a prime that spreads (seed, epoch, batch) over distinct generator seeds
 
 __all__ = ["RNG_KEY", "EpochShuffle", "ExactResume", "FailAtStep", "ResumableDataLoader", "StepCheckpoint",
@@ -184,9 +187,6 @@ class FailAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.step:
             if self.kill:
-                import os
-                import signal
-
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at step {self.step}")
 

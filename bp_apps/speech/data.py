@@ -162,11 +162,16 @@ class SpeechDataModule(L.LightningDataModule):
         progress = tqdm(utterances, desc="features", unit="file", disable=None, leave=False)  # silent without a tty
         return [extract(load_utterance(u, rate, self.max_seconds)).contiguous() for u in progress]
 
+    def source(self, split: str) -> str | None:
+        """Where ``split``'s audio comes from, for error messages: the data root, when the module has one."""
+        root = getattr(self, "data_root", None)
+        return str(root) if root else None
+
     def dataset(self, split: str) -> FeatureDataset:
         if split not in self.datasets:
             utterances = self.utterances(split)
             if not utterances:
-                where = getattr(self, "data_root", None) or self.__dict__.get("manifests", {}).get(split)
+                where = self.source(split)
                 raise ValueError(f"{type(self).__name__}: the {split} split is empty"
                                  + (f" (data from {where})" if where else ""))
             key = FeatureCache.key([u.key() for u in utterances], self.feature_config)
@@ -491,6 +496,9 @@ class ManifestDataModule(SpeechDataModule):
                          cache_dir=cache_dir, seed=seed)
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.val_fraction, self.strict_text = val_fraction, strict_text
+
+    def source(self, split: str) -> str | None:
+        return self.manifests.get(split) or self.manifests["train"]
 
     def utterances(self, split: str) -> list[Utterance]:
         if self.manifests["train"] is None:

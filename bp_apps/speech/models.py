@@ -187,6 +187,7 @@ class DigitClassifierNet(nn.Module):
         super().__init__()
         if encoder not in ("gru", "cnn"):
             raise ValueError(f"encoder must be 'gru' or 'cnn', got {encoder!r}")
+        self.encoder = encoder
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
             if encoder == "gru":
@@ -201,7 +202,7 @@ class DigitClassifierNet(nn.Module):
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
         features, lengths = inputs
-        if hasattr(self, "gru"):
+        if self.encoder == "gru":
             x, lengths = self.subsampling(features, lengths)
             x = _masked_gru(self.gru, x, lengths)
         else:
