@@ -121,10 +121,14 @@ class Summarizer(L.LightningModule):
 
     Validation and test generate with beam search (``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``,
     ``max_new_tokens``, ``min_new_tokens``) and log ROUGE-1/2/L/Lsum F1 (``val_rouge1`` is monitored; with
-    several references per example the best one counts, and ``*_refmean`` logs the mean over them too);
+    several references per example the best one counts, and ``*_refmean`` logs the mean over them too, which
+    is how ROUGE-1.5.5 scores several references by default);
     ``val_generate_limit`` caps how many validation examples are generated per epoch (all are scored for the
     loss). The first ``sample_generations`` generations of each evaluation are printed and kept in
     :attr:`samples`; testing writes every generation to ``predictions.jsonl`` in the log directory.
+
+    ``copy_mechanism`` (``arch='bart'``) lets the decoder copy source tokens: its output distribution mixes the
+    vocabulary softmax with an attention over the source (:mod:`bp_apps.text.summarization.copy`).
     """
 
     def __init__(self, arch: Literal["t5", "bart"] = "t5", pretrained_name: str | None = None, d_model: int = 256,
@@ -133,10 +137,13 @@ class Summarizer(L.LightningModule):
                  scheduler: Literal["constant", "cosine"] = "cosine", max_grad_norm: float | None = 1.0,
                  num_beams: int = 4, length_penalty: float = 1.0, no_repeat_ngram_size: int = 3,
                  max_new_tokens: int = 32, min_new_tokens: int = 1, val_generate_limit: int | None = None,
-                 sample_generations: int = 3, early_stopping_patience: int | None = None) -> None:
+                 sample_generations: int = 3, early_stopping_patience: int | None = None,
+                 copy_mechanism: bool = False) -> None:
         super().__init__()
         if arch not in ("t5", "bart"):
             raise ValueError(f"arch must be 't5' or 'bart', got {arch!r}")
+        if copy_mechanism and (arch != "bart" or pretrained_name):
+            raise ValueError("copy_mechanism needs arch='bart' and a model built from scratch (no pretrained_name)")
         if scheduler not in ("constant", "cosine"):
             raise ValueError(f"scheduler must be 'constant' or 'cosine', got {scheduler!r}")
         if not 0.0 <= warmup_fraction < 1.0:
@@ -192,12 +199,14 @@ class Summarizer(L.LightningModule):
         positions = max(DEFAULT_MAX_SOURCE_TOKENS, max_source_tokens or 0, max_target_tokens or 0,
                         h.max_new_tokens + 2)
         model = build_seq2seq(h.arch, len(tokenizer), tokenizer.pad_token_id, eos, bos, d_model=h.d_model,
-                              layers=h.layers, heads=h.heads, ff=h.ff, dropout=h.dropout, max_positions=positions)
+                              layers=h.layers, heads=h.heads, ff=h.ff, dropout=h.dropout, max_positions=positions,
+                              copy=h.copy_mechanism)
         self._attach(model, tokenizer, max_source_tokens)
 
     def _build_from_state(self, state: dict[str, Any]) -> None:
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
+        import bp_apps.text.summarization.models  # noqa: F401  (registers the copy model's config type)
         from bp_apps.text.tokenization import tokenizer_from_json
 
         tokenizer = tokenizer_from_json(state["tokenizer"], state.get("special_tokens"))
