@@ -218,7 +218,7 @@ def _run_label(args: argparse.Namespace) -> int:
     if args.file is None:
         if args.text is None:
             raise ValueError("give TEXT or --file PATH")
-        result = label_text(module, args.text, args.predicate)
+        result = label_text(module, args.text, args.predicate, args.predicate_pos)
         print(json.dumps(result, ensure_ascii=False) if args.json else format_labeled(result))
         return 0
     sentences = read_labeled_file(args.file, require_tags=False)
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--ckpt", required=True, type=Path, help="a token-labeling checkpoint")
     label.add_argument("--predicate", default=None, metavar="INDEX|WORD",
                        help="SRL: the predicate, as a token index or a word (its first occurrence)")
+    label.add_argument("--predicate-pos", default=None, metavar="TAG",
+                       help="SRL: the predicate's POS tag (VBD, NN, JJ, VERB ...), for models trained with one; "
+                            "--file reads it from each record's predicate_pos field")
     label.add_argument("--file", type=Path, default=None,
                        help="label every record of a JSONL or CoNLL file instead (tags not needed)")
     label.add_argument("--out", type=Path, default=None, help="with --file: write the JSONL here (default: stdout)")

@@ -163,7 +163,7 @@ def test_collate_two_sentences_of_different_lengths() -> None:
     first = sent(["a", "bc", "zz"], ["B-X", "I-X", "O"], predicate=1)
     second = sent(["B"], ["O"])
     batch = collate_sentences([first, second], SMALL_VOCAB)
-    assert set(batch) == {"words", "chars", "predicate", "mask", "tags", "tokens", "predicates"}
+    assert set(batch) == {"words", "chars", "predicate", "predicate_class", "mask", "tags", "tokens", "predicates"}
     assert batch["words"].dtype == batch["chars"].dtype == batch["predicate"].dtype == torch.long
     assert batch["tags"].dtype == torch.long and batch["mask"].dtype == torch.bool
     assert batch["words"].tolist() == [[2, 1, 1], [3, 0, 0]]  # "B" is looked up as "b"
@@ -174,6 +174,7 @@ def test_collate_two_sentences_of_different_lengths() -> None:
     assert batch["tags"].tolist() == [[1, 2, 0], [0, -100, -100]]
     assert batch["tokens"] == [("a", "bc", "zz"), ("B",)]
     assert batch["predicates"] == [1, None]
+    assert batch["predicate_class"].tolist() == [0, 0]  # no predicate_pos given: unknown
 
 
 def test_collate_truncates_long_words_to_max_word_chars() -> None:

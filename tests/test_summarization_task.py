@@ -191,7 +191,18 @@ def test_test_writes_predictions_and_metrics(trained: Fitted) -> None:
     assert correct >= 40
     metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
     assert metrics["test"]["test_rouge1"] > 0.9 and "val_rouge1" in metrics["validation"]
+    assert metrics["test"]["test_rouge1_refmean"] == metrics["test"]["test_rouge1"]  # one reference: same figure
     assert len(metrics["samples"]["test"]) == 3
+
+
+def test_monitor_picks_the_best_checkpoint_figure(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        Summarizer(monitor="val_loss")
+    for monitor in ("val_rouge1", "val_rouge1_refmean"):
+        model = Summarizer(arch="bart", **TINY, monitor=monitor)
+        model.trainer = small_trainer(tmp_path / monitor, 1)
+        best = [c for c in model.configure_callbacks() if hasattr(c, "monitor")]
+        assert [c.monitor for c in best] == [monitor]
 
 
 def test_checkpoint_round_trip_gives_identical_summaries(trained: Fitted) -> None:

@@ -25,7 +25,7 @@ from bp_apps.core.distributed import shard_by_process
 from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.text.files import data_path
 from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
-from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence
+from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, predicate_class
 
 __all__ = ["PAD", "UNK", "BucketBatchSampler", "HFLabelingDataModule", "LabelingDataModule", "LabelingVocab",
            "PunctuationDataModule", "collate_sentences", "label_inventory", "normalize_word"]
@@ -116,8 +116,9 @@ def label_inventory(tags: set[str]) -> list[str]:
 
 def collate_sentences(sentences: Sequence[TaggedSentence], vocab: LabelingVocab) -> dict[str, Any]:
     """A padded batch: ``words`` [B, T], ``chars`` [B, T, C], ``predicate`` [B, T] (1 on the predicate
-    token; all 0 without one), ``mask`` [B, T], ``tags`` [B, T] (-100 on padding; absent when the
-    sentences carry no tags), and the raw ``tokens`` and ``predicates`` lists."""
+    token; all 0 without one), ``predicate_class`` [B] (the predicate's coarse POS class, see
+    :func:`~bp_apps.text.labeling.records.predicate_class`), ``mask`` [B, T], ``tags`` [B, T] (-100 on padding;
+    absent when the sentences carry no tags), and the raw ``tokens`` and ``predicates`` lists."""
     batch_size, length = len(sentences), max(len(s.tokens) for s in sentences)
     max_chars = max(min(len(t), MAX_WORD_CHARS) for s in sentences for t in s.tokens)
     words = torch.zeros(batch_size, length, dtype=torch.long)
@@ -137,7 +138,9 @@ def collate_sentences(sentences: Sequence[TaggedSentence], vocab: LabelingVocab)
             predicate[i, sentence.predicate] = 1
         if labeled:
             tags[i, :n] = torch.tensor(vocab.label_ids(sentence.tags))  # type: ignore[arg-type]
-    batch: dict[str, Any] = {"words": words, "chars": chars, "predicate": predicate, "mask": mask,
+    classes = torch.tensor([predicate_class(s.predicate_pos) for s in sentences], dtype=torch.long)
+    batch: dict[str, Any] = {"words": words, "chars": chars, "predicate": predicate, "predicate_class": classes,
+                             "mask": mask,
                              "tokens": [s.tokens for s in sentences], "predicates": [s.predicate for s in sentences]}
     if labeled:
         batch["tags"] = tags

@@ -55,12 +55,13 @@ def _require_some(sentences: list[TaggedSentence], source: str) -> list[TaggedSe
 
 
 def read_jsonl(path: Path | str, *, tokens_field: str = "tokens", tags_field: str = "tags",
-               predicate_field: str = "predicate", id_field: str = "id",
+               predicate_field: str = "predicate", id_field: str = "id", predicate_pos_field: str = "predicate_pos",
                require_tags: bool = True) -> list[TaggedSentence]:
     """Read one sentence per JSON Lines record, so that bad records are reported as ``file:line: problem``.
 
     Blank lines are skipped; records with an empty token list are skipped with one warning. The id comes from
-    ``id_field``, else ``sent_id``; tags may be absent only when ``require_tags`` is false.
+    ``id_field``, else ``sent_id``; tags may be absent only when ``require_tags`` is false. The predicate's POS
+    tag (``predicate_pos_field``, optional) is kept for models that use it.
     """
     path = Path(path)
     sentences: list[TaggedSentence] = []
@@ -87,7 +88,8 @@ def read_jsonl(path: Path | str, *, tokens_field: str = "tokens", tags_field: st
             continue
         raw_id = record.get(id_field, record.get("sent_id"))
         sentences.append(make_sentence(tokens, tags, record.get(predicate_field), where=where,
-                                       id=None if raw_id is None else str(raw_id)))
+                                       id=None if raw_id is None else str(raw_id),
+                                       predicate_pos=record.get(predicate_pos_field)))
     _warn_empty(str(path), "line(s)", empty)
     return _require_some(sentences, str(path))
 

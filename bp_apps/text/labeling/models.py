@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bp_apps.core.bridge import ManualMLPHead
+from bp_apps.text.labeling.records import PREDICATE_CLASSES
 
 __all__ = ["BiLSTMTagger", "CharCNN", "TransformerTagger"]
 
@@ -49,6 +50,11 @@ class BiLSTMTagger(nn.Module):
     ``head='manual_mlp'`` scores with the core's hand-written MLP (``head_hidden`` wide),
     whose backward pass is the engine's, inside this autograd model.
 
+    ``predicate_pos_dim`` > 0 (SRL) adds an embedding of the predicate's coarse POS class (verb, noun,
+    adjective, other; see ``records.predicate_class``) to every word's predicate features; while
+    training, ``predicate_pos_dropout`` of the instances read it as unknown, as unlabeled input without
+    a POS tag does.
+
     ``shared_layers`` (SRL) splits the ``layers``: the first ``shared_layers`` read the sentence
     without the predicate and run once per distinct sentence of the batch (a sentence has several
     predicates: batch them together, see ``BucketBatchSampler(groups=...)``); the remaining
@@ -60,7 +66,8 @@ class BiLSTMTagger(nn.Module):
     def __init__(self, num_words: int, num_chars: int, num_labels: int, word_dim: int = 100, char_dim: int = 30,
                  char_channels: int = 50, predicate_dim: int = 0, hidden: int = 200, layers: int = 2,
                  dropout: float = 0.33, head: str = "linear", head_hidden: int = 128, max_distance: int = 20,
-                 word_dropout: float = 0.0, shared_layers: int = 0, predicate_hidden: int | None = None) -> None:
+                 word_dropout: float = 0.0, shared_layers: int = 0, predicate_hidden: int | None = None,
+                 predicate_pos_dim: int = 0, predicate_pos_dropout: float = 0.1) -> None:
         super().__init__()
         if head not in ("linear", "manual_mlp"):
             raise ValueError(f"head must be 'linear' or 'manual_mlp', got {head!r}")
@@ -71,10 +78,15 @@ class BiLSTMTagger(nn.Module):
         self.chars = CharCNN(num_chars, char_dim, char_channels) if char_channels > 0 else None
         self.predicate_embed = nn.Embedding(2, predicate_dim) if predicate_dim > 0 else None
         self.distance_embed = nn.Embedding(2 * max_distance + 1, predicate_dim) if predicate_dim > 0 else None
+        if predicate_pos_dim and predicate_dim <= 0:
+            raise ValueError("predicate_pos_dim needs predicate_dim > 0 (a predicate-aware tagger)")
+        self.predicate_pos_embed = (nn.Embedding(len(PREDICATE_CLASSES), predicate_pos_dim) if predicate_pos_dim
+                                    else None)
         self.max_distance, self.word_dropout = max_distance, word_dropout
+        self.predicate_pos_dropout = predicate_pos_dropout
         in_features = word_dim + (char_channels if self.chars else 0)
         if predicate_dim > 0:
-            in_features += 2 * predicate_dim + word_dim
+            in_features += 2 * predicate_dim + word_dim + predicate_pos_dim
         self.dropout = nn.Dropout(dropout)
         self.shared_layers = shared_layers
         if shared_layers:
@@ -82,7 +94,7 @@ class BiLSTMTagger(nn.Module):
             self.shared_lstm = nn.LSTM(sentence_features, hidden, num_layers=shared_layers, bidirectional=True,
                                        batch_first=True, dropout=dropout if shared_layers > 1 else 0.0)
             self.predicate_state = nn.Linear(2 * hidden, word_dim)  # the shared state at the predicate, narrowed
-            in_features = 2 * hidden + word_dim + 2 * predicate_dim
+            in_features = 2 * hidden + word_dim + 2 * predicate_dim + predicate_pos_dim
             layers -= shared_layers
             hidden = predicate_hidden or hidden
         self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, bidirectional=True, batch_first=True,
@@ -98,13 +110,24 @@ class BiLSTMTagger(nn.Module):
         out, _ = lstm(packed)
         return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
 
-    def _predicate_features(self, indicator: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The predicate's position [B, 1], and the indicator and clipped distance embeddings [B, T, P]."""
+    def _predicate_features(self, batch: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
+        """The predicate's position [B, 1], and the indicator, clipped distance and (with ``predicate_pos_dim``)
+        POS class embeddings, each [B, T, *]."""
         assert self.predicate_embed is not None and self.distance_embed is not None
+        indicator = batch["predicate"]
         position = torch.arange(indicator.shape[1], device=indicator.device)
         where = indicator.argmax(dim=1, keepdim=True)  # sentences without one: position 0
         distance = (position.unsqueeze(0) - where).clamp(-self.max_distance, self.max_distance)
-        return where, self.predicate_embed(indicator), self.distance_embed(distance + self.max_distance)
+        features = [self.predicate_embed(indicator), self.distance_embed(distance + self.max_distance)]
+        if self.predicate_pos_embed is not None:
+            classes = batch.get("predicate_class")
+            if classes is None:
+                classes = torch.zeros(len(indicator), dtype=torch.long, device=indicator.device)
+            if self.training and self.predicate_pos_dropout > 0:
+                classes = classes.masked_fill(torch.rand(classes.shape, device=classes.device)
+                                              < self.predicate_pos_dropout, 0)
+            features.append(self.predicate_pos_embed(classes).unsqueeze(1).expand(-1, indicator.shape[1], -1))
+        return where, features
 
     def _forward_shared(self, batch: dict[str, Any]) -> Tensor:
         """The sentence layers once per distinct sentence, then the predicate layers per instance."""
@@ -123,9 +146,9 @@ class BiLSTMTagger(nn.Module):
         lengths = mask.sum(dim=1).cpu()
         states = self._run_lstm(self.shared_lstm, self.dropout(torch.cat(parts, dim=-1)), lengths[rows.cpu()])
         states = states[inverse]  # [B, T, 2H] per instance
-        where, indicator, distance = self._predicate_features(batch["predicate"])
+        where, features = self._predicate_features(batch)
         at_predicate = self.predicate_state(states.gather(1, where.unsqueeze(-1).expand(-1, 1, states.shape[-1])))
-        x = self.dropout(torch.cat([states, at_predicate.expand(-1, states.shape[1], -1), indicator, distance], -1))
+        x = self.dropout(torch.cat([states, at_predicate.expand(-1, states.shape[1], -1), *features], -1))
         return self.head(self.dropout(self._run_lstm(self.lstm, x, lengths)))
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
@@ -139,9 +162,9 @@ class BiLSTMTagger(nn.Module):
         if self.chars is not None:
             parts.append(self.chars(batch["chars"]))
         if self.predicate_embed is not None:
-            where, indicator, distance = self._predicate_features(batch["predicate"])  # [B, T]: 1 on the predicate
+            where, features = self._predicate_features(batch)
             predicate_word = parts[0].gather(1, where.unsqueeze(-1).expand(-1, 1, parts[0].shape[-1]))
-            parts += [indicator, distance, predicate_word.expand_as(parts[0])]
+            parts += [features[0], features[1], predicate_word.expand_as(parts[0]), *features[2:]]
         x = self.dropout(torch.cat(parts, dim=-1))
         out = self._run_lstm(self.lstm, x, batch["mask"].sum(dim=1).cpu())
         return self.head(self.dropout(out))

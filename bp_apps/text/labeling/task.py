@@ -61,6 +61,8 @@ class TokenLabeler(L.LightningModule):
     checkpoint when loading. ``head='manual_mlp'`` puts the core's hand-written MLP on the BiLSTM.
     ``shared_layers`` (SRL, BiLSTM): that many of the ``layers`` read each sentence once for all of
     its predicates; the rest (``predicate_hidden`` wide) read it per predicate instance.
+    ``predicate_pos_dim`` > 0 (SRL, BiLSTM) embeds the predicate's coarse POS class (the data's
+    ``predicate_pos``; unknown when a record has none).
     ``monitor`` is ``val_f1``: span F1 (without ``exclude_labels``) for BIO tags, otherwise the
     micro F1 of the tags' first ``|`` field (the punctuation mark) over tokens that carry one.
     """
@@ -75,7 +77,7 @@ class TokenLabeler(L.LightningModule):
                  warmup_fraction: float = 0.05, scheduler: Literal["constant", "cosine"] = "cosine",
                  max_grad_norm: float | None = 5.0, label_smoothing: float = 0.0,
                  early_stopping_patience: int | None = None, shared_layers: int = 0,
-                 predicate_hidden: int | None = None) -> None:
+                 predicate_hidden: int | None = None, predicate_pos_dim: int = 0) -> None:
         super().__init__()
         if model not in ("bilstm", "transformer", "pretrained"):
             raise ValueError(f"model must be 'bilstm', 'transformer' or 'pretrained', got {model!r}")
@@ -87,6 +89,8 @@ class TokenLabeler(L.LightningModule):
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if predicate_pos_dim < 0:
+            raise ValueError(f"predicate_pos_dim must be >= 0, got {predicate_pos_dim}")
         self.save_hyperparameters()
         self.vocab: LabelingVocab | None = None
         self.net: torch.nn.Module | None = None
@@ -110,7 +114,8 @@ class TokenLabeler(L.LightningModule):
                                     h.char_channels, h.predicate_dim if has_predicates else 0, h.hidden, h.layers,
                                     h.dropout, h.head, h.head_hidden, word_dropout=h.word_dropout,
                                     shared_layers=h.shared_layers if has_predicates else 0,
-                                    predicate_hidden=h.predicate_hidden)
+                                    predicate_hidden=h.predicate_hidden,
+                                    predicate_pos_dim=h.get("predicate_pos_dim", 0) if has_predicates else 0)
         else:
             self.net = self._build_transformer(num_labels, has_predicates, train_tokens)
         self.crf = CRF(vocab.labels) if h.crf else None
@@ -328,7 +333,8 @@ def label_sentences(module: TokenLabeler, sentences: Sequence[TaggedSentence], b
     for i, sentence in enumerate(sentences):
         n = len(sentence.tokens)
         if max_window is None or n <= max_window:
-            pieces.append((i, TaggedSentence(sentence.tokens, None, sentence.predicate)))
+            pieces.append((i, TaggedSentence(sentence.tokens, None, sentence.predicate,
+                                             predicate_pos=sentence.predicate_pos)))
             continue
         warnings.warn(f"{sentence.where or f'sentence {i}'}: {n} words, labelled in windows of {max_window}",
                       stacklevel=2)
@@ -336,7 +342,8 @@ def label_sentences(module: TokenLabeler, sentences: Sequence[TaggedSentence], b
             p = sentence.predicate
             inside = p is not None and start <= p < start + max_window
             pieces.append((i, TaggedSentence(sentence.tokens[start:start + max_window], None,
-                                             p - start if inside else None)))
+                                             p - start if inside else None,
+                                             predicate_pos=sentence.predicate_pos if inside else None)))
     tags: list[list[str]] = [[] for _ in sentences]
     device = next(module.parameters()).device
     with torch.no_grad():
@@ -378,8 +385,10 @@ def resolve_predicate(tokens: Sequence[str], predicate: str | None) -> int | Non
     return lowered.index(predicate.lower())
 
 
-def label_text(module: TokenLabeler, text: str, predicate: str | None = None) -> dict[str, Any]:
-    """Tokenize ``text``, label it, and add spans (BIO models) or the restored text (punctuation models)."""
+def label_text(module: TokenLabeler, text: str, predicate: str | None = None, predicate_pos: str | None = None
+               ) -> dict[str, Any]:
+    """Tokenize ``text``, label it, and add spans (BIO models) or the restored text (punctuation models).
+    ``predicate_pos`` (SRL, optional) is the predicate's POS tag, for models trained with ``predicate_pos_dim``."""
     if not text.strip():
         raise ValueError("the text is empty")
     tokens = tokenize_text(text)
@@ -389,9 +398,11 @@ def label_text(module: TokenLabeler, text: str, predicate: str | None = None) ->
         if not tokens:
             raise ValueError("the text has no words")
     index = resolve_predicate(tokens, predicate)
+    if predicate_pos is not None and index is None:
+        raise ValueError("--predicate-pos needs --predicate")
     if module.extra_state.get("has_predicates") and index is None:
         raise ValueError("this is a semantic role labeling model: give the predicate (--predicate INDEX|WORD)")
-    sentence = make_sentence(tokens, predicate=index, where="text")
+    sentence = make_sentence(tokens, predicate=index, where="text", predicate_pos=predicate_pos)
     tags = label_sentences(module, [sentence])[0]
     result: dict[str, Any] = {"tokens": tokens, "tags": tags}
     if index is not None:

@@ -40,6 +40,7 @@ __all__ = ["TASK_NAME", "HFBestExport", "Summarizer", "export_pretrained", "load
 TASK_KEY, TASK_NAME, STATE_KEY = "bp_apps_task", "text.Summarizer", "bp_apps_summarization"
 DEFAULT_MAX_SOURCE_TOKENS = 512
 NOT_BUILT = "the network is not built yet: fit with a summarization data module or load a checkpoint"
+MONITORS = ("val_rouge1", "val_rouge1_refmean")
 
 
 class SummarizationMetricsJson(MetricsJsonCallback):
@@ -120,9 +121,10 @@ class Summarizer(L.LightningModule):
     ``tokenizer_name`` to spare it training one first).
 
     Validation and test generate with beam search (``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``,
-    ``max_new_tokens``, ``min_new_tokens``) and log ROUGE-1/2/L/Lsum F1 (``val_rouge1`` is monitored; with
-    several references per example the best one counts, and ``*_refmean`` logs the mean over them too, which
-    is how ROUGE-1.5.5 scores several references by default);
+    ``max_new_tokens``, ``min_new_tokens``) and log ROUGE-1/2/L/Lsum F1: with several references per example
+    the best one counts, and ``*_refmean`` logs the mean over them too (how ROUGE-1.5.5 scores several
+    references by default; with one reference both are the same). ``monitor`` (``val_rouge1`` or
+    ``val_rouge1_refmean``) picks the best checkpoint and early stopping's figure;
     ``val_generate_limit`` caps how many validation examples are generated per epoch (all are scored for the
     loss). The first ``sample_generations`` generations of each evaluation are printed and kept in
     :attr:`samples`; testing writes every generation to ``predictions.jsonl`` in the log directory.
@@ -138,7 +140,8 @@ class Summarizer(L.LightningModule):
                  num_beams: int = 4, length_penalty: float = 1.0, no_repeat_ngram_size: int = 3,
                  max_new_tokens: int = 32, min_new_tokens: int = 1, val_generate_limit: int | None = None,
                  sample_generations: int = 3, early_stopping_patience: int | None = None,
-                 copy_mechanism: bool = False) -> None:
+                 copy_mechanism: bool = False, monitor: Literal["val_rouge1", "val_rouge1_refmean"] = "val_rouge1"
+                 ) -> None:
         super().__init__()
         if arch not in ("t5", "bart"):
             raise ValueError(f"arch must be 't5' or 'bart', got {arch!r}")
@@ -157,6 +160,8 @@ class Summarizer(L.LightningModule):
         if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
                              f"{min_new_tokens} and {max_new_tokens}")
+        if monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
         if val_generate_limit is not None and val_generate_limit < 1:
             raise ValueError(f"val_generate_limit must be >= 1 or None, got {val_generate_limit}")
         self.save_hyperparameters()
@@ -315,11 +320,12 @@ class Summarizer(L.LightningModule):
             scores = rouge_scores([r["prediction"] for r in scored], [r["references"] for r in scored])
             for key, value in scores.items():
                 self.log(f"{stage}_{key}", value, prog_bar=key == "rouge1", sync_dist=True)
-            if any(len(r["references"]) > 1 for r in scored):  # also the mean over the references, stricter
+            means = scores  # the mean over the references, stricter; the same figure with one reference
+            if any(len(r["references"]) > 1 for r in scored):
                 means = rouge_scores([r["prediction"] for r in scored], [r["references"] for r in scored],
                                      multi_reference="mean")
-                for key, value in means.items():
-                    self.log(f"{stage}_{key}_refmean", value, sync_dist=True)
+            for key, value in means.items():
+                self.log(f"{stage}_{key}_refmean", value, sync_dist=True)
         self.samples[stage] = records[: self.hparams.sample_generations]
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for sample in self.samples[stage]:
@@ -351,9 +357,10 @@ class Summarizer(L.LightningModule):
         clip_by_max_grad_norm(self, optimizer, self.hparams.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Best (``val_rouge1``) and last checkpoints with ``hf_best``, optional early stopping, metrics.json, and
+        """Best (``monitor``) and last checkpoints with ``hf_best``, optional early stopping, metrics.json, and
         exact mid-epoch resume."""
-        callbacks = best_checkpoint_callbacks(self.trainer, "val_rouge1", "max", self.hparams.early_stopping_patience)
+        monitor = self.hparams.get("monitor", "val_rouge1")
+        callbacks = best_checkpoint_callbacks(self.trainer, monitor, "max", self.hparams.early_stopping_patience)
         callbacks += [SummarizationMetricsJson(), ExactResume()]
         if self.trainer.checkpoint_callback is not None:
             callbacks.append(HFBestExport())

@@ -1,0 +1,88 @@
+"""Choose a summarizer's generation settings on a slice of the validation data: every combination of the beam
+sizes, length penalties and minimum lengths given is decoded and scored (ROUGE-1/2/L F1, percent) under the
+three ways of counting references of scripts/summarization_baselines.py, with the predictions' mean length.
+
+Usage:
+  python scripts/summarization_decoding.py --ckpt best.ckpt \
+      --data ../shared/data/summarization/aeslc/validation.jsonl --limit 400 \
+      [--num-beams 4] [--length-penalty 1 2] [--min-new-tokens 1 4 6] [--json PATH]
+
+Records ``start`` to ``start + limit`` are used, so the rest of the file can stay untouched for the report. The
+data file needs ``id``, ``source``, ``target`` and ``references`` fields (as AESLC validation has). Prints a
+table (best mean-over-references ROUGE-1 first) and, with ``--json``, writes the figures there (atomically).
+The chosen setting belongs in the config (``model.length_penalty``, ``model.min_new_tokens``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from summarization_baselines import PROTOCOLS, read_jsonl, score
+
+from bp_apps.core.io import atomic_write_text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", type=Path, required=True, help="a Summarizer checkpoint")
+    parser.add_argument("--data", type=Path, required=True, help="JSONL with id, source, target and references")
+    parser.add_argument("--start", type=int, default=0, help="first record used (0-based)")
+    parser.add_argument("--limit", type=int, default=400, help="how many records are used")
+    parser.add_argument("--num-beams", type=int, nargs="+", default=[4])
+    parser.add_argument("--length-penalty", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--min-new-tokens", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.start < 0 or args.limit < 1:
+        raise SystemExit(f"need --start >= 0 and --limit >= 1, got {args.start} and {args.limit}")
+    if min(args.num_beams) < 1 or min(args.min_new_tokens) < 0:
+        raise SystemExit("--num-beams must be >= 1 and --min-new-tokens >= 0")
+    records = read_jsonl(args.data)[args.start:args.start + args.limit]
+    if not records:
+        raise SystemExit(f"{args.data}: no records from {args.start}")
+    for number, record in enumerate(records, args.start + 1):
+        missing = [f for f in ("id", "source", "target", "references") if f not in record]
+        if missing:
+            raise SystemExit(f"{args.data}, record {number}: missing field(s) {', '.join(missing)}")
+
+    from bp_apps.text.summarization.task import load_summarizer, summarize
+
+    try:
+        module = load_summarizer(args.ckpt)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"{args.ckpt}: {error}") from None
+    sources = [r["source"] for r in records]
+    rows = []
+    for beams, penalty, shortest in itertools.product(args.num_beams, args.length_penalty, args.min_new_tokens):
+        if shortest > module.hparams.max_new_tokens:
+            raise SystemExit(f"--min-new-tokens {shortest} exceeds the model's max_new_tokens "
+                             f"{module.hparams.max_new_tokens}")
+        predictions = summarize(module, sources, batch_size=args.batch_size, num_beams=beams,
+                                length_penalty=penalty, min_new_tokens=shortest)
+        words = sum(len(p.split()) for p in predictions) / len(predictions)
+        rows.append({"num_beams": beams, "length_penalty": penalty, "min_new_tokens": shortest,
+                     "mean_words": round(words, 3), "scores": score(predictions, records)})
+    rows.sort(key=lambda row: -row["scores"][PROTOCOLS[1]]["rouge1"])
+
+    print(f"{len(records)} records of {args.data} from {args.start}; ROUGE-1 / 2 / L F1")
+    print(f"{'beams':>5} {'len pen':>7} {'min tok':>7} {'words':>5}  " + "  ".join(f"{p:>22}" for p in PROTOCOLS))
+    for row in rows:
+        cells = [f"{v['rouge1']:.1f} / {v['rouge2']:.1f} / {v['rougeL']:.1f}" for v in row["scores"].values()]
+        setting = f"{row['num_beams']:>5} {row['length_penalty']:>7g} {row['min_new_tokens']:>7}"
+        print(f"{setting} {row['mean_words']:>5.1f}  " + "  ".join(f"{c:>22}" for c in cells))
+    if args.json is not None:
+        figures = {"ckpt": str(args.ckpt), "data": str(args.data), "start": args.start, "records": len(records),
+                   "results": rows}
+        atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""scripts/summarization_decoding.py: every setting of the grid is decoded and scored exactly as
+summarize() + the baselines' scoring would, the minimum length takes effect, and bad input gets a clear error."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from test_summarization_task import TINY, CopyData, copy_pairs, small_trainer
+
+from bp_apps.text.summarization.task import Summarizer, load_summarizer, summarize
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny BART checkpoint after a few copy-task steps, and 12 AESLC-shaped records."""
+    root = tmp_path_factory.mktemp("decoding")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        L.seed_everything(0, verbose=False)
+        model = Summarizer(arch="bart", **TINY, lr=0.005, warmup_fraction=0.0, num_beams=2, max_new_tokens=6)
+        trainer = small_trainer(root, 1, limit_train_batches=5, limit_val_batches=1)
+        trainer.fit(model, datamodule=CopyData(n_train=80, n_val=16))
+    finally:
+        torch.set_num_threads(threads)
+    ckpt = root / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    rows = [{"id": i, "source": source, "target": target, "references": [target, " ".join(source.split()[:2])]}
+            for i, source, target in copy_pairs(12, 5)]
+    data = root / "val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return ckpt, data
+
+
+def test_grid_scores_match_summarize_and_min_length_applies(setup: tuple[Path, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    ckpt, data = setup
+    decoding, baselines = load_script("summarization_decoding"), load_script("summarization_baselines")
+    out = tmp_path / "grid.json"
+    assert decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--start", "2", "--limit", "8",
+                          "--num-beams", "1", "2", "--min-new-tokens", "1", "6", "--json", str(out)]) == 0
+    assert "mean over references" in capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert figures["records"] == 8 and len(figures["results"]) == 4
+    means = [row["scores"]["mean over references"]["rouge1"] for row in figures["results"]]
+    assert means == sorted(means, reverse=True)  # best first
+
+    records = [json.loads(line) for line in data.read_text().splitlines()][2:10]
+    module = load_summarizer(ckpt)
+    by_setting = {(r["num_beams"], r["min_new_tokens"]): r for r in figures["results"]}
+    predictions = summarize(module, [r["source"] for r in records], num_beams=2, min_new_tokens=1)
+    assert by_setting[2, 1]["scores"] == baselines.score(predictions, records)
+    longest = summarize(module, [r["source"] for r in records], num_beams=2, min_new_tokens=6)
+    assert min(len(module.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in longest) >= 5
+    assert by_setting[2, 6]["mean_words"] == round(sum(len(p.split()) for p in longest) / len(longest), 3)
+
+
+def test_bad_input_names_the_problem(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, data = setup
+    decoding = load_script("summarization_decoding")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"id": 1, "source": "a b c", "target": "a"}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"broken.jsonl, record 1: missing field\(s\) references"):
+        decoding.main(["--ckpt", str(ckpt), "--data", str(broken)])
+    with pytest.raises(SystemExit, match="exceeds the model's max_new_tokens 6"):
+        decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--min-new-tokens", "9"])
+    not_a_ckpt = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, not_a_ckpt)
+    with pytest.raises(SystemExit, match=r"x\.ckpt: .*not a summarization checkpoint"):
+        decoding.main(["--ckpt", str(not_a_ckpt), "--data", str(data)])
+    with pytest.raises(SystemExit, match="no records from 50"):
+        decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--start", "50"])
