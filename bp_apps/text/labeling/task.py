@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -333,17 +334,16 @@ def label_sentences(module: TokenLabeler, sentences: Sequence[TaggedSentence], b
     for i, sentence in enumerate(sentences):
         n = len(sentence.tokens)
         if max_window is None or n <= max_window:
-            pieces.append((i, TaggedSentence(sentence.tokens, None, sentence.predicate,
-                                             predicate_pos=sentence.predicate_pos)))
+            pieces.append((i, replace(sentence, tags=None)))
             continue
         warnings.warn(f"{sentence.where or f'sentence {i}'}: {n} words, labelled in windows of {max_window}",
                       stacklevel=2)
         for start in range(0, n, max_window):
             p = sentence.predicate
             inside = p is not None and start <= p < start + max_window
-            pieces.append((i, TaggedSentence(sentence.tokens[start:start + max_window], None,
-                                             p - start if inside else None,
-                                             predicate_pos=sentence.predicate_pos if inside else None)))
+            pieces.append((i, replace(sentence, tokens=sentence.tokens[start:start + max_window], tags=None,
+                                      predicate=p - start if inside else None,
+                                      predicate_pos=sentence.predicate_pos if inside else None)))
     tags: list[list[str]] = [[] for _ in sentences]
     device = next(module.parameters()).device
     with torch.no_grad():
