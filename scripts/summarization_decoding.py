@@ -5,7 +5,8 @@ three ways of counting references of scripts/summarization_baselines.py, with th
 Usage:
   python scripts/summarization_decoding.py --ckpt best.ckpt \
       --data ../shared/data/summarization/aeslc/validation.jsonl --limit 400 \
-      [--num-beams 4] [--length-penalty 1 2] [--min-new-tokens 1 4 6] [--json PATH]
+      [--num-beams 4] [--length-penalty 1 2] [--min-new-tokens 1 4 6] [--repetition-penalty 1 1.5]
+      [--no-repeat-ngram-size 3] [--json PATH]
 
 Records ``start`` to ``start + limit`` are used, so the rest of the file can stay untouched for the report. The
 data file needs ``id``, ``source``, ``target`` and ``references`` fields (as AESLC validation has). Prints a
@@ -37,13 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-beams", type=int, nargs="+", default=[4])
     parser.add_argument("--length-penalty", type=float, nargs="+", default=[1.0])
     parser.add_argument("--min-new-tokens", type=int, nargs="+", default=[1])
+    parser.add_argument("--repetition-penalty", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--no-repeat-ngram-size", type=int, nargs="+", default=None,
+                        help="default: the checkpoint's setting")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.start < 0 or args.limit < 1:
         raise SystemExit(f"need --start >= 0 and --limit >= 1, got {args.start} and {args.limit}")
-    if min(args.num_beams) < 1 or min(args.min_new_tokens) < 0:
-        raise SystemExit("--num-beams must be >= 1 and --min-new-tokens >= 0")
+    if min(args.num_beams) < 1 or min(args.min_new_tokens) < 0 or min(args.repetition_penalty) <= 0:
+        raise SystemExit("--num-beams must be >= 1, --min-new-tokens >= 0 and --repetition-penalty > 0")
+    if args.no_repeat_ngram_size is not None and min(args.no_repeat_ngram_size) < 0:
+        raise SystemExit("--no-repeat-ngram-size must be >= 0 (0: off)")
     records = read_jsonl(args.data)[args.start:args.start + args.limit]
     if not records:
         raise SystemExit(f"{args.data}: no records from {args.start}")
@@ -59,23 +65,29 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{args.ckpt}: {error}") from None
     sources = [r["source"] for r in records]
+    ngram_sizes = args.no_repeat_ngram_size or [module.hparams.no_repeat_ngram_size]
     rows = []
-    for beams, penalty, shortest in itertools.product(args.num_beams, args.length_penalty, args.min_new_tokens):
+    for beams, penalty, shortest, repetition, ngram in itertools.product(
+            args.num_beams, args.length_penalty, args.min_new_tokens, args.repetition_penalty, ngram_sizes):
         if shortest > module.hparams.max_new_tokens:
             raise SystemExit(f"--min-new-tokens {shortest} exceeds the model's max_new_tokens "
                              f"{module.hparams.max_new_tokens}")
         predictions = summarize(module, sources, batch_size=args.batch_size, num_beams=beams,
-                                length_penalty=penalty, min_new_tokens=shortest)
+                                length_penalty=penalty, min_new_tokens=shortest, repetition_penalty=repetition,
+                                no_repeat_ngram_size=ngram)
         words = sum(len(p.split()) for p in predictions) / len(predictions)
         rows.append({"num_beams": beams, "length_penalty": penalty, "min_new_tokens": shortest,
+                     "repetition_penalty": repetition, "no_repeat_ngram_size": ngram,
                      "mean_words": round(words, 3), "scores": score(predictions, records)})
     rows.sort(key=lambda row: -row["scores"][PROTOCOLS[1]]["rouge1"])
 
     print(f"{len(records)} records of {args.data} from {args.start}; ROUGE-1 / 2 / L F1")
-    print(f"{'beams':>5} {'len pen':>7} {'min tok':>7} {'words':>5}  " + "  ".join(f"{p:>22}" for p in PROTOCOLS))
+    print(f"{'beams':>5} {'len pen':>7} {'min tok':>7} {'rep pen':>7} {'no-rep':>6} {'words':>5}  "
+          + "  ".join(f"{p:>22}" for p in PROTOCOLS))
     for row in rows:
         cells = [f"{v['rouge1']:.1f} / {v['rouge2']:.1f} / {v['rougeL']:.1f}" for v in row["scores"].values()]
-        setting = f"{row['num_beams']:>5} {row['length_penalty']:>7g} {row['min_new_tokens']:>7}"
+        setting = (f"{row['num_beams']:>5} {row['length_penalty']:>7g} {row['min_new_tokens']:>7} "
+                   f"{row['repetition_penalty']:>7g} {row['no_repeat_ngram_size']:>6}")
         print(f"{setting} {row['mean_words']:>5.1f}  " + "  ".join(f"{c:>22}" for c in cells))
     if args.json is not None:
         figures = {"ckpt": str(args.ckpt), "data": str(args.data), "start": args.start, "records": len(records),

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from bp_apps.cli import main
+from bp_apps.core.rnn import run_lstm
+from bp_apps.text.labeling import models
 from bp_apps.text.labeling.data import LabelingDataModule, LabelingVocab, collate_sentences
 from bp_apps.text.labeling.formats import read_jsonl
 from bp_apps.text.labeling.models import BiLSTMTagger
@@ -177,7 +179,8 @@ def test_manual_mlp_head_passes_gradients_to_the_lstm() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head.parameters())
 
 
-def test_shared_layers_read_each_sentence_once_and_match_per_instance_scores() -> None:
+def test_shared_layers_read_each_sentence_once_and_match_per_instance_scores(monkeypatch: pytest.MonkeyPatch
+                                                                             ) -> None:
     torch.manual_seed(0)
     records = synthetic_srl(6, 3)
     # three predicates of sentence 0, two of sentence 1, one of sentence 2 (different lengths: padding too)
@@ -188,7 +191,13 @@ def test_shared_layers_read_each_sentence_once_and_match_per_instance_scores() -
     net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), word_dim=8, char_channels=4,
                        predicate_dim=4, hidden=8, layers=3, shared_layers=2, predicate_hidden=6, dropout=0.0).eval()
     seen: list[int] = []
-    net.shared_lstm.register_forward_hook(lambda module, args, out: seen.append(int(args[0].batch_sizes[0])))
+
+    def counting_run_lstm(lstm, x, lengths):
+        if lstm is net.shared_lstm:
+            seen.append(x.shape[0])
+        return run_lstm(lstm, x, lengths)
+
+    monkeypatch.setattr(models, "run_lstm", counting_run_lstm)
     batch = collate_sentences(sentences, vocab)
     scores = net(batch)
     assert seen == [3]  # three distinct sentences, not six instances

@@ -84,3 +84,34 @@ def test_bad_input_names_the_problem(setup: tuple[Path, Path], tmp_path: Path) -
         decoding.main(["--ckpt", str(not_a_ckpt), "--data", str(data)])
     with pytest.raises(SystemExit, match="no records from 50"):
         decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--start", "50"])
+
+
+def test_repetition_settings_reach_generate(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, data = setup
+    decoding, baselines = load_script("summarization_decoding"), load_script("summarization_baselines")
+    out = tmp_path / "grid.json"
+    assert decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--num-beams", "2", "--repetition-penalty", "1",
+                          "3", "--no-repeat-ngram-size", "0", "1", "--json", str(out)]) == 0
+    rows = {(r["repetition_penalty"], r["no_repeat_ngram_size"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {(1.0, 0), (1.0, 1), (3.0, 0), (3.0, 1)}
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    sources = [r["source"] for r in records]
+    module = load_summarizer(ckpt)
+    for (repetition, ngram), row in rows.items():
+        predictions = summarize(module, sources, num_beams=2, repetition_penalty=repetition, no_repeat_ngram_size=ngram)
+        assert row["scores"] == baselines.score(predictions, records)
+        if ngram == 1:  # no token twice
+            for text in predictions:
+                ids = module.tokenizer(text, add_special_tokens=False)["input_ids"]
+                assert len(ids) == len(set(ids)), text
+    default = decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--json", str(out)])
+    assert default == 0 and json.loads(out.read_text())["results"][0]["no_repeat_ngram_size"] == 3
+    with pytest.raises(SystemExit, match="--repetition-penalty > 0"):
+        decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--repetition-penalty", "0"])
+
+
+def test_repetition_penalty_hyperparameter() -> None:
+    assert Summarizer(repetition_penalty=1.5).generation_kwargs()["repetition_penalty"] == 1.5
+    assert Summarizer().generation_kwargs()["repetition_penalty"] == 1.0
+    with pytest.raises(ValueError, match="repetition_penalty must be positive"):
+        Summarizer(repetition_penalty=0.0)

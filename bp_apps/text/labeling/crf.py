@@ -118,11 +118,12 @@ def _log_partition(alpha: Tensor, transitions: Tensor, emissions: Tensor, mask: 
     ``[B, L, L]`` temporary per step (several times faster, and far less memory kept for the backward pass)."""
     shift = transitions.amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]
     weights = torch.exp(transitions - shift)  # forbidden moves (penalty -1e4) are exactly 0
-    for t in range(1, emissions.shape[1]):
+    # unbind once: indexing emissions[:, t] per step would make each step's backward write a zero [B, T, L] tensor
+    for step, keep in zip(emissions.unbind(1)[1:], mask.unbind(1)[1:], strict=True):
         top = alpha.amax(dim=1, keepdim=True)  # [B, 1]
         mass = torch.bmm(torch.exp(alpha - top).unsqueeze(1), weights).squeeze(1).clamp_min(_TINY)
-        nxt = mass.log() + top + shift[:, 0] + emissions[:, t]
-        alpha = torch.where(mask[:, t].unsqueeze(1), nxt, alpha)
+        nxt = mass.log() + top + shift[:, 0] + step
+        alpha = torch.where(keep.unsqueeze(1), nxt, alpha)
     return torch.logsumexp(alpha + end, dim=1)
 
 

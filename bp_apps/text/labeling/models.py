@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bp_apps.core.bridge import ManualMLPHead
+from bp_apps.core.rnn import run_lstm
 from bp_apps.text.labeling.records import PREDICATE_CLASSES
 
 __all__ = ["BiLSTMTagger", "CharCNN", "TransformerTagger"]
@@ -104,12 +105,6 @@ class BiLSTMTagger(nn.Module):
         else:
             self.head = ManualMLPHead(2 * hidden, (head_hidden,), num_labels)
 
-    @staticmethod
-    def _run_lstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = lstm(packed)
-        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
-
     def _predicate_features(self, batch: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
         """The predicate's position [B, 1], and the indicator, clipped distance and (with ``predicate_pos_dim``)
         POS class embeddings, each [B, T, *]."""
@@ -143,13 +138,13 @@ class BiLSTMTagger(nn.Module):
         parts = [self.word_embed(sentence_words)]
         if self.chars is not None:
             parts.append(self.chars(batch["chars"][rows]))
-        lengths = mask.sum(dim=1).cpu()
-        states = self._run_lstm(self.shared_lstm, self.dropout(torch.cat(parts, dim=-1)), lengths[rows.cpu()])
+        lengths = mask.sum(dim=1)
+        states = run_lstm(self.shared_lstm, self.dropout(torch.cat(parts, dim=-1)), lengths[rows])
         states = states[inverse]  # [B, T, 2H] per instance
         where, features = self._predicate_features(batch)
         at_predicate = self.predicate_state(states.gather(1, where.unsqueeze(-1).expand(-1, 1, states.shape[-1])))
         x = self.dropout(torch.cat([states, at_predicate.expand(-1, states.shape[1], -1), *features], -1))
-        return self.head(self.dropout(self._run_lstm(self.lstm, x, lengths)))
+        return self.head(self.dropout(run_lstm(self.lstm, x, lengths)))
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         if self.shared_layers:
@@ -166,7 +161,7 @@ class BiLSTMTagger(nn.Module):
             predicate_word = parts[0].gather(1, where.unsqueeze(-1).expand(-1, 1, parts[0].shape[-1]))
             parts += [features[0], features[1], predicate_word.expand_as(parts[0]), *features[2:]]
         x = self.dropout(torch.cat(parts, dim=-1))
-        out = self._run_lstm(self.lstm, x, batch["mask"].sum(dim=1).cpu())
+        out = run_lstm(self.lstm, x, batch["mask"].sum(dim=1))
         return self.head(self.dropout(out))
 
 

@@ -121,10 +121,10 @@ class Summarizer(L.LightningModule):
     ``tokenizer_name`` to spare it training one first).
 
     Validation and test generate with beam search (``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``,
-    ``max_new_tokens``, ``min_new_tokens``) and log ROUGE-1/2/L/Lsum F1: with several references per example
-    the best one counts, and ``*_refmean`` logs the mean over them too (how ROUGE-1.5.5 scores several
-    references by default; with one reference both are the same). ``monitor`` (``val_rouge1`` or
-    ``val_rouge1_refmean``) picks the best checkpoint and early stopping's figure;
+    ``repetition_penalty`` (> 1 lowers tokens already generated), ``max_new_tokens``, ``min_new_tokens``) and log
+    ROUGE-1/2/L/Lsum F1: with several references per example the best one counts, and ``*_refmean`` logs the mean
+    over them too (how ROUGE-1.5.5 scores several references by default; with one reference both are the same).
+    ``monitor`` (``val_rouge1`` or ``val_rouge1_refmean``) picks the best checkpoint and early stopping's figure;
     ``val_generate_limit`` caps how many validation examples are generated per epoch (all are scored for the
     loss). The first ``sample_generations`` generations of each evaluation are printed and kept in
     :attr:`samples`; testing writes every generation to ``predictions.jsonl`` in the log directory.
@@ -140,8 +140,8 @@ class Summarizer(L.LightningModule):
                  num_beams: int = 4, length_penalty: float = 1.0, no_repeat_ngram_size: int = 3,
                  max_new_tokens: int = 32, min_new_tokens: int = 1, val_generate_limit: int | None = None,
                  sample_generations: int = 3, early_stopping_patience: int | None = None,
-                 copy_mechanism: bool = False, monitor: Literal["val_rouge1", "val_rouge1_refmean"] = "val_rouge1"
-                 ) -> None:
+                 copy_mechanism: bool = False, monitor: Literal["val_rouge1", "val_rouge1_refmean"] = "val_rouge1",
+                 repetition_penalty: float = 1.0) -> None:
         super().__init__()
         if arch not in ("t5", "bart"):
             raise ValueError(f"arch must be 't5' or 'bart', got {arch!r}")
@@ -157,6 +157,8 @@ class Summarizer(L.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive (1.0: none), got {repetition_penalty}")
         if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
                              f"{min_new_tokens} and {max_new_tokens}")
@@ -258,7 +260,8 @@ class Summarizer(L.LightningModule):
         h = self.hparams
         kwargs = {"num_beams": h.num_beams, "length_penalty": h.length_penalty,
                   "no_repeat_ngram_size": h.no_repeat_ngram_size, "max_new_tokens": h.max_new_tokens,
-                  "min_new_tokens": h.min_new_tokens, **overrides}
+                  "min_new_tokens": h.min_new_tokens, "repetition_penalty": h.get("repetition_penalty", 1.0),
+                  **overrides}
         if kwargs["num_beams"] == 1:  # a beam-search setting: greedy decoding would warn about it
             kwargs.pop("length_penalty")
         return kwargs
