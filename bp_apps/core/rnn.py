@@ -48,5 +48,5 @@ def run_lstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
         if lstm.bidirectional:
             backward = _direction(lstm, out.gather(1, reverse.expand(-1, -1, out.shape[2])), layer, "_reverse")
             outputs.append(backward.gather(1, reverse.expand(-1, -1, backward.shape[2])))
-        out = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        out = torch.cat(outputs, dim=-1)
     return out.masked_fill(~valid.unsqueeze(-1), 0.0)

@@ -159,6 +159,7 @@ class BiLSTMTagger(nn.Module):
         if self.predicate_embed is not None:
             where, features = self._predicate_features(batch)
             predicate_word = parts[0].gather(1, where.unsqueeze(-1).expand(-1, 1, parts[0].shape[-1]))
+            # indicator, distance, the predicate's word, then the POS class: the order checkpoints were trained with
             parts += [features[0], features[1], predicate_word.expand_as(parts[0]), *features[2:]]
         x = self.dropout(torch.cat(parts, dim=-1))
         out = run_lstm(self.lstm, x, batch["mask"].sum(dim=1))
