@@ -234,8 +234,8 @@ def _run_summarize(args: argparse.Namespace) -> int:
     from bp_apps.text.summarization.task import load_summarizer, summarize
 
     module = load_summarizer(args.ckpt)
-    generation = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens))
-                  if v is not None}
+    generation = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens),
+                                    ("mbr_samples", args.mbr_samples)) if v is not None}
     if args.file is None:
         if args.text is None:
             raise ValueError("give TEXT or --file PATH")
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
     summ.add_argument("--max-new-tokens", type=int, default=None,
                       help="longest summary in tokens (default: the model's)")
+    summ.add_argument("--mbr-samples", type=int, default=None, metavar="N",
+                      help="MBR decoding with N samples besides the beams (0: beam search alone; default: the "
+                           "model's)")
     summ.add_argument("--json", action="store_true", help="print JSON")
     trans = sub.add_parser("transcribe", help="speech to text for audio files (any sample rate, mono or stereo)")
     trans.add_argument("paths", nargs="+", metavar="FILE", help="audio files soundfile can read (WAV, FLAC, OGG...)")

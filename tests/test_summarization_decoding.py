@@ -106,7 +106,7 @@ def test_repetition_settings_reach_generate(setup: tuple[Path, Path], tmp_path: 
                 assert len(ids) == len(set(ids)), text
     default = decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--json", str(out)])
     assert default == 0 and json.loads(out.read_text())["results"][0]["no_repeat_ngram_size"] == 3
-    with pytest.raises(SystemExit, match="--repetition-penalty > 0"):
+    with pytest.raises(SystemExit, match="--repetition-penalty must be > 0"):
         decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--repetition-penalty", "0"])
 
 
@@ -115,3 +115,52 @@ def test_repetition_penalty_hyperparameter() -> None:
     assert Summarizer().generation_kwargs()["repetition_penalty"] == 1.0
     with pytest.raises(ValueError, match="repetition_penalty must be positive"):
         Summarizer(repetition_penalty=0.0)
+
+
+def test_mbr_decoding_chooses_among_beams_and_seeded_samples(setup: tuple[Path, Path]) -> None:
+    from bp_apps.text.summarization.mbr import mbr_select
+
+    ckpt, data = setup
+    module = load_summarizer(ckpt)
+    sources = [json.loads(line)["source"] for line in data.read_text().splitlines()]
+    encoded = module.tokenizer(sources, padding=True, return_tensors="pt")
+    inputs = encoded["input_ids"], encoded["attention_mask"]
+    state = torch.get_rng_state()
+    candidates = module.generate_candidates(*inputs, mbr_samples=5)
+    assert torch.equal(torch.get_rng_state(), state)  # the global random state is left alone
+    assert [len(c) for c in candidates] == [2 + 5] * len(sources)
+    beams = summarize(module, sources, num_beams=2)
+    assert [c[0] for c in candidates] == beams  # the best hypothesis first
+    assert len({text for c in candidates for text in c[2:]}) > len(set(beams))  # samples vary
+    assert module.generate_candidates(*inputs, mbr_samples=5) == candidates  # seeded: the same every time
+    chosen = summarize(module, sources, mbr_samples=5)
+    assert chosen == [c[mbr_select(c)] for c in candidates]
+    # an epsilon near 1 keeps only each step's most probable token: every sample is the greedy summary
+    greedy = summarize(module, sources, num_beams=1)
+    near_one = module.generate_candidates(*inputs, mbr_samples=3, mbr_epsilon=0.99)
+    assert [c[2:] for c in near_one] == [[text] * 3 for text in greedy]
+
+
+def test_mbr_settings_in_the_sweep_and_hyperparameters(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, data = setup
+    decoding, baselines = load_script("summarization_decoding"), load_script("summarization_baselines")
+    out = tmp_path / "grid.json"
+    assert decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--num-beams", "2", "--mbr-samples", "0", "4",
+                          "--json", str(out)]) == 0
+    rows = {r["mbr_samples"]: r for r in json.loads(out.read_text())["results"]}
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    module = load_summarizer(ckpt)
+    for samples, row in rows.items():
+        predictions = summarize(module, [r["source"] for r in records], mbr_samples=samples)
+        assert row["scores"] == baselines.score(predictions, records) and row["mbr_epsilon"] == 0.02
+    with pytest.raises(SystemExit, match="--mbr-samples must be >= 0"):
+        decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--mbr-samples", "-1"])
+    with pytest.raises(SystemExit, match=r"--mbr-epsilon must be in \[0, 1\)"):
+        decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--mbr-epsilon", "1"])
+
+    assert Summarizer(mbr_samples=8).mbr_settings() == {"mbr_samples": 8, "mbr_epsilon": 0.02}
+    assert Summarizer().mbr_settings(mbr_epsilon=0.1) == {"mbr_samples": 0, "mbr_epsilon": 0.1}
+    with pytest.raises(ValueError, match="mbr_samples must be >= 0"):
+        Summarizer(mbr_samples=-1)
+    with pytest.raises(ValueError, match=r"mbr_epsilon must be in \[0, 1\)"):
+        Summarizer(mbr_epsilon=1.0)

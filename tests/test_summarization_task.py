@@ -173,7 +173,7 @@ def test_fit_learns_the_copy_task(trained: Fitted) -> None:
     metrics = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
     assert metrics["validation"]["val_rouge1"] == pytest.approx(after)
     assert Path(metrics["best_checkpoint"]).is_file() and metrics["best_val_rouge1"] >= after
-    assert metrics["generation"]["num_beams"] == 2
+    assert metrics["generation"]["num_beams"] == 2 and metrics["mbr"] == {"mbr_samples": 0, "mbr_epsilon": 0.02}
     samples = metrics["samples"]["val"]
     assert len(samples) == 3 and samples[0]["id"] == "1-0"
     assert samples[0]["references"] == [copy_pairs(1, 1)[0][2]] and samples[0]["prediction"]

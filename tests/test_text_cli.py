@@ -96,6 +96,15 @@ def test_summarize_demo_and_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [sorted(r) for r in records] == [["id", "summary"], ["summary"]] and records[0]["id"] == "a"
     assert main(["summarize", "   ", "--ckpt", ckpt]) == 2
     assert "empty" in capsys.readouterr().err
+    capsys.readouterr()
+    text = "Read the file and return its lines as a list of strings."
+    from bp_apps.text.summarization.task import load_summarizer, summarize
+
+    expected = summarize(load_summarizer(ckpt), [text], mbr_samples=6)[0]
+    assert main(["summarize", text, "--ckpt", ckpt, "--json", "--mbr-samples", "6"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"] == expected
+    assert main(["summarize", text, "--ckpt", ckpt, "--mbr-samples", "-1"]) == 2
+    assert "mbr_samples >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not PROPBANK.is_dir(), reason="needs ../shared/data/labeling/propbank_ewt (the real SRL data)")

@@ -41,6 +41,7 @@ TASK_KEY, TASK_NAME, STATE_KEY = "bp_apps_task", "text.Summarizer", "bp_apps_sum
 DEFAULT_MAX_SOURCE_TOKENS = 512
 NOT_BUILT = "the network is not built yet: fit with a summarization data module or load a checkpoint"
 MONITORS = ("val_rouge1", "val_rouge1_refmean")
+MBR_SEED = 0  # the sampling seed of MBR decoding (the global random state is left as it was)
 
 
 class SummarizationMetricsJson(MetricsJsonCallback):
@@ -48,7 +49,7 @@ class SummarizationMetricsJson(MetricsJsonCallback):
 
     def extra(self, trainer: L.Trainer) -> dict[str, Any]:
         module = trainer.lightning_module
-        return {"generation": module.generation_kwargs(), "samples": module.samples}
+        return {"generation": module.generation_kwargs(), "mbr": module.mbr_settings(), "samples": module.samples}
 
 
 def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
@@ -129,6 +130,12 @@ class Summarizer(L.LightningModule):
     loss). The first ``sample_generations`` generations of each evaluation are printed and kept in
     :attr:`samples`; testing writes every generation to ``predictions.jsonl`` in the log directory.
 
+    ``mbr_samples`` > 0 turns on minimum Bayes risk decoding (:mod:`bp_apps.text.summarization.mbr`): the beam
+    search's ``num_beams`` hypotheses and ``mbr_samples`` epsilon samples (tokens below probability
+    ``mbr_epsilon`` cut, the same length and repetition settings, seeded with :data:`MBR_SEED` so a source's
+    summary does not change from run to run) are the candidates, and the one with the highest ROUGE-1 against
+    the others is the summary.
+
     ``copy_mechanism`` (``arch='bart'``) lets the decoder copy source tokens: its output distribution mixes the
     vocabulary softmax with an attention over the source (:mod:`bp_apps.text.summarization.copy`).
     """
@@ -141,7 +148,7 @@ class Summarizer(L.LightningModule):
                  max_new_tokens: int = 32, min_new_tokens: int = 1, val_generate_limit: int | None = None,
                  sample_generations: int = 3, early_stopping_patience: int | None = None,
                  copy_mechanism: bool = False, monitor: Literal["val_rouge1", "val_rouge1_refmean"] = "val_rouge1",
-                 repetition_penalty: float = 1.0) -> None:
+                 repetition_penalty: float = 1.0, mbr_samples: int = 0, mbr_epsilon: float = 0.02) -> None:
         super().__init__()
         if arch not in ("t5", "bart"):
             raise ValueError(f"arch must be 't5' or 'bart', got {arch!r}")
@@ -159,6 +166,10 @@ class Summarizer(L.LightningModule):
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         if repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive (1.0: none), got {repetition_penalty}")
+        if mbr_samples < 0:
+            raise ValueError(f"mbr_samples must be >= 0 (0: beam search alone), got {mbr_samples}")
+        if not 0.0 <= mbr_epsilon < 1.0:
+            raise ValueError(f"mbr_epsilon must be in [0, 1) (0: no cutoff), got {mbr_epsilon}")
         if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
                              f"{min_new_tokens} and {max_new_tokens}")
@@ -266,14 +277,58 @@ class Summarizer(L.LightningModule):
             kwargs.pop("length_penalty")
         return kwargs
 
+    def mbr_settings(self, **overrides: Any) -> dict[str, Any]:
+        """The MBR decoding settings (``mbr_samples`` 0: off) from the hyperparameters, updated with ``overrides``."""
+        h = self.hparams
+        settings = {"mbr_samples": h.get("mbr_samples", 0), "mbr_epsilon": h.get("mbr_epsilon", 0.02), **overrides}
+        if settings["mbr_samples"] < 0 or not 0.0 <= settings["mbr_epsilon"] < 1.0:
+            raise ValueError(f"need mbr_samples >= 0 and 0 <= mbr_epsilon < 1, got {settings}")
+        return settings
+
+    def _decode(self, ids: Tensor) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
     @torch.no_grad()
-    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor, **overrides: Any) -> list[str]:
-        """Generated summaries (special tokens removed) for encoded sources."""
+    def generate_candidates(self, input_ids: Tensor, attention_mask: Tensor, mbr_samples: int | None = None,
+                            mbr_epsilon: float | None = None, **overrides: Any) -> list[list[str]]:
+        """For each source, the MBR candidates: the beam search's hypotheses (best first), then ``mbr_samples``
+        epsilon samples drawn with the same length and repetition settings (seeded with :data:`MBR_SEED`, the
+        global random state left untouched)."""
         if self.model is None or self.tokenizer is None:
             raise RuntimeError(NOT_BUILT)
-        ids = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                  **self.generation_kwargs(**overrides))
-        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        given = {k: v for k, v in (("mbr_samples", mbr_samples), ("mbr_epsilon", mbr_epsilon)) if v is not None}
+        mbr = self.mbr_settings(**given)
+        beam = self.generation_kwargs(**overrides)
+        beams = self._decode(self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                 num_return_sequences=beam["num_beams"], **beam))
+        sampled: list[str] = []
+        if mbr["mbr_samples"]:
+            sampling = {k: v for k, v in beam.items() if k not in ("num_beams", "length_penalty")}
+            devices = [input_ids.device.index or 0] if input_ids.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(MBR_SEED)
+                ids = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                          num_beams=1, top_k=0, top_p=1.0, temperature=1.0,
+                                          epsilon_cutoff=mbr["mbr_epsilon"] or None,
+                                          num_return_sequences=mbr["mbr_samples"], **sampling)
+            sampled = self._decode(ids)
+        n, k = beam["num_beams"], mbr["mbr_samples"]
+        return [beams[i * n:(i + 1) * n] + sampled[i * k:(i + 1) * k] for i in range(len(input_ids))]
+
+    @torch.no_grad()
+    def generate_texts(self, input_ids: Tensor, attention_mask: Tensor, **overrides: Any) -> list[str]:
+        """Generated summaries (special tokens removed) for encoded sources: beam search, or with ``mbr_samples``
+        > 0 the MBR choice among :meth:`generate_candidates`."""
+        if self.model is None or self.tokenizer is None:
+            raise RuntimeError(NOT_BUILT)
+        mbr = self.mbr_settings(**{k: overrides.pop(k) for k in ("mbr_samples", "mbr_epsilon") if k in overrides})
+        if not mbr["mbr_samples"]:
+            return self._decode(self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                    **self.generation_kwargs(**overrides)))
+        from bp_apps.text.summarization.mbr import mbr_select
+
+        candidates = self.generate_candidates(input_ids, attention_mask, **mbr, **overrides)
+        return [options[mbr_select(options)] for options in candidates]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
