@@ -104,7 +104,7 @@ def test_summarize_demo_and_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["summarize", text, "--ckpt", ckpt, "--json", "--mbr-samples", "6"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"] == expected
     assert main(["summarize", text, "--ckpt", ckpt, "--mbr-samples", "-1"]) == 2
-    assert "mbr_samples >= 0" in capsys.readouterr().err
+    assert "mbr_samples must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not PROPBANK.is_dir(), reason="needs ../shared/data/labeling/propbank_ewt (the real SRL data)")

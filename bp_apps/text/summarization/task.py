@@ -1,5 +1,5 @@
 """The summarization LightningModule: a sequence-to-sequence model trained with teacher forcing and a
-label-smoothed cross-entropy, evaluated by beam-search generation and ROUGE.
+label-smoothed cross-entropy, evaluated by beam-search (or minimum Bayes risk) generation and ROUGE.
 
 The network (:mod:`models`) is a T5 or BART built from the sizes here with the data module's tokenizer, or a
 pretrained model (``pretrained_name``) whose tokenizer then replaces the data module's. The tokenizer (as JSON)
@@ -42,6 +42,14 @@ DEFAULT_MAX_SOURCE_TOKENS = 512
 NOT_BUILT = "the network is not built yet: fit with a summarization data module or load a checkpoint"
 MONITORS = ("val_rouge1", "val_rouge1_refmean")
 MBR_SEED = 0  # the sampling seed of MBR decoding (the global random state is left as it was)
+
+
+def check_mbr_settings(samples: int, epsilon: float) -> None:
+    """Refuse MBR settings generation cannot use."""
+    if samples < 0:
+        raise ValueError(f"mbr_samples must be >= 0 (0: beam search alone), got {samples}")
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"mbr_epsilon must be in [0, 1) (0: no cutoff), got {epsilon}")
 
 
 class SummarizationMetricsJson(MetricsJsonCallback):
@@ -166,10 +174,7 @@ class Summarizer(L.LightningModule):
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         if repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive (1.0: none), got {repetition_penalty}")
-        if mbr_samples < 0:
-            raise ValueError(f"mbr_samples must be >= 0 (0: beam search alone), got {mbr_samples}")
-        if not 0.0 <= mbr_epsilon < 1.0:
-            raise ValueError(f"mbr_epsilon must be in [0, 1) (0: no cutoff), got {mbr_epsilon}")
+        check_mbr_settings(mbr_samples, mbr_epsilon)
         if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
                              f"{min_new_tokens} and {max_new_tokens}")
@@ -281,8 +286,7 @@ class Summarizer(L.LightningModule):
         """The MBR decoding settings (``mbr_samples`` 0: off) from the hyperparameters, updated with ``overrides``."""
         h = self.hparams
         settings = {"mbr_samples": h.get("mbr_samples", 0), "mbr_epsilon": h.get("mbr_epsilon", 0.02), **overrides}
-        if settings["mbr_samples"] < 0 or not 0.0 <= settings["mbr_epsilon"] < 1.0:
-            raise ValueError(f"need mbr_samples >= 0 and 0 <= mbr_epsilon < 1, got {settings}")
+        check_mbr_settings(settings["mbr_samples"], settings["mbr_epsilon"])
         return settings
 
     def _decode(self, ids: Tensor) -> list[str]:
