@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.start < 0 or args.limit < 1:
         raise SystemExit(f"need --start >= 0 and --limit >= 1, got {args.start} and {args.limit}")
-    checks = {"num_beams": (lambda v: v >= 1, ">= 1"), "length_penalty": (lambda v: True, ""),
-              "min_new_tokens": (lambda v: v >= 0, ">= 0"), "repetition_penalty": (lambda v: v > 0, "> 0"),
+    checks = {"num_beams": (lambda v: v >= 1, ">= 1"), "min_new_tokens": (lambda v: v >= 0, ">= 0"),
+              "repetition_penalty": (lambda v: v > 0, "> 0"),
               "no_repeat_ngram_size": (lambda v: v >= 0, ">= 0 (0: off)"),
               "mbr_samples": (lambda v: v >= 0, ">= 0 (0: beam search alone)"),
               "mbr_epsilon": (lambda v: 0.0 <= v < 1.0, "in [0, 1)")}
@@ -77,18 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     sources = [r["source"] for r in records]
     grid = [getattr(args, name) or [module.hparams[name]] for name in GRID]  # unset: the checkpoint's own setting
     rows = []
-    for beams, penalty, shortest, repetition, ngram, samples, epsilon in itertools.product(*grid):
-        if shortest > module.hparams.max_new_tokens:
-            raise SystemExit(f"--min-new-tokens {shortest} exceeds the model's max_new_tokens "
+    for values in itertools.product(*grid):
+        setting = dict(zip(GRID, values, strict=True))
+        if setting["min_new_tokens"] > module.hparams.max_new_tokens:
+            raise SystemExit(f"--min-new-tokens {setting['min_new_tokens']} exceeds the model's max_new_tokens "
                              f"{module.hparams.max_new_tokens}")
-        predictions = summarize(module, sources, batch_size=args.batch_size, num_beams=beams,
-                                length_penalty=penalty, min_new_tokens=shortest, repetition_penalty=repetition,
-                                no_repeat_ngram_size=ngram, mbr_samples=samples, mbr_epsilon=epsilon)
+        predictions = summarize(module, sources, batch_size=args.batch_size, **setting)
         words = sum(len(p.split()) for p in predictions) / len(predictions)
-        rows.append({"num_beams": beams, "length_penalty": penalty, "min_new_tokens": shortest,
-                     "repetition_penalty": repetition, "no_repeat_ngram_size": ngram, "mbr_samples": samples,
-                     "mbr_epsilon": epsilon,
-                     "mean_words": round(words, 3), "scores": score(predictions, records)})
+        rows.append({**setting, "mean_words": round(words, 3), "scores": score(predictions, records)})
     rows.sort(key=lambda row: -row["scores"][PROTOCOLS[1]]["rouge1"])
 
     print(f"{len(records)} records of {args.data} from {args.start}; ROUGE-1 / 2 / L F1")

@@ -39,7 +39,8 @@ def mbr_select(candidates: Sequence[str]) -> int:
     to the earliest, so list the beam search's best hypothesis first."""
     if isinstance(candidates, str) or not candidates:
         raise ValueError(f"mbr_select needs a non-empty sequence of strings, got {candidates!r}")
-    bags = [Counter(_tokenizer().tokenize(text)) for text in candidates]
+    tokenize = _tokenizer().tokenize
+    bags = [Counter(tokenize(text)) for text in candidates]
     best, best_utility = 0, -1.0
     for i, bag in enumerate(bags):
         utility = sum(unigram_f1(bag, other) for j, other in enumerate(bags) if j != i)

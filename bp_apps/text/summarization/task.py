@@ -34,6 +34,7 @@ from bp_apps.core.lit import (
 )
 from bp_apps.core.resume import ExactResume
 from bp_apps.text.rouge import rouge_scores
+from bp_apps.text.summarization.mbr import mbr_select
 
 __all__ = ["TASK_NAME", "HFBestExport", "Summarizer", "export_pretrained", "load_summarizer", "summarize"]
 
@@ -42,6 +43,7 @@ DEFAULT_MAX_SOURCE_TOKENS = 512
 NOT_BUILT = "the network is not built yet: fit with a summarization data module or load a checkpoint"
 MONITORS = ("val_rouge1", "val_rouge1_refmean")
 MBR_SEED = 0  # the sampling seed of MBR decoding (the global random state is left as it was)
+MBR_KEYS = ("mbr_samples", "mbr_epsilon")
 
 
 def check_mbr_settings(samples: int, epsilon: float) -> None:
@@ -292,17 +294,20 @@ class Summarizer(L.LightningModule):
     def _decode(self, ids: Tensor) -> list[str]:
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    def _settings(self, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The MBR settings and the ``generate`` settings, from the hyperparameters updated with ``overrides``."""
+        mbr = {k: v for k, v in overrides.items() if k in MBR_KEYS}
+        rest = {k: v for k, v in overrides.items() if k not in MBR_KEYS}
+        return self.mbr_settings(**mbr), self.generation_kwargs(**rest)
+
     @torch.no_grad()
-    def generate_candidates(self, input_ids: Tensor, attention_mask: Tensor, mbr_samples: int | None = None,
-                            mbr_epsilon: float | None = None, **overrides: Any) -> list[list[str]]:
+    def generate_candidates(self, input_ids: Tensor, attention_mask: Tensor, **overrides: Any) -> list[list[str]]:
         """For each source, the MBR candidates: the beam search's hypotheses (best first), then ``mbr_samples``
         epsilon samples drawn with the same length and repetition settings (seeded with :data:`MBR_SEED`, the
-        global random state left untouched)."""
+        global random state left untouched). ``overrides`` update the MBR and ``generate`` settings."""
         if self.model is None or self.tokenizer is None:
             raise RuntimeError(NOT_BUILT)
-        given = {k: v for k, v in (("mbr_samples", mbr_samples), ("mbr_epsilon", mbr_epsilon)) if v is not None}
-        mbr = self.mbr_settings(**given)
-        beam = self.generation_kwargs(**overrides)
+        mbr, beam = self._settings(overrides)
         beams = self._decode(self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                                  num_return_sequences=beam["num_beams"], **beam))
         sampled: list[str] = []
@@ -325,13 +330,10 @@ class Summarizer(L.LightningModule):
         > 0 the MBR choice among :meth:`generate_candidates`."""
         if self.model is None or self.tokenizer is None:
             raise RuntimeError(NOT_BUILT)
-        mbr = self.mbr_settings(**{k: overrides.pop(k) for k in ("mbr_samples", "mbr_epsilon") if k in overrides})
+        mbr, beam = self._settings(overrides)
         if not mbr["mbr_samples"]:
-            return self._decode(self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                                    **self.generation_kwargs(**overrides)))
-        from bp_apps.text.summarization.mbr import mbr_select
-
-        candidates = self.generate_candidates(input_ids, attention_mask, **mbr, **overrides)
+            return self._decode(self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **beam))
+        candidates = self.generate_candidates(input_ids, attention_mask, **overrides)
         return [options[mbr_select(options)] for options in candidates]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
