@@ -20,7 +20,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _add_compare_options(parser: argparse.ArgumentParser) -> None:
-    from bp_apps.core.compare import CompareConfig
+    from bp_apps.experiments.compare import CompareConfig
 
     defaults = CompareConfig()
     parser.add_argument("--width", type=int, default=defaults.width, help="hidden layer width")
@@ -41,7 +41,7 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace, default_out: str) -> int:
-    from bp_apps.core.compare import CompareConfig, format_markdown, run_comparison, write_report
+    from bp_apps.experiments.compare import CompareConfig, format_markdown, run_comparison, write_report
 
     config = CompareConfig(width=args.width, depth=args.depth, activation=args.activation,
                            batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr,
@@ -58,12 +58,12 @@ def _run_compare(args: argparse.Namespace, default_out: str) -> int:
 
 def _run_bench(args: argparse.Namespace) -> int:
     if args.what == "core":
-        from bp_apps.core.bench import format_core_table, run_core_bench
+        from bp_apps.experiments.bench import format_core_table, run_core_bench
 
         report = run_core_bench(sizes=args.sizes, repeats=args.repeats, device=args.device)
         print(format_core_table(report))
     else:
-        from bp_apps.core.bench_digits import format_digits_table, run_digits_bench
+        from bp_apps.experiments.bench_digits import format_digits_table, run_digits_bench
 
         report = run_digits_bench(seeds=range(args.seeds))
         print(format_digits_table(report))
@@ -111,7 +111,9 @@ def _lightning(argv: Sequence[str]) -> int:
         def after_fit(self) -> None:
             if self.trainer.interrupted or not hasattr(self.datamodule, "test_dataloader"):
                 return
-            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
+            from bp_apps.core.lit import best_checkpoint_callback
+
+            best = getattr(best_checkpoint_callback(self.trainer), "best_model_path", "") or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
     BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
@@ -175,7 +177,7 @@ def _tensorboard_logger_class(base: type) -> type:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from bp_apps.plot import plot_runs
+    from bp_apps.experiments.plot import plot_runs
 
     out = args.out or Path(args.runs[0]) / "plots"
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
@@ -199,7 +201,7 @@ def _run_predict_image(args: argparse.Namespace) -> int:
 
 def _emit_jsonl(records: list[dict], out: Path | None) -> int:
     """One JSON record per line: printed, or written (atomically) to ``out``."""
-    from bp_apps.text.labeling.formats import write_jsonl
+    from bp_apps.core.io import write_jsonl
 
     if out is None:
         for record in records:

@@ -1,5 +1,5 @@
 """Time a bidirectional LSTM's training step (forward + backward) on CPU: ``nn.LSTM`` over a packed batch against
-:func:`bp_apps.core.rnn.run_lstm` over the padded batch, with the same weights and inputs.
+:func:`bp_apps.text.labeling.rnn.run_lstm` over the padded batch, with the same weights and inputs.
 
 Usage:
   python scripts/bench_lstm.py [--lengths 20 40 80] [--batch 64] [--features 548] [--hidden 200]
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bp_apps.core.io import atomic_write_text
-from bp_apps.core.rnn import run_lstm
+from bp_apps.text.labeling.rnn import run_lstm
 
 
 def packed_lstm(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bp_apps.core.io import atomic_write_text
-from bp_apps.text.rouge import rouge_scores
+from bp_apps.text.summarization.rouge import rouge_scores
 
 PROTOCOLS = ("best of references", "mean over references", "original target")
 

@@ -44,16 +44,17 @@ GOOD_SRL = [srl_record("the cat sat on the mat", "B-ARG0 I-ARG0 B-V B-ARGM-LOC I
 
 
 def split_files(folder: str, train: list[str | bytes], val: list[str | bytes]) -> Callable[[Path], Path]:
-    """A builder of ``folder/train.jsonl`` and ``folder/validation.jsonl`` under the data root."""
+    """A builder of ``folder/train.jsonl`` and ``folder/validation.jsonl`` under the data root (the config's
+    file names); returns the data root."""
     def build(root: Path) -> Path:
         write_lines(root / folder / "train.jsonl", train)
         write_lines(root / folder / "validation.jsonl", val)
-        return root / folder
+        return root
     return build
 
 
 def labeling_data(train: list[str | bytes], val: list[str | bytes] = GOOD_SRL) -> Callable[[Path], Path]:
-    return split_files("srl", train, val)
+    return split_files("labeling/propbank_ewt", train, val)
 
 
 GOOD_PAIRS = [json.dumps({"source": f"please send the report for week {i} by friday", "target": f"week {i} report"})
@@ -61,7 +62,7 @@ GOOD_PAIRS = [json.dumps({"source": f"please send the report for week {i} by fri
 
 
 def summarization_data(train: list[str | bytes], val: list[str | bytes] = GOOD_PAIRS) -> Callable[[Path], Path]:
-    return split_files("mail", train, val)
+    return split_files("summarization/aeslc", train, val)
 
 
 def tone(path: Path, seconds: float = 0.4, rate: int = 8000, channels: int = 1) -> Path:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from bp_apps.core.bench import bench_size, format_core_table, run_core_bench, step_matmul_flops
-from bp_apps.core.bench_digits import DigitsRecipe, run_digits_bench, time_to_accuracy
+from bp_apps.experiments.bench import bench_size, format_core_table, run_core_bench, step_matmul_flops
+from bp_apps.experiments.bench_digits import DigitsRecipe, run_digits_bench, time_to_accuracy
 
 
 def test_step_flops_counts_forward_weight_and_input_gradients():

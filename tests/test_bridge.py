@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bp_apps.core.backprop import MLP
-from bp_apps.core.bridge import ManualMLPFunction, ManualMLPHead, manual_mlp
+from bp_apps.engine import MLP
+from bp_apps.engine.bridge import ManualMLPFunction, ManualMLPHead, manual_mlp
 
 RTOL = 1e-10
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bp_apps.core.compare import CompareConfig, format_markdown, run_comparison, write_report
+from bp_apps.experiments.compare import CompareConfig, format_markdown, run_comparison, write_report
 
 
 @pytest.fixture(scope="module")

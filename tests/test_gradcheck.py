@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from bp_apps.core.backprop import (
+from bp_apps.engine import (
     ACTIVATIONS,
     GELU,
     MLP,
@@ -28,7 +28,7 @@ from bp_apps.core.backprop import (
     SoftmaxCrossEntropy,
     Tanh,
 )
-from bp_apps.core.gradcheck import (
+from bp_apps.engine.gradcheck import (
     check_layer,
     check_loss,
     finite_difference_errors,

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bp_apps.core.samplers import BucketBatchSampler
 from bp_apps.text.labeling.data import (
     MAX_WORD_CHARS,
     PAD,
     UNK,
-    BucketBatchSampler,
     LabelingDataModule,
     LabelingVocab,
     PunctuationDataModule,

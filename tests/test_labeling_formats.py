@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from bp_apps.core.io import write_jsonl
 from bp_apps.text.labeling.formats import (
     check_bio,
     check_known_tags,
@@ -18,7 +19,6 @@ from bp_apps.text.labeling.formats import (
     read_jsonl,
     read_labeled_file,
     sentences_from_hf,
-    write_jsonl,
 )
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, make_sentence
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from bp_apps.cli import main
-from bp_apps.core.rnn import run_lstm
 from bp_apps.text.labeling import models
 from bp_apps.text.labeling.data import LabelingDataModule, LabelingVocab, collate_sentences
 from bp_apps.text.labeling.formats import read_jsonl
 from bp_apps.text.labeling.models import BiLSTMTagger
 from bp_apps.text.labeling.records import make_sentence
+from bp_apps.text.labeling.rnn import run_lstm
 from bp_apps.text.labeling.task import (
     TokenLabeler,
     label_sentences,

@@ -5,7 +5,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from bp_apps.core.linreg import article_gradient_descent, gradient_descent, make_regression, mse, mse_gradient
+from bp_apps.experiments.linreg import article_gradient_descent, gradient_descent, make_regression, mse, mse_gradient
 
 
 def test_mse_gradient_matches_autograd():

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bp_apps.core.backprop import NonFiniteError
 from bp_apps.core.data import DigitsDataModule
-from bp_apps.core.lit import ENGINE_OPTIMIZER_KEY, MLPClassifier
+from bp_apps.core.lit import MLPClassifier
+from bp_apps.engine import NonFiniteError
+from bp_apps.engine import Optimizer as EngineOptimizer
 
 HIDDEN = (64, 64)
 
@@ -72,8 +73,10 @@ def test_backends_learn_digits(backend: str) -> None:
     assert float(t.callback_metrics["val_acc"]) > 0.88  # 0.956 for both backends on CPU
     assert float(t.callback_metrics["train_loss_epoch"]) < 0.5
     if backend == "manual":
-        assert not any(p.requires_grad or p.grad is not None for p in model.net.parameters()), "autograd was used"
-        assert model.engine_optimizer is not None and model.engine_optimizer.step_count == t.global_step
+        assert not any(p.requires_grad for p in model.net.parameters()), "autograd was used"
+        (optimizer,) = t.optimizers
+        assert isinstance(optimizer, EngineOptimizer), "the engine's optimizer, stepped through Lightning"
+        assert all(state["step"] == t.global_step for state in optimizer.state.values())
     (test,) = t.test(model, datamodule=DigitsDataModule(), verbose=False)
     assert test["test_acc"] > 0.88 and test["test_loss"] < 0.5
     probs = torch.cat(t.predict(model, datamodule=DigitsDataModule()))
@@ -108,33 +111,33 @@ def test_same_seed_same_result() -> None:
 def test_resume_restores_engine_optimizer(tmp_path: Path) -> None:
     config = {"hidden": (32,), "optimizer": "adam", "lr": 3e-3}
     straight = MLPClassifier(**config)
-    fit(straight, 2, OrderedDigits())
+    t_straight = fit(straight, 2, OrderedDigits())
 
     first = MLPClassifier(**config)
     t = fit(first, 1, OrderedDigits())
     steps = t.global_step
     path = tmp_path / "epoch1.ckpt"
     t.save_checkpoint(path)
-    saved = torch.load(path, weights_only=True)[ENGINE_OPTIMIZER_KEY]
-    assert saved["step"] == steps
-    for name, tensors in first.engine_optimizer.state.items():
-        assert all(torch.equal(a, b) for a, b in zip(tensors, saved["state"][name], strict=True))
+    (saved,) = torch.load(path, weights_only=True)["optimizer_states"]  # Lightning checkpoints it as its own
+    live = t.optimizers[0].state_dict()["state"]
+    assert saved["state"].keys() == live.keys() and all(s["step"] == steps for s in saved["state"].values())
+    for index, entries in live.items():
+        assert all(torch.equal(entries[k], saved["state"][index][k]) for k in ("exp_avg", "exp_avg_sq"))
 
     resumed = MLPClassifier(**{**config, "seed": 1})  # different initial weights: the checkpoint must win
     t2 = fit(resumed, 2, OrderedDigits(), ckpt_path=path)
     assert t2.global_step == 2 * steps
-    opt, ref = resumed.engine_optimizer, straight.engine_optimizer
-    assert opt.step_count == ref.step_count == 2 * steps, "Adam's step count continued from the checkpoint"
-    assert opt.state.keys() == ref.state.keys() == {"exp_avg", "exp_avg_sq"}
-    for name in opt.state:
-        assert all(torch.equal(a, b) for a, b in zip(opt.state[name], ref.state[name], strict=True))
+    opt, ref = t2.optimizers[0].state_dict()["state"], t_straight.optimizers[0].state_dict()["state"]
+    assert opt.keys() == ref.keys()
+    for index in opt:
+        assert opt[index]["step"] == ref[index]["step"] == 2 * steps, "Adam's step count continued"
+        assert all(torch.equal(opt[index][k], ref[index][k]) for k in ("exp_avg", "exp_avg_sq"))
     assert all(torch.equal(p, q) for p, q in zip(params(resumed), params(straight), strict=True))
 
     # Loading weights only (no resume) starts a fresh optimizer, as Lightning does for its own.
-    loaded = MLPClassifier.load_from_checkpoint(path)
+    loaded = MLPClassifier.load(path)
     assert all(torch.equal(p, q) for p, q in zip(params(loaded), params(first), strict=True))
-    loaded.configure_optimizers()
-    assert loaded.engine_optimizer.step_count == 0 and not loaded.engine_optimizer.state
+    assert not loaded.training
 
 
 @pytest.mark.parametrize("backend", ["manual", "autograd"])
@@ -159,8 +162,8 @@ def test_manual_backend_precision() -> None:
     model = MLPClassifier(hidden=(16,))
     trainer(precision="64-true", max_steps=3, limit_val_batches=1).fit(model, datamodule=DigitsDataModule())
     assert all(p.dtype == torch.float64 for p in model.net.parameters())
-    assert model.engine_optimizer.step_count == 3
-    assert all(t.dtype == torch.float64 for t in model.engine_optimizer.state["exp_avg"])
+    states = list(model.trainer.optimizers[0].state.values())
+    assert states and all(s["step"] == 3 and s["exp_avg"].dtype == torch.float64 for s in states)
 
 
 def test_lightning_cli_config() -> None:

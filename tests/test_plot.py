@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bp_apps.cli import main
-from bp_apps.plot import find_log, metric_group, plot_runs, read_run, run_name
+from bp_apps.experiments.plot import find_log, metric_group, plot_runs, read_run, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -198,7 +198,7 @@ def ensure_runs_exist(argv: list[str], ws: Workspace) -> None:
     for arg in argv:
         match = re.fullmatch(r"(runs/\w+)/lightning_logs/version_0", arg)
         if match and not (ws.path / arg).exists():
-            config = "configs/core/digits_mlp_manual.yaml"
+            config = "configs/vision/digits_mlp_manual.yaml"
             assert main(["fit", "--config", config, f"--trainer.default_root_dir={match.group(1)}", *SMALL]) == 0
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bp_apps.core.rnn import run_lstm
+from bp_apps.text.labeling.rnn import run_lstm
 
 
 def packed_reference(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

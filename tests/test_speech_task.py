@@ -103,7 +103,7 @@ def test_checkpoint_round_trip_with_weights_only(ctc_run: dict, tmp_path: Path) 
         load_speech_model(broken)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"bp_apps_task": "vision.ImageClassifier", "state_dict": {}}, foreign)
-    with pytest.raises(ValueError, match=r"foreign\.ckpt is not a speech checkpoint .*vision\.ImageClassifier"):
+    with pytest.raises(ValueError, match=r"foreign\.ckpt: not a speech checkpoint .*vision\.ImageClassifier"):
         load_speech_model(foreign)
 
 

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from rouge_score import tokenizers
 
-from bp_apps.text.rouge import rouge_scores
 from bp_apps.text.summarization.mbr import mbr_select, unigram_f1
+from bp_apps.text.summarization.rouge import rouge_scores
 
 
 def test_the_consensus_candidate_wins_wherever_it_stands() -> None:

@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from bp_apps.text.rouge import rouge_scores, split_sentences
 from bp_apps.text.summarization.models import build_seq2seq, load_pretrained_seq2seq
+from bp_apps.text.summarization.rouge import rouge_scores, split_sentences
 from bp_apps.text.summarization.task import (
     HFBestExport,
     Summarizer,

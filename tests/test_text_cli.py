@@ -111,7 +111,8 @@ def test_summarize_demo_and_command(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_train_text_script_on_real_srl_data(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train_text.py"), "--config", str(CONFIGS / "srl_propbank_ewt.yaml"),
-         f"--data.data_root={PROPBANK}", "--data.limit_train=200", "--data.limit_val=50", "--trainer.max_epochs=1",
+         f"--data.data_root={PROPBANK.parents[1]}", "--data.limit_train=200", "--data.limit_val=50",
+         "--trainer.max_epochs=1",
          "--model.hidden=16", "--model.word_dim=16", f"--trainer.default_root_dir={tmp_path}",
          "--trainer.enable_progress_bar=false"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import bp_apps.text.corpus as corpus
-from bp_apps.text.corpus import Docstring, default_cache_dir, stdlib_docstrings, summary_pairs
+from bp_apps.core.io import default_cache_dir
+from bp_apps.text.corpus import Docstring, stdlib_docstrings, summary_pairs
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bp_apps.text.metrics import span_scores, token_scores
+from bp_apps.text.labeling.metrics import span_scores, token_scores
 
 
 def test_span_scores_hand_computed():

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from bp_apps.core.resume import epoch_permutation, resumable_loader
+from bp_apps.core.resume import resumable_loader
+from bp_apps.core.samplers import epoch_permutation
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,15 @@
-"""Writing files safely: to a temporary name in the same folder, then an atomic rename."""
+"""Files, safely: atomic writes (a temporary name in the same folder, then a rename), checkpoints loaded without
+running code, strict UTF-8 lines and JSONL, data paths and the cache folder."""
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
@@ -43,3 +48,86 @@ def load_checkpoint_dict(path: Path | str) -> dict:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint")
     return checkpoint
+
+
+def utf8_lines(path: Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` for each line, decoded strictly as UTF-8 (a leading BOM is dropped);
+    a bad byte raises ``error`` naming ``path:line``."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte offset {exc.start} of the line)"
+                        ) from None
+        yield lineno, text
+
+
+def data_path(name: str, data_root: str | None) -> Path:
+    """``name`` under ``data_root`` (unless absolute); a ``data_root`` that is not a directory is an error."""
+    path = Path(name).expanduser()
+    if data_root is not None and not path.is_absolute():
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data_root {str(root)!r} is not a directory")
+        path = root / path
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$BP_APPS_CACHE``, else ``~/.cache/bp_apps``: where derived corpora are kept between runs."""
+    return Path(os.environ.get("BP_APPS_CACHE") or Path.home() / ".cache" / "bp_apps")
+
+
+def write_jsonl(path: Path | str, records: Iterable[Mapping[str, Any]]) -> Path:
+    """Write one JSON object per line (UTF-8, not ASCII-escaped) atomically, creating parent folders.
+
+    Readers see the old file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    lines = []
+    for index, record in enumerate(records):
+        try:
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        except TypeError as exc:
+            raise TypeError(f"{path}: record {index} cannot be written as JSON: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, "".join(lines))
+
+
+def default_data_root() -> Path:
+    """``$BP_APPS_DATA`` when set (and not empty), else ``data`` (relative to the current folder): where the data
+    sets live when a data module is given no ``data_root``."""
+    value = os.environ.get("BP_APPS_DATA")
+    return Path(value).expanduser() if value else Path("data")
+
+
+def resolve_data_root(data_root: str | Path | None) -> Path:
+    """``data_root`` (``~`` expanded), or :func:`default_data_root` when it is None."""
+    return default_data_root() if data_root is None else Path(data_root).expanduser()
+
+
+def data_root_hint(data_root: str | Path | None) -> str:
+    """For error messages: which data root was used and how to choose another."""
+    if data_root is not None:
+        return (f"data_root is {str(data_root)!r} (--data.data_root; without it the data root is $BP_APPS_DATA, "
+                f"else ./data)")
+    value = os.environ.get("BP_APPS_DATA")
+    where = f"$BP_APPS_DATA={value!r}" if value else "./data (the default: $BP_APPS_DATA is not set)"
+    return f"the data root is {where}; choose another with --data.data_root=PATH or by setting $BP_APPS_DATA"
+
+
+def data_file(name: str, data_root: str | Path | None) -> Path:
+    """``name`` under ``data_root``, or under :func:`default_data_root` when that is None (absolute names as they
+    are). A given ``data_root`` behaves as in :func:`data_path`; under the default one, a missing file is a
+    FileNotFoundError naming the path it was looked for at and how to choose the data root."""
+    if data_root is not None:
+        return data_path(name, str(data_root))
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    path = default_data_root() / path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (looked for {str(path.absolute())!r}): "
+                                f"{data_root_hint(None)}")
+    return path

@@ -26,38 +26,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from bp_apps.core.samplers import MIX, EpochShuffle
 
 RNG_KEY = "bp_apps_cpu_rng_state"
 """Checkpoint key holding ``torch.get_rng_state()`` at the time of saving."""
-MIX = 1_000_003  # a prime that spreads (seed, epoch, batch) over distinct generator seeds
 
-__all__ = ["RNG_KEY", "EpochShuffle", "ExactResume", "FailAtStep", "ResumableDataLoader", "StepCheckpoint",
-           "epoch_permutation", "restore_training_state", "resumable_loader", "resume_training_loaders",
-           "save_rng_state"]
-
-
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
-    """A shuffle of ``range(num_samples)`` that depends on ``(seed, epoch)`` alone."""
-    generator = torch.Generator().manual_seed(seed * MIX + epoch)
-    return torch.randperm(num_samples, generator=generator)
-
-
-class EpochShuffle(Sampler[int]):
-    """A shuffle that depends only on ``(seed, epoch)`` (Lightning calls ``set_epoch``), so a restarted process
-    replays exactly the order an uninterrupted run would have used."""
-
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.num_samples, self.seed, self.epoch).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
+__all__ = ["RNG_KEY", "ExactResume", "FailAtStep", "ResumableDataLoader", "StepCheckpoint", "restore_training_state",
+           "resumable_loader", "resume_training_loaders", "save_rng_state"]
 
 
 class _SkipFirst:

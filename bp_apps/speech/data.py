@@ -32,12 +32,11 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from bp_apps.core.io import default_cache_dir, default_data_root, utf8_lines
 from bp_apps.core.resume import resumable_loader
 from bp_apps.speech.audio import load_audio, normalise_level
 from bp_apps.speech.decoding import DIGIT_WORDS, encode_text, normalise_transcript
 from bp_apps.speech.features import FeatureCache, FeatureConfig, make_extractor
-from bp_apps.text.corpus import default_cache_dir
-from bp_apps.text.files import utf8_lines
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,12 @@ FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_ARCHIVE_URL = f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.tar.gz"
 FSDD_RECORDINGS_DIGEST = "f288642b28d9e72bd7c0dd48b04e517e16ee87e0846e2f036fe6b926b270b33b"
 """sha256 over ``name\\0sha256(file)\\n`` of the sorted recordings of speakers george, jackson, lucas and nicolas
-at the pinned commit (the four speakers of ``../shared/data/fsdd``); checked after every download."""
+at the pinned commit (the four speakers of the developers' local copy); checked after every download."""
 FSDD_CHECKED_SPEAKERS = ("george", "jackson", "lucas", "nicolas")
 FSDD_NAME = re.compile(r"^([0-9])_([A-Za-z]+)_([0-9]+)\.wav$")
-DEFAULT_FSDD_ROOT = "../shared/data/fsdd"
+FSDD_FOLDER = "fsdd"
+"""The FSDD folder's name under the data root: without ``data_root``, FSDD is read from ``$BP_APPS_DATA/fsdd``,
+else ``./data/fsdd``."""
 
 
 # ----------------------------------------------------------------------------------------------- utterances
@@ -289,19 +290,36 @@ def download_fsdd(root: str | Path, url: str = FSDD_ARCHIVE_URL, expected_digest
     return target
 
 
-def _fsdd_files(data_root: str, download: bool) -> list[Path]:
+def fsdd_root(data_root: str | Path | None) -> Path:
+    """The FSDD folder: ``data_root`` (``~`` expanded), else ``fsdd`` under the default data root
+    (``$BP_APPS_DATA``, else ``./data``), looked up when called."""
+    return default_data_root() / FSDD_FOLDER if data_root is None else Path(data_root).expanduser()
+
+
+def _fsdd_files(data_root: str | None, download: bool) -> list[Path]:
+    root = fsdd_root(data_root)
     if download:
-        download_fsdd(data_root)
-    return list_fsdd(data_root)
+        download_fsdd(root)
+    if not root.is_dir():
+        value = os.environ.get("BP_APPS_DATA")
+        hint = (f"data_root is {str(data_root)!r} (--data.data_root)" if data_root is not None else
+                f"without data_root, FSDD is read from {FSDD_FOLDER}/ under $BP_APPS_DATA, else under ./data "
+                f"(here: {f'$BP_APPS_DATA={value!r}' if value else '$BP_APPS_DATA is not set'}); set $BP_APPS_DATA, "
+                f"or --data.data_root=PATH to the FSDD folder itself")
+        raise FileNotFoundError(f"FSDD folder {root} ({str(root.absolute())!r}) does not exist; {hint}. "
+                                f"--data.download=true fetches the pinned FSDD commit from GitHub (checksummed) "
+                                f"into it.")
+    return list_fsdd(root)
 
 
 class FSDDDigitsDataModule(SpeechDataModule):
     """Isolated spoken digits (10 classes) from FSDD with its official split; loaders yield
-    ``((features (B, T, F), lengths), labels)``. ``limit_per_split`` keeps the first N of each split (tests)."""
+    ``((features (B, T, F), lengths), labels)``. ``limit_per_split`` keeps the first N of each split (tests).
+    ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``)."""
 
     collate = staticmethod(collate_digits)
 
-    def __init__(self, data_root: str = DEFAULT_FSDD_ROOT, download: bool = False,
+    def __init__(self, data_root: str | None = None, download: bool = False,
                  val_indices: Sequence[int] = (5, 6, 7, 8, 9), limit_per_split: int | None = None,
                  batch_size: int = 32, sample_rate: int = 8000, n_mels: int = 40, hop_ms: float = 10.0,
                  max_seconds: float | None = 10.0, num_workers: int = 0, cache: bool = True,
@@ -314,6 +332,9 @@ class FSDDDigitsDataModule(SpeechDataModule):
         self.num_classes = 10
         self.class_names = list(DIGIT_WORDS)
         self._split: dict[str, list[Path]] | None = None
+
+    def source(self, split: str) -> str | None:
+        return str(fsdd_root(self.data_root))
 
     def split(self) -> dict[str, list[Path]]:
         if self._split is None:
@@ -360,9 +381,10 @@ def connected_digit_utterances(files: Sequence[str | Path], count: int, seed: in
 
 class ConnectedDigitsDataModule(SpeechDataModule):
     """Connected digit strings (1-7 digits) made from FSDD recordings: each split's utterances use only that
-    split's recordings (test: indices 0-4), so test speech never reaches training. Deterministic by ``seed``."""
+    split's recordings (test: indices 0-4), so test speech never reaches training. Deterministic by ``seed``.
+    ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``)."""
 
-    def __init__(self, data_root: str = DEFAULT_FSDD_ROOT, download: bool = False,
+    def __init__(self, data_root: str | None = None, download: bool = False,
                  val_indices: Sequence[int] = (5, 6, 7, 8, 9), train_utterances: int = 3000,
                  val_utterances: int = 200, test_utterances: int = 500, min_digits: int = 1, max_digits: int = 7,
                  pause_range: tuple[float, float] = (0.05, 0.3), batch_size: int = 32, sample_rate: int = 8000,
@@ -375,6 +397,9 @@ class ConnectedDigitsDataModule(SpeechDataModule):
         self.counts = {"train": train_utterances, "val": val_utterances, "test": test_utterances}
         self.min_digits, self.max_digits, self.pause_range = min_digits, max_digits, tuple(pause_range)
         self._utterances: dict[str, list[Utterance]] = {}
+
+    def source(self, split: str) -> str | None:
+        return str(fsdd_root(self.data_root))
 
     def utterances(self, split: str) -> list[Utterance]:
         if split not in self._utterances:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from bp_apps.core.bridge import ManualMLPHead
+from bp_apps.engine.bridge import ManualMLPHead
 from bp_apps.speech.decoding import TOKENS
 
 __all__ = ["CTC_MODELS", "ConformerCTC", "ConvGRUCTC", "ConvSubsampling", "DigitClassifierNet", "Wav2Vec2CTC",

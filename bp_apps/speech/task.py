@@ -20,14 +20,8 @@ from torch import Tensor
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from bp_apps.core.io import load_checkpoint_dict
-from bp_apps.core.lit import (
-    ClassifierModule,
-    MetricsJsonCallback,
-    adamw_with_schedule,
-    best_checkpoint_callbacks,
-    clip_by_max_grad_norm,
-)
-from bp_apps.core.resume import ExactResume
+from bp_apps.core.lit import ClassifierModule, MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule, check_task
 from bp_apps.speech.data import SpeechBatch
 from bp_apps.speech.decoding import DIGIT_WORDS, BeamSearchDecoder, greedy_decode, write_lexicon
 from bp_apps.speech.features import FeatureConfig, SpecAugment, TimeStretch, make_extractor
@@ -35,7 +29,6 @@ from bp_apps.speech.models import DigitClassifierNet, Wav2Vec2CTC, build_ctc_mod
 
 __all__ = ["RECOGNIZER_TASK", "SpeechRecognizer", "SpokenDigitClassifier", "load_speech_model", "transcribe"]
 
-TASK_KEY = "bp_apps_task"
 PREPROCESSING_KEY = "bp_apps_preprocessing"
 HF_CONFIG_KEY = "bp_apps_hf_config"
 RECOGNIZER_TASK = "speech.SpeechRecognizer"
@@ -70,13 +63,16 @@ def _check_feature_dim(module: L.LightningModule, input_dim: int) -> None:
                          f"input_dim={input_dim}: set model.input_dim to {config.dim}")
 
 
-class SpeechRecognizer(L.LightningModule):
+class SpeechRecognizer(TaskModule):
     """Character CTC speech recognizer: ``conv_gru``, ``conformer`` (on log-mel, ``input_dim`` = ``n_mels``) or
     ``wav2vec2`` (on waveforms, ``input_dim`` = 1; ``pretrained`` names a model for online users).
 
     SpecAugment masks the training inputs. Validation decodes greedily; test also runs beam search when
     ``beam_size`` > 0, restricted to the training words when ``lexicon`` is set. ``monitor`` picks the best
     checkpoint (``val_cer`` or ``val_wer``, lower is better)."""
+
+    task_name = RECOGNIZER_TASK
+    task_title = "a speech-recognizer"
 
     def __init__(self, model: Literal["conv_gru", "conformer", "wav2vec2"] = "conv_gru", input_dim: int = 64,
                  hidden: int = 192, layers: int = 2, subsample: int = 4, conv_channels: int = 32,
@@ -87,7 +83,9 @@ class SpeechRecognizer(L.LightningModule):
                  max_grad_norm: float | None = 5.0, beam_size: int = 0, lexicon: bool = True,
                  monitor: Literal["val_cer", "val_wer"] = "val_cer", early_stopping_patience: int | None = None,
                  seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
+                                         warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                                         no_decay_keys=NO_DECAY_KEYS))
         self.save_hyperparameters()
         self.net = build_ctc_model(model, input_dim, hidden=hidden, layers=layers, subsample=subsample,
                                    conv_channels=conv_channels, dropout=dropout, heads=heads, ffn_dim=ffn_dim,
@@ -104,6 +102,7 @@ class SpeechRecognizer(L.LightningModule):
         return self.net(features, lengths)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         _check_feature_dim(self, self.hparams.input_dim)
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and hasattr(data, "vocabulary_words") and stage in ("fit", "test"):
@@ -162,29 +161,19 @@ class SpeechRecognizer(L.LightningModule):
             if len(self.test_examples) < EXAMPLES:
                 self.test_examples.append({"reference": reference, "prediction": prediction})
 
-    def configure_optimizers(self) -> Any:
-        return adamw_with_schedule(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_fraction,
-                                   self.hparams.scheduler)
-
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        clip_by_max_grad_norm(self, optimizer, self.hparams.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
-
     def configure_callbacks(self) -> list[L.Callback]:
-        return [SpeechMetricsJson(), ExactResume(),
+        return [SpeechMetricsJson(),
                 *best_checkpoint_callbacks(self.trainer, monitor=self.hparams.monitor, mode="min",
                                            patience=self.hparams.early_stopping_patience)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[TASK_KEY] = RECOGNIZER_TASK
+        super().on_save_checkpoint(checkpoint)
         preprocessing = _preprocessing(self)
         if preprocessing is not None:
             checkpoint[PREPROCESSING_KEY] = preprocessing
         if isinstance(self.net, Wav2Vec2CTC):
             checkpoint[HF_CONFIG_KEY] = self.net.model.config.to_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _check_task(checkpoint, RECOGNIZER_TASK, "checkpoint")
 
 
 class SpokenDigitClassifier(ClassifierModule):
@@ -192,6 +181,9 @@ class SpokenDigitClassifier(ClassifierModule):
     autograd bridge; cross-entropy, accuracy; SpecAugment and optional speed perturbation (``time_stretch``) while
     training. Batches are ``((features, lengths), y)``.
     """
+
+    task_name = CLASSIFIER_TASK
+    task_title = "a spoken-digit-classifier"
 
     def __init__(self, input_dim: int = 40, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
                  hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2,
@@ -204,14 +196,15 @@ class SpokenDigitClassifier(ClassifierModule):
                  encoder: Literal["gru", "cnn"] = "gru") -> None:
         net = DigitClassifierNet(input_dim, num_classes, conv_channels, subsample, hidden, head_hidden, dropout, seed,
                                  encoder)
-        super().__init__(net, num_classes, backend="autograd", optimizer=optimizer, lr=lr,
-                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, label_smoothing=label_smoothing,
-                         scheduler=scheduler, warmup_fraction=warmup_fraction)
+        optim = OptimizerConfig(optimizer, lr, weight_decay=weight_decay, scheduler=scheduler,
+                                warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm)
+        super().__init__(net, num_classes, optim=optim, label_smoothing=label_smoothing)
         self.save_hyperparameters()
         self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
         self.stretch = TimeStretch(time_stretch)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         _check_feature_dim(self, self.hparams.input_dim)
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and getattr(data, "num_classes", self.num_classes) != self.num_classes:
@@ -233,25 +226,12 @@ class SpokenDigitClassifier(ClassifierModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[TASK_KEY] = CLASSIFIER_TASK
         preprocessing = _preprocessing(self)
         if preprocessing is not None:
             data = self.trainer.datamodule
             checkpoint[PREPROCESSING_KEY] = {**preprocessing,
                                              "class_names": list(getattr(data, "class_names", DIGIT_WORDS))}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _check_task(checkpoint, CLASSIFIER_TASK, "checkpoint")
-        super().on_load_checkpoint(checkpoint)
-
-
-def _check_task(checkpoint: dict[str, Any], expected: str | tuple[str, ...], source: str) -> str:
-    expected = (expected,) if isinstance(expected, str) else expected
-    task = checkpoint.get(TASK_KEY)
-    if task not in expected:
-        other = task or checkpoint.get("hyper_parameters", {}).get("_class_path") or "another task"
-        raise ValueError(f"{source} is not a speech checkpoint of {' or '.join(expected)} (it belongs to {other})")
-    return task
 
 
 def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, Any]]:
@@ -259,7 +239,7 @@ def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, An
     (feature settings, training words, class names). Errors name the file and what is wrong with it."""
     path = Path(path)
     checkpoint = load_checkpoint_dict(path)
-    task = _check_task(checkpoint, (RECOGNIZER_TASK, CLASSIFIER_TASK), str(path))
+    task = check_task(checkpoint, (RECOGNIZER_TASK, CLASSIFIER_TASK), str(path), "a speech")
     if PREPROCESSING_KEY not in checkpoint:
         raise ValueError(f"{path} carries no feature settings (field {PREPROCESSING_KEY!r}); it was saved outside "
                          "a trainer run with a speech data module")

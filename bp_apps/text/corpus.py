@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from bp_apps.core.io import atomic_write_text
+from bp_apps.core.io import atomic_write_text, default_cache_dir
 
-__all__ = ["Docstring", "default_cache_dir", "stdlib_docstrings", "summary_pairs"]
+__all__ = ["Docstring", "stdlib_docstrings", "summary_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ class Docstring:
 
     name: str  # e.g. "json.decoder.JSONDecoder.decode"
     text: str  # inspect.cleandoc'ed and stripped
-
-
-def default_cache_dir() -> Path:
-    """``$BP_APPS_CACHE``, else ``~/.cache/bp_apps``: where derived corpora are kept between runs."""
-    return Path(os.environ.get("BP_APPS_CACHE") or Path.home() / ".cache" / "bp_apps")
 
 
 def _source_files(root: Path) -> Iterator[Path]:

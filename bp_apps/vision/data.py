@@ -6,7 +6,8 @@ yield ``(float32 images (B, C, H, W), int64 labels (B,))``. Validation is split 
 stratified by class. Digits, MNIST, Fashion-MNIST and CIFAR-10 stay in memory as pixel tensors: their loaders
 normalize whole batches and, with ``augment``, draw a random rotation/shift/flip per sample in one vectorized
 ``grid_sample`` (no PIL round trip per image). Image folders are decoded per file with PIL and torchvision's v2
-transforms. Nothing is ever written into ``data_root`` unless ``download`` is set.
+transforms. Nothing is ever written into ``data_root`` unless ``download`` is set. Without ``data_root``, the data
+root is ``$BP_APPS_DATA``, else ``./data`` (looked up when the data is read, not at import).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torchvision.transforms import v2
 
 from bp_apps.core.data import load_digits_split
+from bp_apps.core.io import data_root_hint, resolve_data_root
 from bp_apps.core.resume import resumable_loader
 
 log = logging.getLogger(__name__)
@@ -227,14 +229,14 @@ class ImageSpec:
 class VisionDataModule(L.LightningDataModule):
     """Base of every image data module: common init args, metadata before ``setup``, seeded loaders.
 
-    ``data_root`` is where the data set lives, ``val_fraction`` of the training data becomes validation (chosen
-    by ``seed``), ``augment`` turns on training-time augmentation and ``download`` allows fetching missing files
-    into ``data_root`` (the only case in which anything is written there).
+    ``data_root`` is where the data set lives (None: ``$BP_APPS_DATA``, else ``./data``), ``val_fraction`` of the
+    training data becomes validation (chosen by ``seed``), ``augment`` turns on training-time augmentation and
+    ``download`` allows fetching missing files into the data root (the only case in which anything is written there).
     """
 
     SPEC: ClassVar[ImageSpec]
 
-    def __init__(self, data_root: str = "data", batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
+    def __init__(self, data_root: str | None = None, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
                  num_workers: int = 0, augment: bool = False, download: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -259,6 +261,11 @@ class VisionDataModule(L.LightningDataModule):
     def _spec(self) -> ImageSpec:
         """This data set's metadata; fixed data sets declare ``SPEC``, folders scan themselves."""
         return self.SPEC
+
+    @property
+    def data_root_path(self) -> Path:
+        """The folder the data is read from: ``data_root``, else ``$BP_APPS_DATA``, else ``./data`` (looked up now)."""
+        return resolve_data_root(self.hparams.data_root)
 
     def _collate(self, train: bool) -> Callable | None:
         """The loaders' collate function (None: PyTorch's default)."""
@@ -336,17 +343,18 @@ class _IdxDataModule(_InMemoryDataModule):
     def prepare_data(self) -> None:
         """With ``download``, fetch the files with torchvision (Lightning runs this on one process only)."""
         if self.hparams.download:
-            self.DOWNLOADER(root=self.hparams.data_root, download=True)
+            self.DOWNLOADER(root=str(self.data_root_path), download=True)
 
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        raw = Path(self.hparams.data_root) / self.FOLDER / "raw"
+        raw = self.data_root_path / self.FOLDER / "raw"
         paths = {name: next((p for p in (raw / f"{name}.gz", raw / name) if p.is_file()), None) for name in IDX_FILES}
         missing = [f"{name}(.gz)" for name, path in paths.items() if path is None]
         if missing:
             raise FileNotFoundError(
                 f"{self.FOLDER} data not found: {', '.join(missing)} missing in {raw.absolute()}. Set "
-                f"`download: true` (--data.download true) to fetch it with torchvision, or point `data_root` at a "
-                f"folder holding {self.FOLDER}/raw/ with the four IDX files (.gz or unpacked).")
+                f"`download: true` (--data.download=true) to fetch it with torchvision (MD5-checked) into the data "
+                f"root, or point the data root at a folder holding {self.FOLDER}/raw/ with the four IDX files (.gz "
+                f"or unpacked); {data_root_hint(self.hparams.data_root)}.")
         arrays = {name: read_idx(path) for name, path in paths.items()}
         return (*self._images_and_labels(arrays, paths, "train"), *self._images_and_labels(arrays, paths, "t10k"))
 
@@ -396,18 +404,20 @@ class CIFAR10DataModule(_InMemoryDataModule):
     def prepare_data(self) -> None:
         """With ``download``, fetch and unpack the archive with torchvision (one process only)."""
         if self.hparams.download:
-            torchvision.datasets.CIFAR10(root=self.hparams.data_root, download=True)
+            torchvision.datasets.CIFAR10(root=str(self.data_root_path), download=True)
 
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        folder = Path(self.hparams.data_root) / "cifar-10-batches-py"
+        folder = self.data_root_path / "cifar-10-batches-py"
         missing = [name for name in CIFAR10_FILES if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"CIFAR-10 data not found: {', '.join(missing)} missing in {folder.absolute()}. Set "
-                "`download: true` (--data.download true) to fetch it with torchvision, or point `data_root` at a "
-                "folder holding cifar-10-batches-py/ (the unpacked python version of CIFAR-10).")
+                "`download: true` (--data.download=true) to fetch it with torchvision (MD5-checked) into the data "
+                "root, or point the data root at a folder holding cifar-10-batches-py/ (the unpacked python version "
+                f"of CIFAR-10); {data_root_hint(self.hparams.data_root)}.")
         try:
-            parts = [torchvision.datasets.CIFAR10(root=self.hparams.data_root, train=train) for train in (True, False)]
+            parts = [torchvision.datasets.CIFAR10(root=str(self.data_root_path), train=train)
+                     for train in (True, False)]
         except RuntimeError as err:
             raise ValueError(f"CIFAR-10 files in {folder.absolute()} are corrupt or incomplete ({err})") from err
         return tuple(tensor for part in parts for tensor in (torch.from_numpy(part.data).permute(0, 3, 1, 2)
@@ -442,7 +452,8 @@ class ImageFolderDataModule(VisionDataModule):
     (listed in ``skipped_images``). ``download`` has no effect: a local folder has nothing to fetch.
     """
 
-    def __init__(self, data_root: str = "data", image_size: int = 64, channels: int = 3, test_fraction: float = 0.2,
+    def __init__(self, data_root: str | None = None, image_size: int = 64, channels: int = 3,
+                 test_fraction: float = 0.2,
                  skip_bad_images: bool = False, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
                  num_workers: int = 0, augment: bool = False, download: bool = False) -> None:
         super().__init__(data_root=data_root, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
@@ -461,9 +472,10 @@ class ImageFolderDataModule(VisionDataModule):
 
     def _train_dir(self) -> Path:
         """The folder whose sub-folders are the classes: ``data_root/train`` if present, else ``data_root``."""
-        root = Path(self.hparams.data_root)
+        root = self.data_root_path
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root.absolute()} does not exist")
+            raise FileNotFoundError(f"image folder {root.absolute()} does not exist; "
+                                    f"{data_root_hint(self.hparams.data_root)}")
         return root / "train" if (root / "train").is_dir() else root
 
     def _scan(self, folder: Path, require_all: bool) -> list[tuple[Path, int]]:
@@ -498,7 +510,7 @@ class ImageFolderDataModule(VisionDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        root, train_dir = Path(self.hparams.data_root), self._train_dir()
+        root, train_dir = self.data_root_path, self._train_dir()
         parts: dict[str, list[tuple[Path, int]] | None] = {
             "train": self._scan(train_dir, require_all=True),
             **{name: self._scan(root / name, require_all=False) if train_dir != root and (root / name).is_dir()

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bp_apps.core.bridge import ManualMLPHead
 from bp_apps.core.lit import build_engine_mlp
+from bp_apps.engine.bridge import ManualMLPHead
 
 MODELS = ("mlp", "cnn", "cnn_manual_head", "resnet18")
 

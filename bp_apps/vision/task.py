@@ -18,10 +18,9 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule, MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.core.task import OptimizerConfig, check_task
 from bp_apps.vision.models import build_model
 
-TASK_KEY = "bp_apps_task"
-TASK_NAME = "vision.ImageClassifier"
 PREPROCESSING_KEY = "bp_apps_preprocessing"
 
 
@@ -47,6 +46,9 @@ class ImageClassifier(ClassifierModule):
     ``num_classes`` and ``input_shape`` must match the data module; a mismatch is refused.
     """
 
+    task_name = "vision.ImageClassifier"
+    task_title = "an image-classification"
+
     def __init__(self, model: Literal["mlp", "cnn", "cnn_manual_head", "resnet18"] = "cnn", num_classes: int = 10,
                  input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (128,), dropout: float = 0.25,
                  width: int = 32, backend: Literal["manual", "autograd"] = "autograd",
@@ -61,9 +63,9 @@ class ImageClassifier(ClassifierModule):
                              "'cnn_manual_head' already trains its head by hand through the bridge")
         net = build_model(model, tuple(input_shape), num_classes, hidden=hidden, dropout=dropout, backend=backend,
                           width=width, pretrained=pretrained, seed=seed)
-        super().__init__(net, num_classes, backend=backend, optimizer=optimizer, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, label_smoothing=label_smoothing,
-                         nonfinite=nonfinite, scheduler=scheduler, warmup_fraction=warmup_fraction)
+        optim = OptimizerConfig(optimizer, lr, momentum, weight_decay, scheduler, warmup_fraction, max_grad_norm,
+                                nonfinite)
+        super().__init__(net, num_classes, optim=optim, label_smoothing=label_smoothing)
         self.save_hyperparameters()
         self.flatten = model == "mlp"
         self.input_shape = tuple(input_shape)
@@ -76,6 +78,7 @@ class ImageClassifier(ClassifierModule):
 
     def setup(self, stage: str) -> None:
         """Refuse a data module whose class count or image shape differs from this model's."""
+        super().setup(stage)
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is None:
             return
@@ -113,10 +116,13 @@ class ImageClassifier(ClassifierModule):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
+    @classmethod
+    def load_overrides(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        return {"pretrained": None}  # the weights come from the checkpoint: never download
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also store the task name and the preprocessing, so ``predict-image`` can rebuild both."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[TASK_KEY] = TASK_NAME
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None:
             checkpoint[PREPROCESSING_KEY] = {
@@ -126,18 +132,14 @@ class ImageClassifier(ClassifierModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of other tasks or of another class count before any weight is loaded."""
-        check_checkpoint(checkpoint, expected_num_classes=self.num_classes, source="checkpoint")
         super().on_load_checkpoint(checkpoint)
+        check_checkpoint(checkpoint, expected_num_classes=self.num_classes, source="checkpoint")
 
 
 def check_checkpoint(checkpoint: dict[str, Any], expected_num_classes: int | None = None,
                      source: str = "checkpoint") -> None:
     """Raise ValueError unless ``checkpoint`` is an image-classifier checkpoint with the expected class count."""
-    task = checkpoint.get(TASK_KEY)
-    if task != TASK_NAME:
-        other = task or checkpoint.get("hyper_parameters", {}).get("_class_path") or "another task"
-        raise ValueError(f"{source} is not an image-classification checkpoint (it belongs to {other}); "
-                         "use a checkpoint written by an ImageClassifier run")
+    check_task(checkpoint, ImageClassifier.accepted_tasks(), source, ImageClassifier.task_title)
     found = checkpoint.get("hyper_parameters", {}).get("num_classes")
     if expected_num_classes is not None and found != expected_num_classes:
         raise ValueError(f"{source} was trained for {found} classes, but this model has {expected_num_classes}; "
@@ -181,12 +183,7 @@ def load_image_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, 
     check_checkpoint(checkpoint, source=str(path))
     if PREPROCESSING_KEY not in checkpoint:
         raise ValueError(f"{path} carries no preprocessing (it was saved outside a trainer run with a data module)")
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    hparams["pretrained"] = None  # the weights come from the checkpoint: never download
-    model = ImageClassifier(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
-    return model, checkpoint[PREPROCESSING_KEY]
+    return ImageClassifier.load(path), checkpoint[PREPROCESSING_KEY]
 
 
 def predict_images(paths: Sequence[str | Path], checkpoint: str | Path, top_k: int = 5) -> list[dict[str, Any]]:

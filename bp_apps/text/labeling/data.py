@@ -8,26 +8,25 @@ tokenize them their own way.
 
 from __future__ import annotations
 
-import math
-import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from bp_apps.core.distributed import shard_by_process
+from bp_apps.core.io import data_file
 from bp_apps.core.resume import ResumableDataLoader
-from bp_apps.text.files import data_path
+from bp_apps.core.samplers import BucketBatchSampler
 from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, predicate_class
 
-__all__ = ["PAD", "UNK", "BucketBatchSampler", "HFLabelingDataModule", "LabelingDataModule", "LabelingVocab",
+__all__ = ["PAD", "UNK", "HFLabelingDataModule", "LabelingDataModule", "LabelingVocab",
            "PunctuationDataModule", "collate_sentences", "label_inventory", "normalize_word"]
 
 PAD, UNK = "<pad>", "<unk>"
@@ -147,74 +146,6 @@ def collate_sentences(sentences: Sequence[TaggedSentence], vocab: LabelingVocab)
     return batch
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar-length sentences (less padding for the LSTM): shuffle, sort within pools
-    of 50 batches by length, cut into batches, shuffle the batches. Deterministic for a seed and
-    epoch; under DDP each process takes every ``num_replicas``-th batch.
-
-    ``groups`` (one hashable key per item, e.g. the sentence of an SRL predicate instance) keeps the
-    items of a group next to each other, so they share batches: the shuffle moves whole groups."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, groups: Sequence[Hashable] | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if groups is not None and len(groups) != len(lengths):
-            raise ValueError(f"{len(groups)} groups for {len(lengths)} items")
-        self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-        self.members: list[list[int]] | None = None  # the items of each group, in first-seen order
-        if groups is not None:
-            index: dict[Hashable, int] = {}
-            self.members = []
-            for i, key in enumerate(groups):
-                if key not in index:
-                    index[key] = len(self.members)
-                    self.members.append([])
-                self.members[index[key]].append(i)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _all_batches(self) -> list[list[int]]:
-        order = list(range(len(self.lengths)))
-        if not self.shuffle:
-            order.sort(key=lambda i: self.lengths[i])
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        if self.members is None:
-            rng.shuffle(order)
-        else:
-            groups = list(self.members)
-            rng.shuffle(groups)
-            order = [i for group in groups for i in group]
-        rank = [0] * len(order)  # ties in length keep the shuffled order (a group's items stay together)
-        for position, i in enumerate(order):
-            rank[i] = position
-        pool = self.batch_size * 50
-        batches = []
-        for start in range(0, len(order), pool):
-            chunk = sorted(order[start:start + pool], key=lambda i: (self.lengths[i], rank[i]))
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self._all_batches()
-        if self.num_replicas > 1:  # equal counts per process: pad by repeating the first batches
-            per_rank = math.ceil(len(batches) / self.num_replicas)
-            batches = (batches * self.num_replicas)[: per_rank * self.num_replicas][self.rank::self.num_replicas]
-        return iter(batches)
-
-    def __len__(self) -> int:
-        count = math.ceil(len(self.lengths) / self.batch_size)
-        if self.shuffle:  # pools may leave one short batch each
-            pool = self.batch_size * 50
-            count = sum(math.ceil(min(pool, len(self.lengths) - s) / self.batch_size)
-                        for s in range(0, len(self.lengths), pool))
-        return math.ceil(count / self.num_replicas)
-
-
 class _Collate:
     """Picklable collate function bound to a vocabulary (for worker processes)."""
 
@@ -226,7 +157,8 @@ class _Collate:
 
 
 class LabelingDataModule(L.LightningDataModule):
-    """Labeled sentences from files (JSONL or CoNLL columns; paths relative to ``data_root``).
+    """Labeled sentences from files (JSONL or CoNLL columns; relative paths are under ``data_root``, by default
+    ``$BP_APPS_DATA``, else ``./data``).
 
     The vocabulary comes from the training file. Validation and test tags must belong to the
     training label set (an error names the file and line otherwise). Training sentences longer
@@ -267,7 +199,7 @@ class LabelingDataModule(L.LightningDataModule):
 
     def _read(self, name: str) -> list[TaggedSentence]:
         h = self.hparams
-        return read_labeled_file(data_path(name, self.data_root), h.format, tokens_field=h.tokens_field,
+        return read_labeled_file(data_file(name, self.data_root), h.format, tokens_field=h.tokens_field,
                                  tags_field=h.tags_field, predicate_field=h.predicate_field,
                                  token_column=h.token_column, tag_column=h.tag_column)
 

@@ -14,8 +14,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bp_apps.core.io import atomic_write_text
-from bp_apps.text.files import utf8_lines
+from bp_apps.core.io import utf8_lines
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, make_sentence
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "read_jsonl",
     "read_labeled_file",
     "sentences_from_hf",
-    "write_jsonl",
 ]
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -271,19 +269,3 @@ def check_bio(sentences: Iterable[TaggedSentence]) -> None:
                 prefix = f"{sentence.where}: " if sentence.where else ""
                 raise LabelingDataError(
                     f"{prefix}tag {tag!r} (token {i}) is not BIO: expected 'O', 'B-<label>' or 'I-<label>'")
-
-
-def write_jsonl(path: Path | str, records: Iterable[Mapping[str, Any]]) -> Path:
-    """Write one JSON object per line (UTF-8, not ASCII-escaped) atomically, creating parent folders.
-
-    Readers see the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    lines = []
-    for index, record in enumerate(records):
-        try:
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        except TypeError as exc:
-            raise TypeError(f"{path}: record {index} cannot be written as JSON: {exc}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, "".join(lines))

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bp_apps.core.bridge import ManualMLPHead
-from bp_apps.core.rnn import run_lstm
+from bp_apps.engine.bridge import ManualMLPHead
 from bp_apps.text.labeling.records import PREDICATE_CLASSES
+from bp_apps.text.labeling.rnn import run_lstm
 
 __all__ = ["BiLSTMTagger", "CharCNN", "TransformerTagger"]
 

@@ -22,24 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bp_apps.core.io import atomic_write_text, load_checkpoint_dict
-from bp_apps.core.lit import (
-    MetricsJsonCallback,
-    adamw_with_schedule,
-    best_checkpoint_callbacks,
-    clip_by_max_grad_norm,
-)
-from bp_apps.core.resume import ExactResume
-from bp_apps.text.corpus import default_cache_dir
+from bp_apps.core.io import atomic_write_text, default_cache_dir
+from bp_apps.core.lit import MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.labeling.crf import CRF, constrained_decode
 from bp_apps.text.labeling.data import LabelingVocab, collate_sentences
+from bp_apps.text.labeling.metrics import span_scores, token_scores
 from bp_apps.text.labeling.models import BiLSTMTagger, TransformerTagger
 from bp_apps.text.labeling.records import TaggedSentence, make_sentence
-from bp_apps.text.metrics import span_scores, token_scores
 
 __all__ = ["TASK_NAME", "TokenLabeler", "label_sentences", "load_labeler", "spans_of", "tokenize_text"]
 
-TASK_KEY, TASK_NAME, STATE_KEY = "bp_apps_task", "text.TokenLabeler", "bp_apps_labeling"
+TASK_NAME, STATE_KEY = "text.TokenLabeler", "bp_apps_labeling"
 
 
 class LabelingMetricsJson(MetricsJsonCallback):
@@ -53,7 +47,7 @@ class LabelingMetricsJson(MetricsJsonCallback):
         return out
 
 
-class TokenLabeler(L.LightningModule):
+class TokenLabeler(TaskModule):
     """Token labeling with a BiLSTM (word + character CNN + predicate indicator) or a transformer
     encoder (``transformer``: built from the sizes here with a tokenizer trained on the training
     words; ``pretrained``: ``pretrained_name``, a hub name or a local directory).
@@ -68,6 +62,9 @@ class TokenLabeler(L.LightningModule):
     micro F1 of the tags' first ``|`` field (the punctuation mark) over tokens that carry one.
     """
 
+    task_name = TASK_NAME
+    task_title = "a token-labeling"
+
     def __init__(self, model: Literal["bilstm", "transformer", "pretrained"] = "bilstm", crf: bool = True,
                  word_dim: int = 100, char_dim: int = 30, char_channels: int = 50, predicate_dim: int = 16,
                  hidden: int = 200, layers: int = 2, dropout: float = 0.33, word_dropout: float = 0.0,
@@ -79,7 +76,9 @@ class TokenLabeler(L.LightningModule):
                  max_grad_norm: float | None = 5.0, label_smoothing: float = 0.0,
                  early_stopping_patience: int | None = None, shared_layers: int = 0,
                  predicate_hidden: int | None = None, predicate_pos_dim: int = 0) -> None:
-        super().__init__()
+        super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
+                                         warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                                         no_decay_keys=NO_DECAY_KEYS))
         if model not in ("bilstm", "transformer", "pretrained"):
             raise ValueError(f"model must be 'bilstm', 'transformer' or 'pretrained', got {model!r}")
         if model == "pretrained" and not pretrained_name:
@@ -254,31 +253,21 @@ class TokenLabeler(L.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------
 
-    def configure_optimizers(self) -> Any:
-        """AdamW without weight decay on biases, norms and embeddings; linear warm-up, then constant or cosine."""
-        h = self.hparams
-        if self.net is None:
-            raise RuntimeError("the network is not built yet")
-        return adamw_with_schedule(self, h.lr, h.weight_decay, h.warmup_fraction, h.scheduler)
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        clip_by_max_grad_norm(self, optimizer, self.hparams.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [*best_checkpoint_callbacks(self.trainer, "val_f1", "max", self.hparams.early_stopping_patience),
-                LabelingMetricsJson(), ExactResume()]
+                LabelingMetricsJson()]
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[TASK_KEY] = TASK_NAME
+        super().on_save_checkpoint(checkpoint)
         checkpoint[STATE_KEY] = {"vocab": self.vocab.to_dict() if self.vocab else None, **self.extra_state}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse other tasks' checkpoints; build the network the checkpoint's weights need."""
-        if checkpoint.get(TASK_KEY) != TASK_NAME:
-            raise ValueError(f"not a token-labeling checkpoint (task: {checkpoint.get(TASK_KEY)!r})")
+        super().on_load_checkpoint(checkpoint)
         state = dict(checkpoint[STATE_KEY])
         vocab = LabelingVocab.from_dict(state.pop("vocab"))
         if self.net is None:
@@ -302,16 +291,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def load_labeler(path: str | Path) -> TokenLabeler:
     """A TokenLabeler from a checkpoint, loaded safely (``weights_only=True``), in eval mode."""
-    path = Path(path)
-    checkpoint = load_checkpoint_dict(path)
-    if checkpoint.get(TASK_KEY) != TASK_NAME:
-        task = checkpoint.get(TASK_KEY)
-        raise ValueError(f"{path}: not a token-labeling checkpoint (task: {task!r})")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    module = TokenLabeler(**hparams)
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+    return TokenLabeler.load(path)
 
 
 _TOKEN = re.compile(r"\w+(?:['’.-]\w+)*|[^\w\s]")

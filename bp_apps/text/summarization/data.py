@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from bp_apps.core.distributed import shard_by_process
+from bp_apps.core.io import data_file, default_cache_dir, utf8_lines
 from bp_apps.core.resume import ResumableDataLoader
-from bp_apps.text.corpus import default_cache_dir, stdlib_docstrings, summary_pairs
-from bp_apps.text.files import data_path, utf8_lines
-from bp_apps.text.labeling.data import BucketBatchSampler
+from bp_apps.core.samplers import BucketBatchSampler
+from bp_apps.text.corpus import stdlib_docstrings, summary_pairs
 from bp_apps.text.tokenization import train_tokenizer
 
 __all__ = [
@@ -339,7 +339,8 @@ def _hold_out(records: list[SummaryRecord], fraction: float) -> tuple[list[Summa
 
 
 class SummarizationDataModule(L.LightningDataModule):
-    """Source/summary pairs from files (JSON Lines or CSV/TSV; paths relative to ``data_root``).
+    """Source/summary pairs from files (JSON Lines or CSV/TSV; relative paths are under ``data_root``, by default
+    ``$BP_APPS_DATA``, else ``./data``).
 
     Without ``val_file``, every k-th training record (k = 1 / ``val_fraction``) is held out; without ``test_file``,
     testing uses the validation split. ``eval_target_field`` reads the validation and test files' references from
@@ -395,7 +396,7 @@ class SummarizationDataModule(L.LightningDataModule):
     # -- reading ----------------------------------------------------------------------------
 
     def _read(self, name: str, target_field: str | list[str]) -> list[SummaryRecord]:
-        path = data_path(name, self.data_root)
+        path = data_file(name, self.data_root)
         return read_records(path, source_field=self.source_field, target_field=target_field,
                             id_field=self.id_field, format=self.format)
 

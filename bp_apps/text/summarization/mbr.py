@@ -5,7 +5,7 @@ often a generic or truncated one. MBR decoding (Kumar and Byrne 2004; for neural
 al. 2022) instead draws several candidates from the model and keeps the one that agrees most with all the
 others: the candidates act as pseudo-references, so the choice is the model's consensus, measured with the
 metric the output is judged by. Here the utility is ROUGE-1 F1 on Porter-stemmed unigrams, tokenized exactly
-as :func:`bp_apps.text.rouge.rouge_scores` (``rouge_score``) does.
+as :func:`bp_apps.text.summarization.rouge.rouge_scores` (``rouge_score``) does.
 """
 
 from __future__ import annotations

@@ -25,20 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bp_apps.core.io import atomic_write_text, load_checkpoint_dict
-from bp_apps.core.lit import (
-    MetricsJsonCallback,
-    adamw_with_schedule,
-    best_checkpoint_callbacks,
-    clip_by_max_grad_norm,
-)
-from bp_apps.core.resume import ExactResume
-from bp_apps.text.rouge import rouge_scores
+from bp_apps.core.io import atomic_write_text
+from bp_apps.core.lit import MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.summarization.mbr import mbr_select
+from bp_apps.text.summarization.rouge import rouge_scores
 
 __all__ = ["TASK_NAME", "HFBestExport", "Summarizer", "export_pretrained", "load_summarizer", "summarize"]
 
-TASK_KEY, TASK_NAME, STATE_KEY = "bp_apps_task", "text.Summarizer", "bp_apps_summarization"
+TASK_NAME, STATE_KEY = "text.Summarizer", "bp_apps_summarization"
 DEFAULT_MAX_SOURCE_TOKENS = 512
 NOT_BUILT = "the network is not built yet: fit with a summarization data module or load a checkpoint"
 MONITORS = ("val_rouge1", "val_rouge1_refmean")
@@ -125,7 +120,7 @@ class HFBestExport(L.Callback):
             self._export(trainer, pl_module, "")
 
 
-class Summarizer(L.LightningModule):
+class Summarizer(TaskModule):
     """Abstractive summarization with a T5 or BART encoder-decoder: built from the sizes here (``arch``, with the
     data module's tokenizer) or pretrained (``pretrained_name``: a hub name or a local ``save_pretrained``
     directory; its tokenizer then replaces the data module's, so give the data module the same
@@ -150,6 +145,9 @@ class Summarizer(L.LightningModule):
     vocabulary softmax with an attention over the source (:mod:`bp_apps.text.summarization.copy`).
     """
 
+    task_name = TASK_NAME
+    task_title = "a summarization"
+
     def __init__(self, arch: Literal["t5", "bart"] = "t5", pretrained_name: str | None = None, d_model: int = 256,
                  layers: int = 3, heads: int = 4, ff: int = 1024, dropout: float = 0.1, label_smoothing: float = 0.1,
                  lr: float = 1e-3, weight_decay: float = 0.01, warmup_fraction: float = 0.05,
@@ -159,7 +157,9 @@ class Summarizer(L.LightningModule):
                  sample_generations: int = 3, early_stopping_patience: int | None = None,
                  copy_mechanism: bool = False, monitor: Literal["val_rouge1", "val_rouge1_refmean"] = "val_rouge1",
                  repetition_penalty: float = 1.0, mbr_samples: int = 0, mbr_epsilon: float = 0.02) -> None:
-        super().__init__()
+        super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
+                                         warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                                         no_decay_keys=NO_DECAY_KEYS))
         if arch not in ("t5", "bart"):
             raise ValueError(f"arch must be 't5' or 'bart', got {arch!r}")
         if copy_mechanism and (arch != "bart" or pretrained_name):
@@ -409,23 +409,14 @@ class Summarizer(L.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------
 
-    def configure_optimizers(self) -> Any:
-        """AdamW without weight decay on biases, norms and embeddings; linear warm-up, then constant or cosine."""
-        h = self.hparams
-        if self.model is None:
-            raise RuntimeError(NOT_BUILT)
-        return adamw_with_schedule(self, h.lr, h.weight_decay, h.warmup_fraction, h.scheduler)
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        clip_by_max_grad_norm(self, optimizer, self.hparams.max_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Best (``monitor``) and last checkpoints with ``hf_best``, optional early stopping, metrics.json, and
         exact mid-epoch resume."""
         monitor = self.hparams.get("monitor", "val_rouge1")
         callbacks = best_checkpoint_callbacks(self.trainer, monitor, "max", self.hparams.early_stopping_patience)
-        callbacks += [SummarizationMetricsJson(), ExactResume()]
+        callbacks += [SummarizationMetricsJson()]
         if self.trainer.checkpoint_callback is not None:
             callbacks.append(HFBestExport())
         return callbacks
@@ -433,13 +424,12 @@ class Summarizer(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[TASK_KEY] = TASK_NAME
+        super().on_save_checkpoint(checkpoint)
         checkpoint[STATE_KEY] = dict(self.net_state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse other tasks' checkpoints; build the network and tokenizer the checkpoint's weights need."""
-        if checkpoint.get(TASK_KEY) != TASK_NAME:
-            raise ValueError(f"not a summarization checkpoint (task: {checkpoint.get(TASK_KEY)!r})")
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint[STATE_KEY]
         same = self.model is not None and all(self.net_state.get(k) == state.get(k) for k in ("tokenizer", "config"))
         if not same:
@@ -462,16 +452,7 @@ def format_sample(sample: dict[str, Any], stage: str, width: int = 300) -> str:
 
 def load_summarizer(path: str | Path) -> Summarizer:
     """A Summarizer from a checkpoint, loaded safely (``weights_only=True``, no download), in eval mode."""
-    path = Path(path)
-    checkpoint = load_checkpoint_dict(path)
-    if checkpoint.get(TASK_KEY) != TASK_NAME:
-        task = checkpoint.get(TASK_KEY)
-        raise ValueError(f"{path}: not a summarization checkpoint (task: {task!r})")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    module = Summarizer(**hparams)
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+    return Summarizer.load(path)
 
 
 def summarize(module: Summarizer, texts: Sequence[str], batch_size: int = 16, max_source_tokens: int | None = None,

@@ -18,7 +18,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from bp_apps.core.backprop import MLP, SGD, SoftmaxCrossEntropy, train_step
+from bp_apps.engine import MLP, SGD, SoftmaxCrossEntropy, train_step
 
 DEFAULT_SIZES = ((64, 128), (256, 512), (1024, 1024))
 

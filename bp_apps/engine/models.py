@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bp_apps.core.backprop.layers import (
+from bp_apps.engine.layers import (
     GELU,
     BatchNorm1d,
     Dropout,
@@ -142,6 +142,12 @@ class MLP(Layer):
         if self._gradients is None:
             self._gradients = [g for layer in self._sequence for _, _, g in layer.param_grads()]
         return self._gradients
+
+    def attach_gradients(self) -> None:
+        """Point each parameter's ``grad`` at the gradient the last backward wrote (no copy), so any
+        ``torch.optim.Optimizer`` (the engine's own included) can step with it."""
+        for _, p, g in self.param_grads():
+            p.grad = g
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         # .to()/.double()/.cuda() replace the gradient buffers: forget the cached list.

@@ -8,8 +8,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from bp_apps.core.backprop.mlp import MLP, NonFiniteError
-from bp_apps.core.backprop.optim import Optimizer, clip_grad_norm
+from bp_apps.engine.models import MLP, NonFiniteError
+from bp_apps.engine.optim import clip_grad_norm
 
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 
@@ -19,7 +19,7 @@ class Loss(Protocol):
     def backward(self) -> Tensor: ...
 
 
-def train_step(model: MLP, loss_fn: Loss, optimizer: Optimizer, x: Tensor, y: Tensor, *,
+def train_step(model: MLP, loss_fn: Loss, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
                max_grad_norm: float | None = None, nonfinite: NonFinitePolicy = "raise",
                step: int | None = None,
                reduce_grads: Callable[[list[Tensor]], None] | None = None) -> tuple[Tensor, bool]:
@@ -35,8 +35,8 @@ def train_step(model: MLP, loss_fn: Loss, optimizer: Optimizer, x: Tensor, y: Te
         return _train_step(model, loss_fn, optimizer, x, y, max_grad_norm, nonfinite, step, reduce_grads)
 
 
-def _train_step(model: MLP, loss_fn: Loss, optimizer: Optimizer, x: Tensor, y: Tensor, max_grad_norm: float | None,
-                nonfinite: NonFinitePolicy, step: int | None,
+def _train_step(model: MLP, loss_fn: Loss, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                max_grad_norm: float | None, nonfinite: NonFinitePolicy, step: int | None,
                 reduce_grads: Callable[[list[Tensor]], None] | None = None) -> tuple[Tensor, bool]:
     loss = loss_fn.forward(model.forward(x), y)
     model.backward(loss_fn.backward())
@@ -56,5 +56,6 @@ def _train_step(model: MLP, loss_fn: Loss, optimizer: Optimizer, x: Tensor, y: T
             return loss, False
     if max_grad_norm is not None:
         clip_grad_norm(grads, max_grad_norm)
-    optimizer.update(grads)
+    model.attach_gradients()
+    optimizer.step()
     return loss, True

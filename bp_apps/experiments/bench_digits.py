@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bp_apps.core.backprop import MLP, SoftmaxCrossEntropy, build_optimizer, cosine_lr, train_step
 from bp_apps.core.data import DigitsSplit, batch_order, load_digits_split
+from bp_apps.engine import MLP, SoftmaxCrossEntropy, build_optimizer, cosine_lr, train_step
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def train_manual(data: DigitsSplit, recipe: DigitsRecipe, seed: int) -> tuple[li
     def train_epoch(epoch: int) -> None:
         model.train()
         for i, index in enumerate(batch_order(len(data.y_train), recipe.batch_size, seed, epoch)):
-            optimizer.lr = cosine_lr(recipe.lr, epoch * steps_per_epoch + i, total)
+            optimizer.param_groups[0]["lr"] = cosine_lr(recipe.lr, epoch * steps_per_epoch + i, total)
             train_step(model, loss_fn, optimizer, data.x_train[index], data.y_train[index])
 
     @torch.no_grad()

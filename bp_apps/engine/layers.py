@@ -23,6 +23,7 @@ GELU_TANH_COEF = 0.044715
 class Layer(nn.Module):
     """Base class: a forward that saves its backward state and an explicit backward."""
 
+    backend = "engine"  # trained by its own backward, not by autograd (see bp_apps.core.task.backend_of)
     saved: tuple = ()
     param_names: tuple[str, ...] = ()
 

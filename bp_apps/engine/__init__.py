@@ -1,6 +1,6 @@
 """The hand-written backprop engine: explicit forward/backward pairs, no autograd."""
 
-from bp_apps.core.backprop.layers import (
+from bp_apps.engine.layers import (
     GELU,
     BatchNorm1d,
     Dropout,
@@ -12,10 +12,10 @@ from bp_apps.core.backprop.layers import (
     Sigmoid,
     Tanh,
 )
-from bp_apps.core.backprop.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
-from bp_apps.core.backprop.mlp import ACTIVATIONS, MLP, NonFiniteError, make_activation
-from bp_apps.core.backprop.optim import SGD, Adam, AdamW, Optimizer, build_optimizer, clip_grad_norm, cosine_lr
-from bp_apps.core.backprop.train import train_step
+from bp_apps.engine.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
+from bp_apps.engine.models import ACTIVATIONS, MLP, NonFiniteError, make_activation
+from bp_apps.engine.optim import SGD, Adam, AdamW, Optimizer, build_optimizer, clip_grad_norm, cosine_lr
+from bp_apps.engine.train import train_step
 
 __all__ = [
     "ACTIVATIONS", "GELU", "MLP", "SGD", "Adam", "AdamW", "BCEWithLogitsLoss", "BatchNorm1d", "Dropout", "Layer",

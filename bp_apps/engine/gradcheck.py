@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bp_apps.core.backprop.layers import Dropout, Layer
-from bp_apps.core.backprop.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
-from bp_apps.core.backprop.mlp import MLP, _torch_twin
+from bp_apps.engine.layers import Dropout, Layer
+from bp_apps.engine.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
+from bp_apps.engine.models import MLP, _torch_twin
 
 TINY = torch.finfo(torch.float64).tiny
 EngineLoss = MSELoss | SoftmaxCrossEntropy | BCEWithLogitsLoss

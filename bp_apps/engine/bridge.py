@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from bp_apps.core.backprop.mlp import MLP
+from bp_apps.engine.models import MLP
 
 __all__ = ["ManualMLPFunction", "ManualMLPHead", "manual_mlp"]
 

@@ -1,0 +1,1 @@
+"""Experiments around the engine: side-by-side comparison, benchmarks, the article's linear regression, plots."""
