@@ -234,6 +234,11 @@ def _best_and_last_checkpoint(monitor: str, mode: str) -> L.Callback:
         the metric stops improving ``last.ckpt`` would hold stale weights (wrong for resuming).
         """
 
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            """A fit resumed into a new log folder keeps the best score and files found so far; Lightning would
+            drop the score when the folder changes, and the next validation would then pass for the best."""
+            super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
         def _refresh_last(self, trainer: L.Trainer) -> None:
             if not self._should_skip_saving_checkpoint(trainer):  # nothing saved at this step yet
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
