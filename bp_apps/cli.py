@@ -111,7 +111,7 @@ def _lightning(argv: Sequence[str]) -> int:
         def after_fit(self) -> None:
             if self.trainer.interrupted or not hasattr(self.datamodule, "test_dataloader"):
                 return
-            from bp_apps.core.lit import best_checkpoint_callback
+            from bp_apps.core.callbacks import best_checkpoint_callback
 
             best = getattr(best_checkpoint_callback(self.trainer), "best_model_path", "") or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)

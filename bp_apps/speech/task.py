@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
+from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.io import load_checkpoint_dict
-from bp_apps.core.lit import ClassifierModule, MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule, check_task
 from bp_apps.speech.data import SpeechBatch
 from bp_apps.speech.decoding import DIGIT_WORDS, BeamSearchDecoder, greedy_decode, write_lexicon

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.io import load_checkpoint_dict
-from bp_apps.core.lit import ClassifierModule, MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import OptimizerConfig, check_task
 from bp_apps.vision.models import build_model
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.io import atomic_write_text, default_cache_dir
-from bp_apps.core.lit import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.labeling.crf import CRF, constrained_decode
 from bp_apps.text.labeling.data import LabelingVocab, collate_sentences

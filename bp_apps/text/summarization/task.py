@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.io import atomic_write_text
-from bp_apps.core.lit import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.summarization.mbr import mbr_select
 from bp_apps.text.summarization.rouge import rouge_scores
