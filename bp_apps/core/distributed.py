@@ -1,9 +1,8 @@
 """Data-parallel training for the hand-written engine.
 
 DDP averages gradients through autograd hooks, and refuses a model none of whose parameters requires a gradient,
-which is what a manual-backend model is. ``EngineDDPStrategy`` (registered as ``ddp_engine``; ``bp-apps fit`` uses
-it for ``--trainer.strategy=ddp``) sets up the process group and samplers exactly as DDP does and leaves such a
-model unwrapped; the engine's training step then averages its own gradients with :func:`data_parallel_mean`.
+which is what an engine-backend model is. ``EngineDDPStrategy`` (in :mod:`bp_apps.core.internals`, registered as
+``ddp_engine``) sets up the process group and samplers exactly as DDP does and leaves such a model unwrapped; the engine's training step then averages its own gradients with :func:`data_parallel_mean`.
 Models with autograd parameters are wrapped in DDP as usual.
 """
 
@@ -12,26 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from torch import Tensor, nn
+from torch import Tensor
+
+from bp_apps.core.internals import EngineDDPStrategy, disable_distributed_sampler
 
 __all__ = ["EngineDDPStrategy", "data_parallel_mean", "shard_by_process"]
-
-
-class EngineDDPStrategy(DDPStrategy):
-    """DDP that leaves a model without trainable autograd parameters (the manual backend) unwrapped."""
-
-    strategy_name = "ddp_engine"
-
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        if not any(p.requires_grad for p in model.parameters()):
-            return model  # the engine averages its gradients itself (data_parallel_mean)
-        return super()._setup_model(model)
-
-
-if "ddp_engine" not in StrategyRegistry:
-    StrategyRegistry.register("ddp_engine", EngineDDPStrategy,
-                              description="DDP that also trains the hand-written engine (manual backend)")
 
 
 def data_parallel_mean() -> Callable[[list[Tensor]], None] | None:
@@ -64,5 +48,5 @@ def shard_by_process(trainer: object | None) -> tuple[int, int]:
     loaders of this data module only."""
     if trainer is None or getattr(trainer, "world_size", 1) <= 1:
         return 1, 0
-    trainer._accelerator_connector.use_distributed_sampler = False  # type: ignore[attr-defined]
+    disable_distributed_sampler(trainer)
     return trainer.world_size, trainer.global_rank  # type: ignore[attr-defined]

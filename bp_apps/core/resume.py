@@ -26,31 +26,19 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from bp_apps.core.internals import SkippingIndexSampler, reload_loader_states
 from bp_apps.core.samplers import MIX, EpochShuffle
 
 RNG_KEY = "bp_apps_cpu_rng_state"
 """Checkpoint key holding ``torch.get_rng_state()`` at the time of saving."""
 
 __all__ = ["RNG_KEY", "ExactResume", "FailAtStep", "ResumableDataLoader", "StepCheckpoint", "restore_training_state",
-           "resumable_loader", "resume_training_loaders", "save_rng_state"]
+           "resumable_loader", "save_rng_state"]
 
 
-class _SkipFirst:
-    """The loader's index sampler without the batches a resumed pass has already trained on."""
-
-    def __init__(self, inner: Any, loader: ResumableDataLoader) -> None:
-        self.inner, self.loader = inner, loader
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.inner), self.loader._skip, None)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(SkippingIndexSampler):
     """A DataLoader that Lightning can restore in the middle of an epoch (see the module's docstring).
 
     ``seed`` seeds the loader's own generator (so creating an iterator never draws from the global RNG) and the
@@ -66,10 +54,6 @@ class ResumableDataLoader(DataLoader):
         self.seed = seed
         self._served = 0
         self._skip = 0
-
-    @property
-    def _index_sampler(self) -> Any:  # DataLoader iterates this for indices: skip there, before any loading
-        return _SkipFirst(super()._index_sampler, self)
 
     def _epoch(self) -> int:
         for sampler in (self.batch_sampler, self.sampler, getattr(self.batch_sampler, "sampler", None)):
@@ -107,18 +91,6 @@ def resumable_loader(dataset: Dataset, batch_size: int, seed: int, **kwargs: Any
                                **kwargs)
 
 
-def resume_training_loaders(trainer: L.Trainer) -> None:
-    """Give resumable training loaders (``state_dict``/``load_state_dict``) their position from the checkpoint.
-
-    Lightning restores it when it sets up the training data, but ``configure_optimizers`` has already done that
-    (``estimated_stepping_batches`` for the schedule) before the checkpoint's loop state was loaded, so the position
-    would be dropped. Applied here, at the start of training, it takes effect: a resumable loader's iterator starts
-    lazily, at the first batch."""
-    fit_loop = trainer.fit_loop
-    if fit_loop.restarting:
-        fit_loop._load_combined_loader_states()
-
-
 def save_rng_state(checkpoint: dict[str, Any]) -> None:
     """Store the CPU random state (dropout, masks) in a checkpoint."""
     checkpoint[RNG_KEY] = torch.get_rng_state()
@@ -126,7 +98,7 @@ def save_rng_state(checkpoint: dict[str, Any]) -> None:
 
 def restore_training_state(trainer: L.Trainer, rng_state: Tensor | None) -> None:
     """At the start of a resumed fit: the loaders' positions and the random state saved with the checkpoint."""
-    resume_training_loaders(trainer)
+    reload_loader_states(trainer)
     if rng_state is not None:
         torch.set_rng_state(rng_state)
 
