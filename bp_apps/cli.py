@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -91,22 +93,22 @@ def _lightning(argv: Sequence[str]) -> int:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    import bp_apps.core.distributed  # noqa: F401  (registers the `ddp_engine` strategy name)
+
     class BpAppsCLI(LightningCLI):
-        """LightningCLI that logs to CSV (and TensorBoard when installed) unless the config names a logger,
-        and, after ``fit``, tests the best checkpoint when the data has a test split."""
+        """LightningCLI that logs to CSV (and TensorBoard when installed) unless the config names a logger, adds
+        :func:`default_callbacks` to the callbacks of the config and command line, and, after ``fit``, tests the
+        best checkpoint when the data has a test split."""
+
+        def before_instantiate_classes(self) -> None:
+            trainer = self.config[self.subcommand].trainer
+            self.trainer_defaults["callbacks"] = default_callbacks(trainer.enable_progress_bar,
+                                                                   callback_classes(trainer.callbacks))
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
             if self.config[self.subcommand].trainer.logger in (None, True):  # the default: replace it
                 self.trainer.loggers = default_loggers(self.trainer.default_root_dir)
-
-        def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-            callbacks = with_rich_progress_bar(config, callbacks)
-            if config.get("strategy") == "ddp":  # DDP that also trains the hand-written engine
-                from bp_apps.core.distributed import EngineDDPStrategy
-
-                config["strategy"] = EngineDDPStrategy()
-            return super()._instantiate_trainer(config, callbacks)
 
         def after_fit(self) -> None:
             if self.trainer.interrupted or not hasattr(self.datamodule, "test_dataloader"):
@@ -121,21 +123,30 @@ def _lightning(argv: Sequence[str]) -> int:
     return 0
 
 
-def with_rich_progress_bar(trainer_config: dict, callbacks: list) -> list:
-    """``callbacks`` plus Rich's progress bar, unless the progress bar is off, another progress bar is given, or rich
-    is not installed (Lightning's tqdm bar then stays). Rich's bar draws nothing when the output is not a terminal."""
-    if trainer_config.get("enable_progress_bar", True) is False:
-        return callbacks
-    try:
-        from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+def callback_classes(entries: Sequence[Any] | Any | None) -> list[type]:
+    """The classes named by a parsed ``trainer.callbacks`` setting (one ``class_path`` entry, a list, or None)."""
+    entries = entries if isinstance(entries, list) else [] if entries is None else [entries]
+    classes = []
+    for entry in entries:
+        module, _, name = entry.class_path.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
 
-        given = trainer_config.get("callbacks") or []
-        given = given if isinstance(given, list) else [given]
-        if any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
-            return callbacks
-        return [*callbacks, RichProgressBar()]
-    except ImportError:  # rich is not installed
-        return callbacks
+
+def default_callbacks(enable_progress_bar: bool | None, given: Sequence[type]) -> list:
+    """The callbacks every Lightning command adds to the config's and the command line's (``given``, their
+    classes): ``metrics.json`` unless a ``MetricsJson`` is given, and Rich's progress bar unless the progress bar
+    is off, another progress bar is given, or rich is not installed (Lightning's tqdm bar then stays). Rich's bar
+    draws nothing when the output is not a terminal."""
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+    from bp_apps.core.callbacks import MetricsJson
+
+    callbacks: list = [] if any(issubclass(c, MetricsJson) for c in given) else [MetricsJson()]
+    if enable_progress_bar is not False and not any(issubclass(c, ProgressBar) for c in given):
+        with contextlib.suppress(ModuleNotFoundError):  # rich is not installed
+            callbacks.append(RichProgressBar())
+    return callbacks
 
 
 def default_loggers(root: str | Path) -> list:

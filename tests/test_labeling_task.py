@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bp_apps.cli import main
+from bp_apps.core.callbacks import task_callbacks
 from bp_apps.text.labeling import models
 from bp_apps.text.labeling.data import LabelingDataModule, LabelingVocab, collate_sentences
 from bp_apps.text.labeling.formats import read_jsonl
@@ -63,7 +64,13 @@ def srl_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def small_trainer(root: Path, epochs: int, **kwargs) -> L.Trainer:
     return L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=root, enable_progress_bar=False,
-                     enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(root), **kwargs)
+                     enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(root),
+                     callbacks=task_callbacks("val_f1", "max"), **kwargs)
+
+
+def last_checkpoint(trainer: L.Trainer) -> Path:
+    """The run's ``last.ckpt``: the weights the model ends with."""
+    return Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
 
 
 def fit_small(root: Path, files: tuple[Path, Path], epochs: int = 12, **model_args) -> tuple[TokenLabeler, L.Trainer]:
@@ -112,7 +119,7 @@ def test_decoding_is_always_valid_bio(trained: tuple[TokenLabeler, L.Trainer], c
 def test_checkpoint_round_trip_and_label_command(tmp_path: Path, srl_files: tuple[Path, Path],
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     model, trainer = fit_small(tmp_path, srl_files, epochs=12, crf=True)
-    ckpt = trainer.checkpoint_callback.last_model_path  # the weights the model ends with
+    ckpt = str(last_checkpoint(trainer))
     loaded = load_labeler(ckpt)
     sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in synthetic_srl(20, 3)]
     assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
@@ -234,7 +241,7 @@ def test_transformer_from_config_trains_and_reloads(tmp_path: Path, srl_files: t
     model, trainer = fit_small(tmp_path, srl_files, epochs=8, model="transformer", transformer_hidden=32,
                                transformer_layers=1, transformer_heads=2, tokenizer_vocab_size=200, lr=0.003)
     assert trainer.callback_metrics["val_f1"] > 0.5
-    loaded = load_labeler(trainer.checkpoint_callback.last_model_path)
+    loaded = load_labeler(last_checkpoint(trainer))
     sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in synthetic_srl(10, 5)]
     assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
     long = make_sentence(["the"] * 30, predicate=3)
@@ -262,7 +269,7 @@ def test_pretrained_encoder_from_a_local_directory(tmp_path: Path, srl_files: tu
                                pretrained_name=str(directory))
     assert model.net.model.config.num_labels == len(model.vocab.labels)
     shutil.rmtree(directory)
-    loaded = load_labeler(trainer.checkpoint_callback.last_model_path)
+    loaded = load_labeler(last_checkpoint(trainer))
     sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in records[:5]]
     assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
 

@@ -174,3 +174,19 @@ def test_lightning_cli_config() -> None:
                              "--model.max_grad_norm=1.0", "--trainer.logger=false"])
     assert list(cli.model.hparams.hidden) == [32, 16] and cli.model.hparams.norm == "layer"
     assert cli.model.automatic_optimization and cli.model.hparams.max_grad_norm == 1.0
+
+
+def test_plain_ddp_is_refused_for_the_engine_with_a_message_naming_ddp_engine() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from bp_apps.core.distributed import EngineDDPStrategy
+
+    engine, autograd = MLPClassifier(hidden=(8,), backend="manual"), MLPClassifier(hidden=(8,), backend="autograd")
+    engine.trainer = autograd.trainer = SimpleNamespace(strategy=DDPStrategy())
+    with pytest.raises(ValueError, match=r"--trainer\.strategy=ddp_engine"):
+        engine.setup("fit")
+    autograd.setup("fit")  # DDP wraps autograd networks as usual
+    engine.trainer = SimpleNamespace(strategy=EngineDDPStrategy())
+    engine.setup("fit")

@@ -123,13 +123,29 @@ def test_a_test_after_fit_in_the_same_second_keeps_the_fits_event_file(tmp_path:
 
 
 def test_fit_uses_richs_progress_bar_unless_told_otherwise() -> None:
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
-    from bp_apps.cli import with_rich_progress_bar
+    from bp_apps.cli import default_callbacks
+    from bp_apps.core.callbacks import MetricsJson
 
-    added = with_rich_progress_bar({}, [])
-    assert len(added) == 1 and isinstance(added[0], RichProgressBar)
-    assert with_rich_progress_bar({"enable_progress_bar": False}, []) == []
-    own = TQDMProgressBar()
-    assert with_rich_progress_bar({"callbacks": [own]}, []) == []
-    assert with_rich_progress_bar({"callbacks": own}, []) == []
+    def kinds(callbacks: list) -> list[type]:
+        return [type(c) for c in callbacks]
+
+    assert kinds(default_callbacks(None, [])) == [MetricsJson, RichProgressBar]
+    assert kinds(default_callbacks(True, [MetricsJson])) == [RichProgressBar]
+    assert kinds(default_callbacks(False, [])) == [MetricsJson]  # --trainer.enable_progress_bar=false
+    assert kinds(default_callbacks(True, [TQDMProgressBar])) == [MetricsJson]  # the user's own bar
+    assert not any(isinstance(c, ProgressBar) for c in default_callbacks(True, [RichProgressBar]))
+
+
+def test_the_callbacks_given_on_the_command_line_are_read_as_classes() -> None:
+    from jsonargparse import Namespace
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from bp_apps.cli import callback_classes
+    from bp_apps.core.callbacks import LastCheckpoint
+
+    given = Namespace(class_path="lightning.pytorch.callbacks.TQDMProgressBar", init_args=Namespace())
+    assert callback_classes(None) == [] and callback_classes(given) == [TQDMProgressBar]
+    assert callback_classes([given, Namespace(class_path="bp_apps.core.callbacks.LastCheckpoint")]) == [
+        TQDMProgressBar, LastCheckpoint]

@@ -21,10 +21,11 @@ TINY = ["--trainer.max_epochs=2", f"--trainer.limit_train_batches={STEPS_PER_EPO
 
 
 def callbacks(folder: Path, fail: bool) -> str:
+    """A step checkpoint (and the fault) added to the config's callbacks (best and last checkpoints)."""
     every_step = {"class_path": "bp_apps.core.resume.StepCheckpoint",
                   "init_args": {"dirpath": str(folder / "steps"), "every_n_train_steps": 1}}
     fault = {"class_path": "bp_apps.core.resume.FailAtStep", "init_args": {"step": FAIL_AT}}
-    return "--trainer.callbacks=" + json.dumps([every_step, *([fault] if fail else [])])
+    return "--trainer.callbacks+=" + json.dumps([every_step, *([fault] if fail else [])])
 
 
 # Enough training batches for the fault to land mid-epoch (the determinism test's speech subsets give fewer), and

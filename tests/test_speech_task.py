@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 
 from bp_apps.cli import main
+from bp_apps.core.callbacks import task_callbacks
 from bp_apps.speech.audio import save_audio
 from bp_apps.speech.data import ManifestDataModule
 from bp_apps.speech.task import SpeechRecognizer, load_speech_model, transcribe
@@ -97,6 +98,7 @@ def test_checkpoint_round_trip_with_weights_only(ctc_run: dict, tmp_path: Path) 
     assert isinstance(model, SpeechRecognizer) and not model.training and preprocessing["features"]["n_mels"] == 32
     for name, value in model.state_dict().items():
         assert torch.equal(value, checkpoint["state_dict"][name])
+
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(Path(path).read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"broken\.ckpt: not a loadable checkpoint"):
@@ -105,6 +107,16 @@ def test_checkpoint_round_trip_with_weights_only(ctc_run: dict, tmp_path: Path) 
     torch.save({"bp_apps_task": "vision.ImageClassifier", "state_dict": {}}, foreign)
     with pytest.raises(ValueError, match=r"foreign\.ckpt: not a speech checkpoint .*vision\.ImageClassifier"):
         load_speech_model(foreign)
+
+
+def test_a_checkpoint_with_settings_since_dropped_still_loads(ctc_run: dict, tmp_path: Path) -> None:
+    """Checkpoints written while the model chose its own callbacks hold ``monitor`` and ``early_stopping_patience``."""
+    checkpoint = torch.load(ctc_run["metrics"]["best_checkpoint"], map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"].update(monitor="val_wer", early_stopping_patience=3)
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    model, _ = load_speech_model(older)
+    assert "monitor" not in model.hparams and isinstance(model, SpeechRecognizer)
 
 
 def test_transcribe_command_end_to_end(ctc_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,7 +161,7 @@ def test_each_ctc_model_fits_a_few_steps(model: str, tmp_path: Path) -> None:
     small = {"hidden": 32, "layers": 1, "heads": 2, "ffn_dim": 32, "conv_channels": 4, "kernel_size": 3}
     module = SpeechRecognizer(model=model, input_dim=1 if waveform else 16, **small)
     trainer = L.Trainer(max_steps=3, default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1)
+                        enable_model_summary=False, log_every_n_steps=1, callbacks=task_callbacks("val_cer", "min"))
     before = [p.detach().clone() for p in module.parameters()]
     trainer.fit(module, datamodule=data)
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))

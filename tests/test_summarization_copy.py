@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_summarization_task import TINY, CopyData, copy_pairs, small_trainer
+from test_summarization_task import TINY, CopyData, config_callbacks, copy_pairs, small_trainer
 from transformers import AutoModelForSeq2SeqLM
 
 from bp_apps.text.summarization.copy import BartCopyConfig, BartCopyForConditionalGeneration
@@ -108,7 +108,7 @@ def test_summarizer_with_copy_learns_and_round_trips(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     model = Summarizer(arch="bart", **TINY, copy_mechanism=True, lr=0.005, warmup_fraction=0.0, num_beams=2,
                        max_new_tokens=6)
-    trainer = small_trainer(tmp_path, 8)
+    trainer = small_trainer(tmp_path, 8, callbacks=config_callbacks())
     trainer.fit(model, datamodule=CopyData())
     assert float(trainer.callback_metrics["val_rouge1"]) > 0.8
     texts = [source for _, source, _ in copy_pairs(8, 5)]

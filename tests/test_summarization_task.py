@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+from bp_apps.core.callbacks import task_callbacks
 from bp_apps.text.summarization.models import build_seq2seq, load_pretrained_seq2seq
 from bp_apps.text.summarization.rouge import rouge_scores, split_sentences
 from bp_apps.text.summarization.task import (
@@ -143,6 +144,16 @@ def small_trainer(root: Path, epochs: int, **kwargs: Any) -> L.Trainer:
                      enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
 
 
+def config_callbacks() -> list[L.Callback]:
+    """The callbacks the summarization configs list: best (val_rouge1) and last checkpoints, metrics.json, hf_best."""
+    return [*task_callbacks("val_rouge1", "max"), HFBestExport()]
+
+
+def last_checkpoint(trainer: L.Trainer) -> Path:
+    """The run's ``last.ckpt`` (next to the best checkpoint)."""
+    return Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+
+
 class Fitted(NamedTuple):
     model: Summarizer
     trainer: L.Trainer
@@ -160,7 +171,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
     untrained = small_trainer(root / "untrained", 1, logger=False, enable_checkpointing=False)
     untrained.validate(model, datamodule=data, verbose=False)
     before = float(untrained.callback_metrics["val_rouge1"])
-    trainer = small_trainer(root, 16)
+    trainer = small_trainer(root, 16, callbacks=config_callbacks())
     trainer.fit(model, datamodule=data)
     return Fitted(model, trainer, before, float(trainer.callback_metrics["val_rouge1"]))
 
@@ -195,19 +206,9 @@ def test_test_writes_predictions_and_metrics(trained: Fitted) -> None:
     assert len(metrics["samples"]["test"]) == 3
 
 
-def test_monitor_picks_the_best_checkpoint_figure(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="monitor must be one of"):
-        Summarizer(monitor="val_loss")
-    for monitor in ("val_rouge1", "val_rouge1_refmean"):
-        model = Summarizer(arch="bart", **TINY, monitor=monitor)
-        model.trainer = small_trainer(tmp_path / monitor, 1)
-        best = [c for c in model.configure_callbacks() if hasattr(c, "monitor")]
-        assert [c.monitor for c in best] == [monitor]
-
-
 def test_checkpoint_round_trip_gives_identical_summaries(trained: Fitted) -> None:
     model, trainer = trained.model, trained.trainer
-    loaded = load_summarizer(trainer.checkpoint_callback.last_model_path)  # the weights the model ends with
+    loaded = load_summarizer(last_checkpoint(trainer))  # the weights the model ends with
     assert not loaded.training and loaded.hparams.arch == "bart" and loaded.max_source_tokens == 16
     texts = [source for _, source, _ in copy_pairs(12, 5)]
     expected = summarize(model, texts, batch_size=5)
@@ -220,7 +221,7 @@ def test_checkpoint_round_trip_gives_identical_summaries(trained: Fitted) -> Non
 def test_loaded_model_makes_the_data_module_use_its_tokenizer(trained: Fitted, tmp_path: Path) -> None:
     """A data module that built a different tokenizer is pointed at the checkpoint's, so scores do not change."""
     trainer = trained.trainer
-    loaded = load_summarizer(trainer.checkpoint_callback.last_model_path)
+    loaded = load_summarizer(last_checkpoint(trainer))
     data = CopyData(vocab_size=60)
     validator = small_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
     validator.validate(loaded, datamodule=data, verbose=False)
@@ -263,8 +264,10 @@ def test_hf_best_export_follows_new_best_scores_only(tmp_path: Path) -> None:
     module.build(train_tokenizer([s for _, s, _ in copy_pairs(20, 0)], vocab_size=80))
     checkpoints = SimpleNamespace(best_model_path=str(tmp_path / "a.ckpt"), best_model_score=torch.tensor(0.5),
                                   monitor="val_rouge1", dirpath=str(tmp_path))
-    trainer = SimpleNamespace(checkpoint_callback=checkpoints, callback_metrics={}, is_global_zero=True,
-                              default_root_dir=str(tmp_path))
+    last = SimpleNamespace(best_model_path=str(tmp_path / "last.ckpt"), best_model_score=None, monitor=None,
+                           dirpath=str(tmp_path))
+    trainer = SimpleNamespace(checkpoint_callback=last, checkpoint_callbacks=[last, checkpoints], callback_metrics={},
+                              is_global_zero=True, default_root_dir=str(tmp_path))
     export = HFBestExport()
     export.on_save_checkpoint(trainer, module, {})  # resumed: the restored best, no metric computed yet
     export.on_fit_end(trainer, module)
@@ -276,8 +279,8 @@ def test_hf_best_export_follows_new_best_scores_only(tmp_path: Path) -> None:
     export.on_save_checkpoint(trainer, module, {})
     assert (tmp_path / "hf_best" / "config.json").is_file() and export.exported == str(tmp_path / "b.ckpt")
 
-    trainer.checkpoint_callback = SimpleNamespace(best_model_path="", best_model_score=None, monitor="val_rouge1",
-                                                  dirpath=str(tmp_path / "none"))
+    trainer.checkpoint_callbacks = [SimpleNamespace(best_model_path="", best_model_score=None, monitor="val_rouge1",
+                                                    dirpath=str(tmp_path / "none"))]
     HFBestExport().on_fit_end(trainer, module)
     assert (tmp_path / "none" / "hf_best" / "config.json").is_file()
 
@@ -361,7 +364,7 @@ def test_pretrained_name_replaces_the_data_tokenizer(tmp_path: Path, monkeypatch
     trainer.fit(model, datamodule=data)
     assert data.tokenizer.get_vocab() == tokenizer.get_vocab() and model.model.config.d_model == 16
     shutil.rmtree(tmp_path / "tiny")
-    loaded = load_summarizer(trainer.checkpoint_callback.last_model_path)
+    loaded = load_summarizer(trainer.checkpoint_callback.best_model_path)  # Lightning's default: the newest epoch
     texts = [source for _, source, _ in copy_pairs(4, 2)]
     assert summarize(loaded, texts, max_source_tokens=64) == summarize(model, texts, max_source_tokens=64)
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from bp_apps.cli import main
+from bp_apps.core.callbacks import task_callbacks
 from bp_apps.vision.data import DigitsImageDataModule
 from bp_apps.vision.task import ImageClassifier, load_image_classifier, predict_images
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def fit_and_test(model: ImageClassifier, tmp_path: Path, epochs: int = 1, **trainer: Any) -> L.Trainer:
     L.seed_everything(0, verbose=False)
     t = L.Trainer(max_epochs=epochs, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
-                  enable_model_summary=False, **trainer)
+                  enable_model_summary=False, callbacks=task_callbacks("val_acc", "max"), **trainer)
     data = DigitsImageDataModule(batch_size=64)
     t.fit(model, datamodule=data)
     t.test(model, datamodule=data, ckpt_path="best", verbose=False)
@@ -183,7 +184,7 @@ def test_imagefolder_run_counts_skipped_images_in_its_summary(tmp_path):
                             lr=1e-2, dropout=0.0)
     L.seed_everything(0, verbose=False)
     t = L.Trainer(max_epochs=6, default_root_dir=tmp_path / "run", enable_progress_bar=False,
-                  enable_model_summary=False, log_every_n_steps=1)
+                  enable_model_summary=False, log_every_n_steps=1, callbacks=task_callbacks("val_acc", "max"))
     t.fit(model, datamodule=data)
     t.test(model, datamodule=data, ckpt_path="best", verbose=False)
     metrics = json.loads((Path(t.log_dir) / "metrics.json").read_text())

@@ -1,47 +1,64 @@
-"""Callbacks every task can take from its configuration: ``metrics.json`` and the best/last checkpoints."""
+"""Callbacks the tasks take from their configuration: ``metrics.json`` and the best and last checkpoints.
+
+The configs list them under ``trainer.callbacks``; :func:`task_callbacks` gives the same set to a ``Trainer`` built
+by hand (tests, notebooks). Task-specific entries of ``metrics.json`` come from ``metrics_summary()`` methods of the
+data module and the LightningModule, so one :class:`MetricsJson` serves every task.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from bp_apps.core.io import atomic_write_text
 
-__all__ = ["MetricsJsonCallback", "best_checkpoint_callback", "best_checkpoint_callbacks"]
+__all__ = ["BestCheckpoint", "LastCheckpoint", "MetricsJson", "best_checkpoint_callback", "task_callbacks"]
 
 
-class MetricsJsonCallback(L.Callback):
-    """Write a run's final validation and test metrics to ``metrics.json`` in its log directory
-    (atomically) and print the path, so every run leaves one small machine-readable summary."""
+class MetricsJson(L.Callback):
+    """Write a run's final validation and test metrics to ``metrics.json`` in the logger's folder (atomically) and
+    print the path, so every run leaves one small machine-readable summary. A run without a logger writes nothing
+    (never into the current folder). The data module's and the module's ``metrics_summary()`` add their entries."""
 
     def __init__(self) -> None:
         self.metrics: dict[str, Any] = {"validation": {}, "test": {}}
 
-    def extra(self, trainer: L.Trainer) -> dict[str, Any]:
-        """More entries for the summary (subclasses add task-specific ones)."""
-        return {}
+    @staticmethod
+    def path(trainer: L.Trainer) -> Path | None:
+        """``metrics.json`` in the first logger's folder; None without a logger."""
+        if not trainer.loggers:
+            return None
+        log_dir = trainer.log_dir  # a broadcast: every process must ask, not only rank 0
+        return Path(log_dir) / "metrics.json" if log_dir else None
 
     @staticmethod
-    def path(trainer: L.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
+    def summaries(trainer: L.Trainer) -> dict[str, Any]:
+        """What the data module and then the LightningModule add through their ``metrics_summary()``."""
+        out: dict[str, Any] = {}
+        for source in (trainer.datamodule, trainer.lightning_module):
+            summary = getattr(source, "metrics_summary", None)
+            if callable(summary):
+                out.update(summary())
+        return out
 
     def _scalars(self, trainer: L.Trainer, prefix: str) -> dict[str, float]:
         return {k: float(v) for k, v in trainer.callback_metrics.items()
                 if k.startswith(prefix) and torch.is_tensor(v) and v.numel() == 1}
 
     def _write(self, trainer: L.Trainer) -> None:
-        path = self.path(trainer)  # trainer.log_dir is a broadcast: every process must ask, not only rank 0
-        if not trainer.is_global_zero:
+        path = self.path(trainer)
+        if path is None or not trainer.is_global_zero:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         # A test after fit in the same log directory adds its section to what fit wrote.
         previous = json.loads(path.read_text()) if path.exists() else {}
         sections = {k: v or previous.get(k, {}) for k, v in self.metrics.items()}
-        summary = {**previous, **sections, **self.extra(trainer), "global_step": trainer.global_step,
+        summary = {**previous, **sections, **self.summaries(trainer), "global_step": trainer.global_step,
                    "epochs_completed": trainer.current_epoch}
         callback = best_checkpoint_callback(trainer)
         if callback is not None and getattr(callback, "best_model_path", ""):
@@ -65,6 +82,34 @@ class MetricsJsonCallback(L.Callback):
         self._write(trainer)
 
 
+class _FolderKeepingCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that takes its whole saved state into a fit resumed in a new log folder."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A fit resumed into a new log folder keeps the best score and files found so far. Lightning would keep
+        only the best path when the folder changes (with a warning), and the next validation would then pass for
+        the best. Files of the former folder are never deleted (Lightning removes only files in its own folder)."""
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
+
+class BestCheckpoint(_FolderKeepingCheckpoint):
+    """A ``ModelCheckpoint`` on a monitored metric whose best score survives a fit resumed into a new log folder."""
+
+
+class LastCheckpoint(_FolderKeepingCheckpoint):
+    """``last.ckpt``, rewritten at the end of every training epoch (after its validation), to resume from.
+
+    ``save_last=True`` on the best checkpoint would not do: Lightning 2.6 rewrites ``last.ckpt`` only in a step that
+    also saves a new best, so it goes stale once the metric stops improving. This is a checkpoint without a monitor
+    that keeps its one newest file under a fixed name. Its own class gives it its own state key, so a plain
+    ``ModelCheckpoint`` can run beside it; list it after the best checkpoint, so ``last.ckpt`` holds the best
+    checkpoint's state of the same epoch."""
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, save_top_k=1,
+                         enable_version_counter=False)
+
+
 def best_checkpoint_callback(trainer: L.Trainer) -> L.Callback | None:
     """The checkpoint callback that keeps the best weights (the first with a monitor), else Lightning's first one:
     a step checkpoint added on the command line must not take its place."""
@@ -72,48 +117,12 @@ def best_checkpoint_callback(trainer: L.Trainer) -> L.Callback | None:
     return monitored[0] if monitored else trainer.checkpoint_callback
 
 
-def best_checkpoint_callbacks(trainer: L.Trainer, monitor: str = "val_acc", mode: str = "max",
-                              patience: int | None = None) -> list[L.Callback]:
-    """Best-checkpoint saving on ``monitor`` plus an up-to-date ``last.ckpt`` (when the trainer saves
-    checkpoints at all) and, with ``patience``, early stopping on it."""
-    from lightning.pytorch.callbacks import EarlyStopping
-
-    callbacks: list[L.Callback] = []
-    if trainer.checkpoint_callback is not None:
-        callbacks.append(_best_and_last_checkpoint(monitor, mode))
+def task_callbacks(monitor: str, mode: Literal["min", "max"], patience: int | None = None) -> list[L.Callback]:
+    """The callbacks a task's config lists, for a ``Trainer`` built by hand: the best checkpoint by ``monitor``,
+    ``last.ckpt``, ``metrics.json`` and, with ``patience``, early stopping on ``monitor``."""
+    callbacks: list[L.Callback] = [
+        BestCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename=f"best-{{epoch}}-{{{monitor}:.4f}}"),
+        LastCheckpoint(), MetricsJson()]
     if patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     return callbacks
-
-
-def _best_and_last_checkpoint(monitor: str, mode: str) -> L.Callback:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class BestAndLastCheckpoint(ModelCheckpoint):
-        """The best checkpoint by ``monitor``, and ``last.ckpt`` after every validation.
-
-        Lightning 2.6 rewrites ``last.ckpt`` only when it also writes a new best one, so after
-        the metric stops improving ``last.ckpt`` would hold stale weights (wrong for resuming).
-        """
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            """A fit resumed into a new log folder keeps the best score and files found so far; Lightning would
-            drop the score when the folder changes, and the next validation would then pass for the best."""
-            super().load_state_dict({**state_dict, "dirpath": self.dirpath})
-
-        def _refresh_last(self, trainer: L.Trainer) -> None:
-            if not self._should_skip_saving_checkpoint(trainer):  # nothing saved at this step yet
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            super().on_train_epoch_end(trainer, pl_module)
-            if self._should_save_on_train_epoch_end(trainer):
-                self._refresh_last(trainer)
-
-        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            super().on_validation_end(trainer, pl_module)
-            if not self._should_save_on_train_epoch_end(trainer):
-                self._refresh_last(trainer)
-
-    return BestAndLastCheckpoint(monitor=monitor, mode=mode, save_last=True,
-                                 filename=f"best-{{epoch}}-{{{monitor}:.4f}}")

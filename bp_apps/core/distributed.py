@@ -2,7 +2,8 @@
 
 DDP averages gradients through autograd hooks, and refuses a model none of whose parameters requires a gradient,
 which is what an engine-backend model is. ``EngineDDPStrategy`` (in :mod:`bp_apps.core.internals`, registered as
-``ddp_engine``) sets up the process group and samplers exactly as DDP does and leaves such a model unwrapped; the engine's training step then averages its own gradients with :func:`data_parallel_mean`.
+``ddp_engine``) sets up the process group and samplers exactly as DDP does and leaves such a model unwrapped; the
+engine's training step then averages its own gradients with :func:`data_parallel_mean`.
 Models with autograd parameters are wrapped in DDP as usual.
 """
 

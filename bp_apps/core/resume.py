@@ -144,9 +144,8 @@ class StepCheckpoint(ModelCheckpoint):
     """``last-step.ckpt``, rewritten every ``every_n_train_steps`` training steps, to resume from mid-epoch.
 
     Add it on the command line (``--trainer.callbacks+=bp_apps.core.resume.StepCheckpoint
-    --trainer.callbacks.every_n_train_steps=200``). A plain ``ModelCheckpoint`` given to the Trainer would be
-    dropped: Lightning lets the tasks' own best/last checkpoint callback override Trainer callbacks of a parent
-    class. The file has its own name, so it never collides with the task's ``last.ckpt``."""
+    --trainer.callbacks.every_n_train_steps=200``). Its file has its own name, so it never collides with the
+    config's ``last.ckpt``, and its own class, so Lightning keeps it beside the config's checkpoint callbacks."""
 
     CHECKPOINT_NAME_LAST = "last-step"
 

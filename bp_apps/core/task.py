@@ -18,9 +18,10 @@ from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
-from bp_apps.core.distributed import data_parallel_mean
+from bp_apps.core.distributed import EngineDDPStrategy, data_parallel_mean
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.resume import RNG_KEY, restore_training_state, save_rng_state
 from bp_apps.engine import NonFiniteError, build_optimizer, clip_grad_norm, cosine_lr
@@ -210,6 +211,14 @@ class TaskModule(L.LightningModule):
             self.optimizers().step()
             self.lr_schedulers().step()
         return loss
+
+    def setup(self, stage: str) -> None:
+        """Refuse Lightning's plain DDP for an engine network, naming ``ddp_engine``: DDP cannot wrap a model
+        without autograd parameters, and its own error does not say what to use instead."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if self.engine and isinstance(strategy, DDPStrategy) and not isinstance(strategy, EngineDDPStrategy):
+            raise ValueError("the engine backend trains under DDP with the strategy 'ddp_engine' "
+                             "(--trainer.strategy=ddp_engine), not 'ddp'")
 
     def on_fit_start(self) -> None:
         """Mixed precision would hand the engine's fixed-dtype buffers half-precision products: refuse it."""

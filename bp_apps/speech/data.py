@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -150,6 +150,10 @@ class SpeechDataModule(L.LightningDataModule):
 
     def utterances(self, split: str) -> list[Utterance]:
         raise NotImplementedError
+
+    def metrics_summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: the feature settings."""
+        return {"features": self.feature_config.to_dict()}
 
     def vocabulary_words(self) -> list[str]:
         """Every word of the training transcripts (for a beam-search lexicon)."""

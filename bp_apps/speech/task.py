@@ -2,13 +2,14 @@
 (``SpokenDigitClassifier``, whose head is the hand-written MLP through the bridge), plus checkpoint loading and
 ``transcribe`` for the ``bp-apps transcribe`` command.
 
-Fit keeps the best checkpoint by validation CER/WER (or accuracy); the CLI then tests it; ``metrics.json`` in the
-run's log directory holds the final validation and test metrics and a few test transcripts. Checkpoints carry the
-task name and the feature settings, so a checkpoint alone is enough to transcribe files.
+The config's callbacks keep the best checkpoint by validation CER/WER (or accuracy) and write ``metrics.json`` (with
+the data module's feature settings and a few test transcripts); the CLI then tests that checkpoint. Checkpoints
+carry the task name and the feature settings, so a checkpoint alone is enough to transcribe files.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
-from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule, check_task
@@ -35,17 +35,6 @@ HF_CONFIG_KEY = "bp_apps_hf_config"
 RECOGNIZER_TASK = "speech.SpeechRecognizer"
 CLASSIFIER_TASK = "speech.SpokenDigitClassifier"
 EXAMPLES = 8
-
-
-class SpeechMetricsJson(MetricsJsonCallback):
-    """metrics.json with the feature settings and a few test transcripts next to their references."""
-
-    def extra(self, trainer: L.Trainer) -> dict[str, Any]:
-        data = trainer.datamodule
-        module = trainer.lightning_module
-        config = getattr(data, "feature_config", None)
-        return {"features": config.to_dict() if config is not None else None,
-                "test_examples": list(getattr(module, "test_examples", []))}
 
 
 def _preprocessing(module: L.LightningModule) -> dict[str, Any] | None:
@@ -69,8 +58,7 @@ class SpeechRecognizer(TaskModule):
     ``wav2vec2`` (on waveforms, ``input_dim`` = 1; ``pretrained`` names a model for online users).
 
     SpecAugment masks the training inputs. Validation decodes greedily; test also runs beam search when
-    ``beam_size`` > 0, restricted to the training words when ``lexicon`` is set. ``monitor`` picks the best
-    checkpoint (``val_cer`` or ``val_wer``, lower is better)."""
+    ``beam_size`` > 0, restricted to the training words when ``lexicon`` is set."""
 
     task_name = RECOGNIZER_TASK
     task_title = "a speech-recognizer"
@@ -81,9 +69,7 @@ class SpeechRecognizer(TaskModule):
                  pretrained: str | None = None, spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 10,
                  time_masks: int = 2, time_width: int = 20, lr: float = 2e-3, weight_decay: float = 1e-2,
                  scheduler: Literal["constant", "cosine"] = "cosine", warmup_fraction: float = 0.05,
-                 max_grad_norm: float | None = 5.0, beam_size: int = 0, lexicon: bool = True,
-                 monitor: Literal["val_cer", "val_wer"] = "val_cer", early_stopping_patience: int | None = None,
-                 seed: int = 0) -> None:
+                 max_grad_norm: float | None = 5.0, beam_size: int = 0, lexicon: bool = True, seed: int = 0) -> None:
         super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                                          warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
                                          no_decay_keys=NO_DECAY_KEYS))
@@ -162,10 +148,9 @@ class SpeechRecognizer(TaskModule):
             if len(self.test_examples) < EXAMPLES:
                 self.test_examples.append({"reference": reference, "prediction": prediction})
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [SpeechMetricsJson(),
-                *best_checkpoint_callbacks(self.trainer, monitor=self.hparams.monitor, mode="min",
-                                           patience=self.hparams.early_stopping_patience)]
+    def metrics_summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: the last test's first transcripts next to their references."""
+        return {"test_examples": list(self.test_examples)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -192,9 +177,7 @@ class SpokenDigitClassifier(ClassifierModule):
                  time_width: int = 8, time_stretch: float = 0.0, optimizer: Literal["sgd", "adam", "adamw"] = "adamw",
                  lr: float = 3e-3, weight_decay: float = 1e-2, max_grad_norm: float | None = 5.0,
                  label_smoothing: float = 0.05, scheduler: Literal["constant", "cosine"] = "cosine",
-                 warmup_fraction: float = 0.05, monitor: Literal["val_acc", "val_loss"] = "val_acc",
-                 early_stopping_patience: int | None = None, seed: int = 0,
-                 encoder: Literal["gru", "cnn"] = "gru") -> None:
+                 warmup_fraction: float = 0.05, seed: int = 0, encoder: Literal["gru", "cnn"] = "gru") -> None:
         net = DigitClassifierNet(input_dim, num_classes, conv_channels, subsample, hidden, head_hidden, dropout, seed,
                                  encoder)
         optim = OptimizerConfig(optimizer, lr, weight_decay=weight_decay, scheduler=scheduler,
@@ -219,11 +202,9 @@ class SpokenDigitClassifier(ClassifierModule):
             features = self.augment(features, lengths)
         return super().training_step(((features, lengths), labels), batch_idx)
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        monitor = self.hparams.monitor
-        return [SpeechMetricsJson(),
-                *best_checkpoint_callbacks(self.trainer, monitor=monitor, mode="max" if monitor == "val_acc" else "min",
-                                           patience=self.hparams.early_stopping_patience)]
+    def metrics_summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: the recognizer's keys; a classifier keeps no test transcripts."""
+        return {"test_examples": []}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -244,7 +225,10 @@ def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, An
     if PREPROCESSING_KEY not in checkpoint:
         raise ValueError(f"{path} carries no feature settings (field {PREPROCESSING_KEY!r}); it was saved outside "
                          "a trainer run with a speech data module")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    cls = SpeechRecognizer if task == RECOGNIZER_TASK else SpokenDigitClassifier
+    # Only the constructor's arguments: older checkpoints also hold settings since dropped (e.g. ``monitor``).
+    accepted = inspect.signature(cls).parameters
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
     if task == RECOGNIZER_TASK:
         pretrained = hparams.get("pretrained")
         hparams["pretrained"] = None  # the weights come from the checkpoint: never download

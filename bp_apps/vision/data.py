@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -261,6 +261,11 @@ class VisionDataModule(L.LightningDataModule):
     def _spec(self) -> ImageSpec:
         """This data set's metadata; fixed data sets declare ``SPEC``, folders scan themselves."""
         return self.SPEC
+
+    def metrics_summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: the class names and the images skipped as unreadable."""
+        return {"class_names": list(self.class_names),
+                "skipped_images": {"count": len(self.skipped_images), "paths": list(self.skipped_images)}}
 
     @property
     def data_root_path(self) -> Path:

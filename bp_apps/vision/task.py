@@ -1,8 +1,8 @@
 """Image classification with Lightning: any model of ``models.py`` on any data module of ``data.py``.
 
-Fit saves the best checkpoint by validation accuracy (with optional early stopping); the CLI
-then tests that checkpoint, which saves a confusion matrix PNG, and ``metrics.json`` in the
-run's log directory holds the final validation and test metrics.
+The config's callbacks keep the best checkpoint (by validation accuracy or loss) and write
+``metrics.json`` (with the data module's class names and skipped images); the CLI then tests
+that checkpoint, which saves a confusion matrix PNG.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import OptimizerConfig, check_task
@@ -25,25 +23,12 @@ from bp_apps.vision.models import build_model
 PREPROCESSING_KEY = "bp_apps_preprocessing"
 
 
-class VisionMetricsJson(MetricsJsonCallback):
-    """metrics.json with the class names and any images the data module skipped as unreadable."""
-
-    def extra(self, trainer: L.Trainer) -> dict[str, Any]:
-        data = trainer.datamodule
-        skipped = list(getattr(data, "skipped_images", []) or [])
-        return {"class_names": list(getattr(data, "class_names", [])),
-                "skipped_images": {"count": len(skipped), "paths": skipped}}
-
-
 class ImageClassifier(ClassifierModule):
-    """Cross-entropy image classifier with top-1/top-5 accuracy, best-checkpoint saving, optional
-    early stopping and a confusion matrix at test time.
+    """Cross-entropy image classifier with top-1/top-5 accuracy and a confusion matrix at test time.
 
     ``model`` is one of ``mlp`` (the core MLP on flattened pixels; ``backend`` manual or
     autograd), ``cnn``, ``cnn_manual_head`` (the CNN with the manual MLP head through the
     bridge) and ``resnet18`` (``pretrained`` names torchvision weights for online users).
-    ``monitor`` picks the best checkpoint (and early stopping): validation accuracy, or the
-    smoother validation loss for small validation sets where accuracy ties are common.
     ``num_classes`` and ``input_shape`` must match the data module; a mismatch is refused.
     """
 
@@ -56,9 +41,7 @@ class ImageClassifier(ClassifierModule):
                  optimizer: Literal["sgd", "adam", "adamw"] = "adamw", lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 1e-4, max_grad_norm: float | None = None, label_smoothing: float = 0.0,
                  nonfinite: Literal["raise", "skip"] = "raise", scheduler: Literal["constant", "cosine"] = "cosine",
-                 warmup_fraction: float = 0.0, pretrained: str | None = None,
-                 monitor: Literal["val_acc", "val_loss"] = "val_acc", early_stopping_patience: int | None = None,
-                 seed: int = 0) -> None:
+                 warmup_fraction: float = 0.0, pretrained: str | None = None, seed: int = 0) -> None:
         if backend == "manual" and model != "mlp":
             raise ValueError(f"backend='manual' applies to model='mlp' only (got model={model!r}); "
                              "'cnn_manual_head' already trains its head by hand through the bridge")
@@ -90,12 +73,6 @@ class ImageClassifier(ClassifierModule):
         if shape != self.input_shape:
             raise ValueError(f"the data gives images of shape {shape} but the model was built for "
                              f"{self.input_shape}: set model.input_shape to {list(shape)}")
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        monitor = self.hparams.monitor
-        return [VisionMetricsJson(),
-                *best_checkpoint_callbacks(self.trainer, monitor=monitor, mode="max" if monitor == "val_acc" else "min",
-                                           patience=self.hparams.early_stopping_patience)]
 
     # -- test-time confusion matrix ------------------------------------------------------------------
 

@@ -17,12 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
 from bp_apps.core.io import atomic_write_text, default_cache_dir
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.labeling.crf import CRF, constrained_decode
@@ -36,17 +34,6 @@ __all__ = ["TASK_NAME", "TokenLabeler", "label_sentences", "load_labeler", "span
 TASK_NAME, STATE_KEY = "text.TokenLabeler", "bp_apps_labeling"
 
 
-class LabelingMetricsJson(MetricsJsonCallback):
-    """metrics.json with the label set and the per-label test report."""
-
-    def extra(self, trainer: L.Trainer) -> dict[str, Any]:
-        module = trainer.lightning_module
-        out: dict[str, Any] = {"labels": module.vocab.labels if module.vocab else []}
-        if module.test_report:
-            out["test_report"] = module.test_report
-        return out
-
-
 class TokenLabeler(TaskModule):
     """Token labeling with a BiLSTM (word + character CNN + predicate indicator) or a transformer
     encoder (``transformer``: built from the sizes here with a tokenizer trained on the training
@@ -58,7 +45,7 @@ class TokenLabeler(TaskModule):
     its predicates; the rest (``predicate_hidden`` wide) read it per predicate instance.
     ``predicate_pos_dim`` > 0 (SRL, BiLSTM) embeds the predicate's coarse POS class (the data's
     ``predicate_pos``; unknown when a record has none).
-    ``monitor`` is ``val_f1``: span F1 (without ``exclude_labels``) for BIO tags, otherwise the
+    ``val_f1`` (the figure to monitor) is span F1 (without ``exclude_labels``) for BIO tags, otherwise the
     micro F1 of the tags' first ``|`` field (the punctuation mark) over tokens that carry one.
     """
 
@@ -73,8 +60,7 @@ class TokenLabeler(TaskModule):
                  tokenizer_vocab_size: int = 8000, pretrained_name: str | None = None, max_subwords: int = 256,
                  exclude_labels: Sequence[str] = (), lr: float = 2e-3, weight_decay: float = 0.0,
                  warmup_fraction: float = 0.05, scheduler: Literal["constant", "cosine"] = "cosine",
-                 max_grad_norm: float | None = 5.0, label_smoothing: float = 0.0,
-                 early_stopping_patience: int | None = None, shared_layers: int = 0,
+                 max_grad_norm: float | None = 5.0, label_smoothing: float = 0.0, shared_layers: int = 0,
                  predicate_hidden: int | None = None, predicate_pos_dim: int = 0) -> None:
         super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                                          warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
@@ -251,13 +237,14 @@ class TokenLabeler(TaskModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, format_report(self.test_report))
 
-    # -- optimisation -----------------------------------------------------------------------
+    # -- metrics.json -----------------------------------------------------------------------
 
-
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [*best_checkpoint_callbacks(self.trainer, "val_f1", "max", self.hparams.early_stopping_patience),
-                LabelingMetricsJson()]
+    def metrics_summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: the label set and, after a test, the per-label report."""
+        out: dict[str, Any] = {"labels": self.vocab.labels if self.vocab else []}
+        if self.test_report:
+            out["test_report"] = self.test_report
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bp_apps.core.callbacks import MetricsJsonCallback, best_checkpoint_callbacks
+from bp_apps.core.callbacks import best_checkpoint_callback
 from bp_apps.core.io import atomic_write_text
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.summarization.mbr import mbr_select
@@ -36,7 +36,6 @@ __all__ = ["TASK_NAME", "HFBestExport", "Summarizer", "export_pretrained", "load
 TASK_NAME, STATE_KEY = "text.Summarizer", "bp_apps_summarization"
 DEFAULT_MAX_SOURCE_TOKENS = 512
 NOT_BUILT = "the network is not built yet: fit with a summarization data module or load a checkpoint"
-MONITORS = ("val_rouge1", "val_rouge1_refmean")
 MBR_SEED = 0  # the sampling seed of MBR decoding (the global random state is left as it was)
 MBR_KEYS = ("mbr_samples", "mbr_epsilon")
 
@@ -47,14 +46,6 @@ def check_mbr_settings(samples: int, epsilon: float) -> None:
         raise ValueError(f"mbr_samples must be >= 0 (0: beam search alone), got {samples}")
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"mbr_epsilon must be in [0, 1) (0: no cutoff), got {epsilon}")
-
-
-class SummarizationMetricsJson(MetricsJsonCallback):
-    """metrics.json with the generation settings and the latest sample generations."""
-
-    def extra(self, trainer: L.Trainer) -> dict[str, Any]:
-        module = trainer.lightning_module
-        return {"generation": module.generation_kwargs(), "mbr": module.mbr_settings(), "samples": module.samples}
 
 
 def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
@@ -88,7 +79,8 @@ def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 class HFBestExport(L.Callback):
     """Keep ``<checkpoint dir>/hf_best/`` (``model.save_pretrained`` + ``tokenizer.save_pretrained``) in step with
-    the best checkpoint: exported whenever a new best checkpoint is saved, or at the end of a fit without one."""
+    the best checkpoint (:func:`~bp_apps.core.callbacks.best_checkpoint_callback`'s): exported whenever a new best
+    checkpoint is saved, or at the end of a fit without one."""
 
     def __init__(self) -> None:
         self.exported: str | None = None  # the best checkpoint path hf_best was last written for
@@ -96,7 +88,7 @@ class HFBestExport(L.Callback):
     @staticmethod
     def directory(trainer: L.Trainer) -> Path:
         """``hf_best`` inside the checkpoint directory."""
-        callback = trainer.checkpoint_callback
+        callback = best_checkpoint_callback(trainer)
         root = getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         return Path(root) / "hf_best"
 
@@ -108,7 +100,7 @@ class HFBestExport(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A new best path whose score is the metric just computed: this save is of the new best weights (a resumed
         # fit's restored best path, or a later non-improving save, does not match).
-        callback = trainer.checkpoint_callback
+        callback = best_checkpoint_callback(trainer)
         best, score = getattr(callback, "best_model_path", ""), getattr(callback, "best_model_score", None)
         current = trainer.callback_metrics.get(getattr(callback, "monitor", None) or "")
         changed = bool(best) and best != self.exported and score is not None and current is not None
@@ -116,7 +108,7 @@ class HFBestExport(L.Callback):
             self._export(trainer, pl_module, best)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.exported is None and getattr(trainer.checkpoint_callback, "best_model_score", None) is None:
+        if self.exported is None and getattr(best_checkpoint_callback(trainer), "best_model_score", None) is None:
             self._export(trainer, pl_module, "")
 
 
@@ -130,7 +122,6 @@ class Summarizer(TaskModule):
     ``repetition_penalty`` (> 1 lowers tokens already generated), ``max_new_tokens``, ``min_new_tokens``) and log
     ROUGE-1/2/L/Lsum F1: with several references per example the best one counts, and ``*_refmean`` logs the mean
     over them too (how ROUGE-1.5.5 scores several references by default; with one reference both are the same).
-    ``monitor`` (``val_rouge1`` or ``val_rouge1_refmean``) picks the best checkpoint and early stopping's figure;
     ``val_generate_limit`` caps how many validation examples are generated per epoch (all are scored for the
     loss). The first ``sample_generations`` generations of each evaluation are printed and kept in
     :attr:`samples`; testing writes every generation to ``predictions.jsonl`` in the log directory.
@@ -154,9 +145,8 @@ class Summarizer(TaskModule):
                  scheduler: Literal["constant", "cosine"] = "cosine", max_grad_norm: float | None = 1.0,
                  num_beams: int = 4, length_penalty: float = 1.0, no_repeat_ngram_size: int = 3,
                  max_new_tokens: int = 32, min_new_tokens: int = 1, val_generate_limit: int | None = None,
-                 sample_generations: int = 3, early_stopping_patience: int | None = None,
-                 copy_mechanism: bool = False, monitor: Literal["val_rouge1", "val_rouge1_refmean"] = "val_rouge1",
-                 repetition_penalty: float = 1.0, mbr_samples: int = 0, mbr_epsilon: float = 0.02) -> None:
+                 sample_generations: int = 3, copy_mechanism: bool = False, repetition_penalty: float = 1.0,
+                 mbr_samples: int = 0, mbr_epsilon: float = 0.02) -> None:
         super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                                          warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
                                          no_decay_keys=NO_DECAY_KEYS))
@@ -180,8 +170,6 @@ class Summarizer(TaskModule):
         if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
                              f"{min_new_tokens} and {max_new_tokens}")
-        if monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
         if val_generate_limit is not None and val_generate_limit < 1:
             raise ValueError(f"val_generate_limit must be >= 1 or None, got {val_generate_limit}")
         self.save_hyperparameters()
@@ -407,19 +395,11 @@ class Summarizer(TaskModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
-    # -- optimisation -----------------------------------------------------------------------
+    # -- metrics.json -----------------------------------------------------------------------
 
-
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """Best (``monitor``) and last checkpoints with ``hf_best``, optional early stopping, metrics.json, and
-        exact mid-epoch resume."""
-        monitor = self.hparams.get("monitor", "val_rouge1")
-        callbacks = best_checkpoint_callbacks(self.trainer, monitor, "max", self.hparams.early_stopping_patience)
-        callbacks += [SummarizationMetricsJson()]
-        if self.trainer.checkpoint_callback is not None:
-            callbacks.append(HFBestExport())
-        return callbacks
+    def metrics_summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: the generation settings and the latest sample generations."""
+        return {"generation": self.generation_kwargs(), "mbr": self.mbr_settings(), "samples": self.samples}
 
     # -- checkpoints ------------------------------------------------------------------------
 
