@@ -91,14 +91,22 @@ def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 def _lightning(argv: Sequence[str]) -> int:
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     import bp_apps.core.distributed  # noqa: F401  (registers the `ddp_engine` strategy name)
+    from bp_apps.core.datalink import LINKED
 
     class BpAppsCLI(LightningCLI):
-        """LightningCLI that logs to CSV (and TensorBoard when installed) unless the config names a logger, adds
-        :func:`default_callbacks` to the callbacks of the config and command line, and, after ``fit``, tests the
-        best checkpoint when the data has a test split."""
+        """LightningCLI that passes the model what it needs from the data, logs to CSV (and TensorBoard when
+        installed) unless the config names a logger, adds :func:`default_callbacks` to the callbacks of the config
+        and command line, and, after ``fit``, tests the best checkpoint when the data has a test split."""
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            """Link each data-module attribute of ``LINKED`` (class count, input shape or feature size, class
+            names, training words) to the model's argument of the same name. A link applies when the data module
+            has the attribute and the model the argument, and then wins over the config's value."""
+            for name in LINKED:
+                parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
         def before_instantiate_classes(self) -> None:
             trainer = self.config[self.subcommand].trainer
@@ -280,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in LIGHTNING_SUBCOMMANDS:
         sub.add_parser(name, help=f"Lightning {name} from a YAML config (bp-apps {name} --help for its options)",
                        add_help=False)
-    demo = sub.add_parser("demo", help="the main job: manual vs autograd on the embedded digits data")
+    demo = sub.add_parser("demo", help="the main job: engine vs autograd on the embedded digits data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the report files")
     demo.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     compare = sub.add_parser("compare", help="train both backends side by side on digits and write a report")

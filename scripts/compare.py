@@ -1,4 +1,4 @@
-"""Train the manual and autograd backends side by side on digits (same as `bp-apps compare`).
+"""Train the engine and autograd backends side by side on digits (same as `bp-apps compare`).
 
 Usage: python scripts/compare.py [--epochs 20] [--width 128] [--depth 2] [--json PATH] ...
 """

@@ -130,13 +130,13 @@ def missing(root: Path) -> Path:
 SRL = ("text/srl_propbank_ewt", ["--model.hidden=16", "--model.word_dim=16", "--model.char_channels=4"])
 MAIL = ("text/summarize_aeslc", ["--model.d_model=16", "--model.ff=32", "--model.layers=1",
                                  "--data.tokenizer_vocab_size=120"])
-FOLDER = ("vision/imagefolder", ["--model.num_classes=3", "--model.input_shape=[3,16,16]", "--data.image_size=16",
-                                 "--data.batch_size=4", "--model.width=4", "--model.hidden=[8]"])
+FOLDER = ("vision/imagefolder", ["--data.image_size=16", "--data.batch_size=4", "--model.width=4",
+                                 "--model.hidden=[8]"])
 MNIST = ("vision/mnist_mlp", [])
 FSDD = ("speech/fsdd_digits", ["--model.hidden=8", "--data.batch_size=4"])
 MANIFEST = ("speech/manifest_ctc", ["--model.hidden=8", "--model.layers=1", "--model.beam_size=0",
-                                    "--data.sample_rate=8000", "--data.n_mels=16", "--model.input_dim=16",
-                                    "--data.max_seconds=2", "--data.batch_size=4"])
+                                    "--data.sample_rate=8000", "--data.n_mels=16", "--data.max_seconds=2",
+                                    "--data.batch_size=4"])
 
 CASES: dict[str, tuple[tuple[str, list[str]], Callable[[Path], Path] | None, list[str], str]] = {
     # name: ((config, small settings), data builder (returns the data root), more options, expected message)

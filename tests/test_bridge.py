@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bp_apps.engine import MLP
-from bp_apps.engine.bridge import ManualMLPFunction, ManualMLPHead, manual_mlp
+from bp_apps.engine.bridge import EngineMLPFunction, EngineMLPHead, engine_mlp
 
 RTOL = 1e-10
 
@@ -35,11 +35,11 @@ class Extractor(nn.Module):
 
 
 def make_pair(norm: str | None = None, activation: str = "relu", seed: int = 0,
-              dropout: float = 0.0) -> tuple[nn.Module, ManualMLPHead, nn.Module, nn.Module]:
+              dropout: float = 0.0) -> tuple[nn.Module, EngineMLPHead, nn.Module, nn.Module]:
     """(extractor, engine head) and an independent copy (extractor, autograd twin), same weights, float64."""
     torch.manual_seed(seed)
     extractor = Extractor().double()
-    head = ManualMLPHead(12, [16, 8], 5, activation=activation, norm=norm, dropout=dropout, dtype=torch.float64)
+    head = EngineMLPHead(12, [16, 8], 5, activation=activation, norm=norm, dropout=dropout, dtype=torch.float64)
     twin = head.mlp.to_autograd()
     return extractor, head, copy.deepcopy(extractor), twin
 
@@ -81,7 +81,7 @@ def test_gradients_match_autograd_twin(norm: str | None, activation: str) -> Non
 def test_head_settings() -> None:
     mlp = MLP(4, [3], 2)
     assert not any(p.requires_grad for p in mlp.parameters()) and not mlp.input_grad
-    head = ManualMLPHead(mlp=mlp)
+    head = EngineMLPHead(mlp=mlp)
     assert head.mlp is mlp and mlp.input_grad and all(p.requires_grad for p in head.parameters())
     assert (head.in_features, head.out_features) == (4, 2)
     head.eval()
@@ -89,9 +89,9 @@ def test_head_settings() -> None:
     head.train()
     assert all(m.training for m in mlp.modules())
     with pytest.raises(ValueError, match="in_features and out_features"):
-        ManualMLPHead()
+        EngineMLPHead()
     with pytest.raises(ValueError, match="not both"):
-        ManualMLPHead(4, mlp=mlp)
+        EngineMLPHead(4, mlp=mlp)
 
 
 def test_head_turns_off_reused_buffers() -> None:
@@ -100,8 +100,8 @@ def test_head_turns_off_reused_buffers() -> None:
         pytest.skip("this engine has no reuse_buffers option")
     mlp.reuse_buffers = True
     with pytest.raises(ValueError, match="reuse_buffers"):
-        manual_mlp(torch.randn(2, 4), mlp)
-    head = ManualMLPHead(mlp=mlp)
+        engine_mlp(torch.randn(2, 4), mlp)
+    head = EngineMLPHead(mlp=mlp)
     assert not mlp.reuse_buffers
     head(torch.randn(2, 4)).sum().backward()
 
@@ -109,12 +109,12 @@ def test_head_turns_off_reused_buffers() -> None:
 def test_gradcheck() -> None:
     torch.manual_seed(0)
     mlp = MLP(5, [6, 4], 3, activation="tanh", norm="layer", dtype=torch.float64)
-    head = ManualMLPHead(mlp=mlp)
+    head = EngineMLPHead(mlp=mlp)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     params = tuple(head.parameters())
-    assert torch.autograd.gradcheck(lambda x, *p: ManualMLPFunction.apply(x, mlp, *p), (x, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: EngineMLPFunction.apply(x, mlp, *p), (x, *params))
     x3 = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *p: ManualMLPFunction.apply(x, mlp, *p), (x3, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: EngineMLPFunction.apply(x, mlp, *p), (x3, *params))
 
 
 def test_sgd_training_matches_autograd() -> None:
@@ -150,7 +150,7 @@ def test_two_forwards_then_one_backward() -> None:
 
 def test_dropout_mask_is_kept_across_forwards() -> None:
     torch.manual_seed(0)
-    head = ManualMLPHead(6, [32], 3, dropout=0.5, dtype=torch.float64)
+    head = EngineMLPHead(6, [32], 3, dropout=0.5, dtype=torch.float64)
     twin = head.mlp.to_autograd()
     x1 = torch.randn(4, 6, dtype=torch.float64)
     x2 = torch.randn(4, 6, dtype=torch.float64)
@@ -162,7 +162,7 @@ def test_dropout_mask_is_kept_across_forwards() -> None:
 
 def test_3d_input_and_noncontiguous_grad() -> None:
     torch.manual_seed(0)
-    head = ManualMLPHead(6, [10], 4, activation="leaky_relu", dtype=torch.float64)
+    head = EngineMLPHead(6, [10], 4, activation="leaky_relu", dtype=torch.float64)
     twin = head.mlp.to_autograd()
     base = torch.randn(6, 5, 3, dtype=torch.float64)
     x = base.transpose(0, 2).clone().requires_grad_(True)  # (3, 5, 6)
@@ -183,10 +183,10 @@ def test_3d_input_and_noncontiguous_grad() -> None:
 
 def test_only_needed_gradients() -> None:
     torch.manual_seed(0)
-    head = ManualMLPHead(3, [4], 2, dtype=torch.float64)
+    head = EngineMLPHead(3, [4], 2, dtype=torch.float64)
     head.mlp.layers[0].weight.requires_grad_(False)
     x = torch.randn(5, 3, dtype=torch.float64)  # no gradient wanted for x
-    manual_mlp(x, head.mlp).sum().backward()
+    engine_mlp(x, head.mlp).sum().backward()
     assert head.mlp.layers[0].weight.grad is None and head.mlp.layers[0].bias.grad is not None
     assert head.mlp.input_grad, "the head's input_grad setting survives backward"
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_only_needed_gradients() -> None:
 
 def test_inplace_change_before_backward_raises() -> None:
     torch.manual_seed(0)
-    head = ManualMLPHead(3, [4], 2, dtype=torch.float64)
+    head = EngineMLPHead(3, [4], 2, dtype=torch.float64)
     out = head(torch.randn(5, 3, dtype=torch.float64)).sum()
     with torch.no_grad():
         head.mlp.layers[0].weight.mul_(2)

@@ -14,17 +14,17 @@ import yaml
 
 from bp_apps.cli import main
 from bp_apps.core.callbacks import BestCheckpoint, LastCheckpoint, MetricsJson, task_callbacks
-from bp_apps.core.data import DigitsDataModule
-from bp_apps.core.lit import MLPClassifier
+from bp_apps.vision.data import DigitsImageDataModule
+from bp_apps.vision.task import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "configs" / "vision" / "digits_mlp_manual.yaml"
+DIGITS = ROOT / "configs" / "vision" / "digits_mlp_engine.yaml"
 QUICK = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-# config -> (monitor, mode) of its best checkpoint; the core's configs list no callbacks (the CLI's defaults only)
+# config -> (monitor, mode) of its best checkpoint
 MONITORS = {
     "vision/cifar10_resnet18": ("val_acc", "max"), "vision/digits_mlp_autograd": ("val_loss", "min"),
-    "vision/digits_mlp_manual": ("val_loss", "min"), "vision/fashion_cnn": ("val_acc", "max"),
+    "vision/digits_mlp_engine": ("val_loss", "min"), "vision/fashion_cnn": ("val_acc", "max"),
     "vision/imagefolder": ("val_acc", "max"), "vision/mnist_cnn": ("val_acc", "max"),
     "vision/mnist_mlp": ("val_acc", "max"),
     "speech/fsdd_connected_ctc": ("val_wer", "min"), "speech/fsdd_digits": ("val_loss", "min"),
@@ -38,7 +38,7 @@ MONITORS = {
 
 def test_every_task_config_lists_its_best_and_last_checkpoints() -> None:
     configs = {str(p.relative_to(ROOT / "configs").with_suffix("")) for p in (ROOT / "configs").rglob("*.yaml")}
-    assert configs == set(MONITORS) | {"core/digits_mlp_autograd", "core/digits_mlp_manual"}
+    assert configs == set(MONITORS)
     for name, (monitor, mode) in MONITORS.items():
         config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
         callbacks = config["trainer"]["callbacks"]
@@ -74,7 +74,8 @@ def test_last_checkpoint_is_current_after_an_epoch_without_a_new_best(tmp_path: 
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", default_root_dir=tmp_path, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
                         limit_val_batches=1, callbacks=[best, last])
-    trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
+    trainer.fit(ImageClassifier(model="mlp", input_shape=(1, 8, 8), hidden=(8,), backend="engine"),
+                datamodule=DigitsImageDataModule())
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
     state = torch.load(checkpoints / "last.ckpt", weights_only=True)

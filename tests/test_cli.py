@@ -1,4 +1,5 @@
-"""The `bp-apps` command: demo, compare, bench and the Lightning subcommands, on small settings."""
+"""The `bp-apps` command: demo, compare, bench and its help, on small settings (the Lightning subcommands run in
+the task tests)."""
 
 import json
 import subprocess
@@ -60,11 +61,3 @@ def test_console_script_help_runs():
     for command in ("demo", "compare", "bench", "fit"):
         assert command in result.stdout
 
-
-@pytest.mark.parametrize("config", ["digits_mlp_manual", "digits_mlp_autograd"])
-def test_lightning_fit_from_config(config, tmp_path):
-    argv = ["fit", "--config", str(ROOT / "configs" / "core" / f"{config}.yaml"), "--trainer.max_epochs=1",
-            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
-    assert main(argv) == 0
-    assert list(tmp_path.rglob("*.ckpt")), "fit must save a checkpoint"
-    assert list(tmp_path.rglob("config.yaml")), "LightningCLI saves the config next to the run"

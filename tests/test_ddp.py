@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from bp_apps.cli import main
-from bp_apps.core.lit import MLPClassifier
+from bp_apps.vision.task import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = ROOT.parent / "shared" / "data" / "fsdd"
 DDP = ["--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
        "--trainer.limit_train_batches=4", "--trainer.enable_progress_bar=false",
        "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0"]
-ENGINE = {"vision_manual"}  # tasks whose network trains by the hand-written engine: strategy ddp_engine
+ENGINE = {"vision_engine"}  # tasks whose network trains by the hand-written engine: strategy ddp_engine
 TASKS = {  # name -> (config, tiny settings, the validation metric to compare)
-    "vision_manual": ("vision/digits_mlp_manual", [], "val_acc"),
+    "vision_engine": ("vision/digits_mlp_engine", [], "val_acc"),
     "labeling": ("text/label_punct_embedded", ["--data.max_docstrings=150", "--model.hidden=16",
                                               "--model.word_dim=16", "--model.char_channels=8"], "val_f1"),
     "summarization": ("text/summarize_embedded", ["--data.max_pairs=120", "--data.tokenizer_vocab_size=300",
@@ -78,8 +78,8 @@ import sys
 from pathlib import Path
 import lightning as L
 import torch
-from bp_apps.core.data import DigitsDataModule
-from bp_apps.core.lit import MLPClassifier
+from bp_apps.vision.data import DigitsImageDataModule
+from bp_apps.vision.task import ImageClassifier
 
 class SaveWeights(L.Callback):
     def on_train_end(self, trainer, module):
@@ -87,16 +87,17 @@ class SaveWeights(L.Callback):
                    Path(sys.argv[2]) / f"rank{trainer.global_rank}.pt")
 
 L.seed_everything(0)
-model = MLPClassifier(hidden=(32,), backend=sys.argv[1], optimizer="adam", lr=1e-2)
+model = ImageClassifier(model="mlp", input_shape=(1, 8, 8), hidden=(32,), dropout=0.0, backend=sys.argv[1],
+                        optimizer="adam", lr=1e-2, weight_decay=0.0, scheduler="constant")
 trainer = L.Trainer(strategy="ddp_engine", devices=2, accelerator="cpu", max_epochs=1, limit_train_batches=6,
                     limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[SaveWeights()])
-trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+trainer.fit(model, datamodule=DigitsImageDataModule(batch_size=32))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["manual", "autograd"])
+@pytest.mark.parametrize("backend", ["engine", "autograd"])
 def test_both_backends_keep_the_two_processes_in_sync(backend: str, tmp_path: Path) -> None:
     script = tmp_path / "sync.py"
     script.write_text(SYNC_SCRIPT)
@@ -104,7 +105,8 @@ def test_both_backends_keep_the_two_processes_in_sync(backend: str, tmp_path: Pa
                             timeout=300, env=child_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    initial = [p.detach() for p in MLPClassifier(hidden=(32,), backend=backend).net.parameters()]
+    initial = [p.detach() for p in ImageClassifier(model="mlp", input_shape=(1, 8, 8), hidden=(32,), dropout=0.0,
+                                                   backend=backend).net.parameters()]
     assert not all(torch.equal(a, b) for a, b in zip(rank0, initial, strict=True)), "it trained"
     # Each process saw different batches; only averaged gradients keep their weights identical.
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(rank0, rank1, strict=True))

@@ -1,5 +1,5 @@
 """The same seed gives the same metrics twice in a row on CPU, for every task (tiny settings, the real configs).
-The core's MLPClassifier alone is covered in test_lit.py; here it runs inside the vision task."""
+The digits MLP under a hand-built Trainer is covered in test_lit.py; here it runs through the CLI."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ TINY = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.
         "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false"]
 RUNS = {
-    "vision_manual": ("vision/digits_mlp_manual", []),
+    "vision_engine": ("vision/digits_mlp_engine", []),
     "vision_autograd": ("vision/digits_mlp_autograd", []),
     "labeling": ("text/label_punct_embedded", ["--data.max_docstrings=200", "--model.hidden=32",
                                               "--model.word_dim=32", "--model.char_channels=8"]),

@@ -171,12 +171,12 @@ def test_load_labeler_refuses_bad_files(tmp_path: Path, trained: tuple[TokenLabe
         load_labeler(truncated)
 
 
-def test_manual_mlp_head_passes_gradients_to_the_lstm() -> None:
+def test_engine_mlp_head_passes_gradients_to_the_lstm() -> None:
     torch.manual_seed(0)
     sentences = [make_sentence(r["tokens"], r["tags"], r["predicate"]) for r in synthetic_srl(8, 0)]
     vocab = LabelingVocab.build(sentences, min_word_freq=1)
     net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), word_dim=8, char_channels=4,
-                       predicate_dim=4, hidden=8, layers=1, head="manual_mlp", head_hidden=16)
+                       predicate_dim=4, hidden=8, layers=1, head="engine_mlp", head_hidden=16)
     batch = collate_sentences(sentences, vocab)
     scores = net(batch)
     assert scores.shape == (8, batch["mask"].shape[1], len(vocab.labels))
@@ -232,8 +232,8 @@ def test_shared_layers_train_in_the_task_and_reload(tmp_path: Path, srl_files: t
     assert tags[1:4] == ["B-ARG0", "B-V", "B-ARG1"]
 
 
-def test_manual_mlp_head_trains_in_the_task(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
-    trainer = fit_small(tmp_path, srl_files, epochs=10, head="manual_mlp", head_hidden=32, crf=False)[1]
+def test_engine_mlp_head_trains_in_the_task(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
+    trainer = fit_small(tmp_path, srl_files, epochs=10, head="engine_mlp", head_hidden=32, crf=False)[1]
     assert trainer.callback_metrics["val_f1"] > 0.9
 
 
@@ -277,8 +277,8 @@ def test_pretrained_encoder_from_a_local_directory(tmp_path: Path, srl_files: tu
 def test_pretrained_needs_a_name() -> None:
     with pytest.raises(ValueError, match="pretrained_name"):
         TokenLabeler(model="pretrained")
-    with pytest.raises(ValueError, match="manual_mlp"):
-        TokenLabeler(model="transformer", head="manual_mlp")
+    with pytest.raises(ValueError, match="engine_mlp"):
+        TokenLabeler(model="transformer", head="engine_mlp")
 
 
 def test_spans_tokenizer_and_predicate_lookup() -> None:

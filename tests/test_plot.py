@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def fitted_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two `bp-apps fit` runs of the digits MLP (two epochs each) in one root: version_0 and version_1."""
     root = tmp_path_factory.mktemp("runs")
-    config = ROOT / "configs" / "core" / "digits_mlp_manual.yaml"
+    config = ROOT / "configs" / "vision" / "digits_mlp_engine.yaml"
     for _ in range(2):
         argv = ["fit", "--config", str(config), "--trainer.max_epochs=2", f"--trainer.default_root_dir={root}",
                 "--trainer.enable_progress_bar=false"]

@@ -5,7 +5,7 @@ Each README section runs in its own fresh working folder that looks like the rep
 an earlier one wrote (``lightning_logs/version_0/...``, ``runs/digits/...``). The only changes to a command:
 - fit/validate/test get small-settings overrides appended (one epoch, two batches, smaller data);
 - placeholders become real things: ``CKPT`` and checkpoint globs the best checkpoint of the section's matching
-  fit, ``PATH``/``N`` a small image folder and its class count, ``a.png``, ``a.wav``, ``sentences.jsonl``... small
+  fit, ``PATH`` a small image folder, ``a.png, ``a.wav``, ``sentences.jsonl``... small
   files made here, ``[--opt]`` is used with the option;
 - commands that need the network (``--data.download=true``, Hugging Face names) are checked with
   ``--print_config`` (they parse and build their config), which is all an offline machine can do.
@@ -97,8 +97,8 @@ class Workspace:
     # -- small input files the README's examples name ----------------------------------------------------------
 
     def make_inputs(self) -> None:
-        from bp_apps.core.data import load_digits_split
         from bp_apps.speech.audio import save_audio
+        from bp_apps.vision.data import load_digits_split
 
         split = load_digits_split()
         for name, index in (("a.png", 0), ("b.jpg", 1)):
@@ -146,8 +146,6 @@ def expand(line: str, ws: Workspace) -> list[str]:
             arg = "The meeting moved to Friday at ten. Please bring the report and the budget figures."
         elif arg.startswith("--data.data_root=PATH"):
             arg = f"--data.data_root={ws.path / 'faces'}"
-        elif arg == "--model.num_classes=N":
-            arg = "--model.num_classes=2"
         out.append(arg)
     return out
 
@@ -195,7 +193,7 @@ def ensure_runs_exist(argv: list[str], ws: Workspace) -> None:
     for arg in argv:
         match = re.fullmatch(r"(runs/\w+)/lightning_logs/version_0", arg)
         if match and not (ws.path / arg).exists():
-            config = "configs/vision/digits_mlp_manual.yaml"
+            config = "configs/vision/digits_mlp_engine.yaml"
             assert main(["fit", "--config", config, f"--trainer.default_root_dir={match.group(1)}", *SMALL]) == 0
 
 

@@ -13,29 +13,30 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from bp_apps.core.data import DigitsDataModule
-from bp_apps.core.lit import MLPClassifier
 from bp_apps.core.resume import FailAtStep as FailAt
 from bp_apps.core.resume import ResumableDataLoader, resumable_loader
+from bp_apps.vision.data import DigitsImageDataModule
+from bp_apps.vision.task import ImageClassifier
 
 EPOCHS = 2
 FAIL_AT = 25  # digits: 19 training steps an epoch at batch 64, so step 25 is mid-way through the second epoch
-CONFIG = {"hidden": (32,), "dropout": 0.2, "optimizer": "adam", "lr": 3e-3, "scheduler": "cosine"}
+CONFIG = {"model": "mlp", "input_shape": (1, 8, 8), "hidden": (32,), "dropout": 0.2, "optimizer": "adam", "lr": 3e-3,
+          "weight_decay": 0.0, "scheduler": "cosine"}
 
 
 def run(backend: str, folder: Path, seed: int = 0, ckpt_path: Path | None = None,
-        fail: FailAt | None = None) -> tuple[MLPClassifier, L.Trainer]:
+        fail: FailAt | None = None) -> tuple[ImageClassifier, L.Trainer]:
     L.seed_everything(seed, verbose=False)
-    model = MLPClassifier(**CONFIG, backend=backend, seed=seed)
+    model = ImageClassifier(**CONFIG, backend=backend, seed=seed)
     every_step = ModelCheckpoint(dirpath=folder / "steps", every_n_train_steps=1, save_top_k=0, save_last=True)
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", deterministic=True, default_root_dir=folder,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[every_step, *([fail] if fail else [])])
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=DigitsImageDataModule(batch_size=64), ckpt_path=ckpt_path)
     return model, trainer
 
 
-def outcome(model: MLPClassifier, trainer: L.Trainer) -> tuple[list[torch.Tensor], dict[str, float]]:
+def outcome(model: ImageClassifier, trainer: L.Trainer) -> tuple[list[torch.Tensor], dict[str, float]]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     return [p.detach().clone() for p in model.net.parameters()], metrics
 
@@ -45,7 +46,7 @@ def assert_same(resumed: tuple, straight: tuple) -> None:
     assert resumed[1] == straight[1] and resumed[1]
 
 
-@pytest.mark.parametrize("backend", ["manual", "autograd"])
+@pytest.mark.parametrize("backend", ["engine", "autograd"])
 def test_resume_after_an_exception_matches_an_uninterrupted_run(backend: str, tmp_path: Path) -> None:
     straight = outcome(*run(backend, tmp_path / "straight"))
     with pytest.raises(RuntimeError, match="injected fault at step 25"):
@@ -72,7 +73,7 @@ run({backend!r}, Path({folder!r}), fail=FailAt({step}, kill=True))
 """
 
 
-@pytest.mark.parametrize("backend", ["manual", "autograd"])
+@pytest.mark.parametrize("backend", ["engine", "autograd"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(backend: str, tmp_path: Path) -> None:
     straight = outcome(*run(backend, tmp_path / "straight"))
     folder = tmp_path / "killed"

@@ -65,8 +65,8 @@ def test_truncated_and_missing_checkpoints_name_the_file(name: str, tmp_path: Pa
 
 
 def test_lightning_cli_ckpt_path_refuses_a_payload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path, marker = crafted_checkpoint(tmp_path, task="core.MLPClassifier")
-    argv = ["test", "--config", str(ROOT / "configs" / "core" / "digits_mlp_manual.yaml"), f"--ckpt_path={path}",
+    path, marker = crafted_checkpoint(tmp_path, task="vision.ImageClassifier")
+    argv = ["test", "--config", str(ROOT / "configs" / "vision" / "digits_mlp_engine.yaml"), f"--ckpt_path={path}",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
     with pytest.raises(Exception, match=r"(?i)weights.only|unsupported global|not a loadable"):
         main(argv)

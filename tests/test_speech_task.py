@@ -69,7 +69,7 @@ def ctc_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     argv = ["fit", "--config", str(CONFIGS / "manifest_ctc.yaml"), f"--trainer.default_root_dir={root}",
             "--trainer.enable_progress_bar=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
             f"--data.train_manifest={corpus / 'train.jsonl'}", f"--data.test_manifest={corpus / 'test.jsonl'}",
-            "--data.val_fraction=0.25", "--data.batch_size=4", "--data.n_mels=32", "--model.input_dim=32",
+            "--data.val_fraction=0.25", "--data.batch_size=4", "--data.n_mels=32",
             "--model.hidden=16", "--model.layers=1", "--model.conv_channels=4", "--model.beam_size=4",
             f"--data.cache_dir={root / 'cache'}"]
     assert main(argv) == 0
@@ -92,8 +92,10 @@ def test_checkpoint_round_trip_with_weights_only(ctc_run: dict, tmp_path: Path) 
     path = ctc_run["metrics"]["best_checkpoint"]
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert checkpoint["bp_apps_task"] == "speech.SpeechRecognizer"
-    assert checkpoint["bp_apps_preprocessing"]["features"]["n_mels"] == 32
-    assert sorted(checkpoint["bp_apps_preprocessing"]["words"]) == sorted(WORDS)
+    assert checkpoint["hyper_parameters"]["input_dim"] == 32  # linked from the data's n_mels
+    assert "lexicon_words" not in checkpoint["hyper_parameters"]  # the data's state carries them
+    assert checkpoint["ManifestDataModule"]["features"]["n_mels"] == 32
+    assert sorted(checkpoint["ManifestDataModule"]["words"]) == sorted(WORDS)
     model, preprocessing = load_speech_model(path)
     assert isinstance(model, SpeechRecognizer) and not model.training and preprocessing["features"]["n_mels"] == 32
     for name, value in model.state_dict().items():
@@ -117,6 +119,20 @@ def test_a_checkpoint_with_settings_since_dropped_still_loads(ctc_run: dict, tmp
     torch.save(checkpoint, older)
     model, _ = load_speech_model(older)
     assert "monitor" not in model.hparams and isinstance(model, SpeechRecognizer)
+
+
+def test_checkpoints_with_the_preprocessing_of_earlier_versions_still_load(ctc_run: dict, tmp_path: Path) -> None:
+    """Before the data module's state carried them, the model stored the feature settings and words under
+    ``bp_apps_preprocessing``; without either, the error names the file."""
+    checkpoint = torch.load(ctc_run["metrics"]["best_checkpoint"], map_location="cpu", weights_only=True)
+    state = checkpoint.pop("ManifestDataModule")
+    older = tmp_path / "older.ckpt"
+    torch.save({**checkpoint, "bp_apps_preprocessing": state}, older)
+    assert load_speech_model(older)[1] == state
+    bare = tmp_path / "bare.ckpt"
+    torch.save(checkpoint, bare)
+    with pytest.raises(ValueError, match=r"bare\.ckpt carries no feature settings"):
+        load_speech_model(bare)
 
 
 def test_transcribe_command_end_to_end(ctc_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,7 +192,7 @@ def test_feature_size_mismatch_is_refused(tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "corpus", count=6)
     data = ManifestDataModule(str(corpus / "train.jsonl"), val_fraction=0.2, n_mels=16, cache=False)
     trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, enable_progress_bar=False, logger=False)
-    with pytest.raises(ValueError, match=r"set model\.input_dim to 16"):
+    with pytest.raises(ValueError, match=r"gives input_dim=16 but the model was built for input_dim=64"):
         trainer.fit(SpeechRecognizer(input_dim=64, hidden=8, layers=1), datamodule=data)
 
 
@@ -234,7 +250,7 @@ def test_cnn_encoder_lengths_match_its_pooled_output() -> None:
     assert lengths.tolist() == [13, 5, 1] and padded.shape[1] == 13
 
 
-def test_digit_classifier_encoders_train_through_the_manual_head() -> None:
+def test_digit_classifier_encoders_train_through_the_engine_head() -> None:
     from bp_apps.speech.models import DigitClassifierNet
 
     torch.manual_seed(0)

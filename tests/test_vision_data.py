@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bp_apps.core.data import load_digits_split
 from bp_apps.vision.data import (
     DATAMODULES,
     BatchAugment,
@@ -25,6 +24,7 @@ from bp_apps.vision.data import (
     ImageFolderDataModule,
     MNISTDataModule,
     VisionDataModule,
+    load_digits_split,
     load_image,
     read_idx,
     stratified_split,

@@ -29,8 +29,8 @@ def fit_and_test(model: ImageClassifier, tmp_path: Path, epochs: int = 1, **trai
     return t
 
 
-@pytest.mark.parametrize("model, backend", [("mlp", "manual"), ("mlp", "autograd"), ("cnn", "autograd"),
-                                            ("cnn_manual_head", "autograd"), ("resnet18", "autograd")])
+@pytest.mark.parametrize("model, backend", [("mlp", "engine"), ("mlp", "autograd"), ("cnn", "autograd"),
+                                            ("cnn_engine_head", "autograd"), ("resnet18", "autograd")])
 def test_every_model_trains_and_leaves_its_files(model, backend, tmp_path):
     classifier = ImageClassifier(model=model, backend=backend, input_shape=(1, 8, 8), hidden=(64,), lr=3e-3,
                                  dropout=0.0, width=8)
@@ -47,14 +47,14 @@ def test_every_model_trains_and_leaves_its_files(model, backend, tmp_path):
     if model != "resnet18":  # a couple of epochs is enough for the small models
         assert metrics["test"]["test_acc"] > 0.6
         assert metrics["test"]["test_acc_top5"] >= metrics["test"]["test_acc"]
-    if backend == "manual":
+    if backend == "engine":
         assert not any(p.requires_grad for p in classifier.net.parameters())
 
 
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("digits")
-    classifier = ImageClassifier(model="mlp", backend="manual", input_shape=(1, 8, 8), hidden=(64,), lr=3e-3,
+    classifier = ImageClassifier(model="mlp", backend="engine", input_shape=(1, 8, 8), hidden=(64,), lr=3e-3,
                                  dropout=0.0)
     t = fit_and_test(classifier, tmp_path, epochs=3)
     return Path(t.checkpoint_callback.best_model_path)
@@ -96,14 +96,14 @@ def test_predict_image_unreadable_file_is_named(digits_checkpoint, tmp_path, cap
     assert "broken.png" in capsys.readouterr().err
 
 
-def test_checkpoint_of_another_task_is_refused(tmp_path, capsys):
-    from bp_apps.core.data import DigitsDataModule
-    from bp_apps.core.lit import MLPClassifier
+def test_checkpoint_of_another_task_is_refused(digits_checkpoint, tmp_path, capsys):
+    from bp_apps.speech.task import SpokenDigitClassifier
 
-    t = L.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
-                  limit_train_batches=2, limit_val_batches=1)
-    t.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
-    other = Path(t.checkpoint_callback.best_model_path)
+    # The spoken-digit classifier shares the classifier module (and the hyperparameter names) with this task:
+    # only the task name its checkpoints carry tells them apart.
+    checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
+    other = tmp_path / "spoken.ckpt"
+    torch.save({**checkpoint, "bp_apps_task": SpokenDigitClassifier.task_name}, other)
     with pytest.raises(ValueError, match="not an image-classification checkpoint"):
         load_image_classifier(other)
     image = tmp_path / "x.png"
@@ -113,23 +113,39 @@ def test_checkpoint_of_another_task_is_refused(tmp_path, capsys):
 
 
 def test_checkpoint_with_another_class_count_is_refused(digits_checkpoint, tmp_path):
-    model = ImageClassifier(model="mlp", backend="manual", num_classes=5, input_shape=(1, 8, 8), hidden=(64,))
+    model = ImageClassifier(model="mlp", backend="engine", num_classes=5, input_shape=(1, 8, 8), hidden=(64,))
     checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
     with pytest.raises(ValueError, match="trained for 10 classes, but this model has 5"):
         model.on_load_checkpoint(checkpoint)
 
 
 def test_data_and_model_mismatch_is_refused(tmp_path):
-    model = ImageClassifier(model="mlp", backend="manual", num_classes=10, input_shape=(1, 28, 28), hidden=(8,))
+    model = ImageClassifier(model="mlp", backend="engine", num_classes=10, input_shape=(1, 28, 28), hidden=(8,))
     t = L.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
                   enable_checkpointing=False)
-    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\).*\(1, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"gives input_shape=\(1, 8, 8\).*built for input_shape=\(1, 28, 28\)"):
         t.fit(model, datamodule=DigitsImageDataModule())
 
 
-def test_manual_backend_needs_the_mlp():
+def test_engine_backend_needs_the_mlp():
     with pytest.raises(ValueError, match="model='mlp' only"):
-        ImageClassifier(model="cnn", backend="manual")
+        ImageClassifier(model="cnn", backend="engine")
+    with pytest.raises(ValueError, match="norm applies to the engine MLP"):
+        ImageClassifier(model="cnn", norm="batch")
+
+
+def test_the_earlier_names_of_the_engine_are_refused_with_their_new_names(digits_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="backend='manual' is now called 'engine'"):
+        ImageClassifier(model="mlp", backend="manual")
+    with pytest.raises(ValueError, match="model='cnn_manual_head' is now called 'cnn_engine_head'"):
+        ImageClassifier(model="cnn_manual_head")
+    checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["backend"] = "manual"
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    with pytest.raises(ValueError, match=r"ImageClassifier\.load\(path, backend='engine'\)"):
+        ImageClassifier.load(older)
+    assert ImageClassifier.load(older, backend="engine").engine
 
 
 def test_checkpoint_with_code_payload_is_refused_without_running_it(tmp_path):
@@ -153,7 +169,7 @@ def test_truncated_checkpoint_gives_a_clear_error(digits_checkpoint, tmp_path):
         load_image_classifier(cut)
 
 
-@pytest.mark.parametrize("config", ["digits_mlp_manual", "digits_mlp_autograd"])
+@pytest.mark.parametrize("config", ["digits_mlp_engine", "digits_mlp_autograd"])
 def test_cli_fit_tests_the_best_checkpoint(config, tmp_path, capsys):
     argv = ["fit", "--config", str(ROOT / "configs" / "vision" / f"{config}.yaml"), "--trainer.max_epochs=2",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
@@ -164,6 +180,8 @@ def test_cli_fit_tests_the_best_checkpoint(config, tmp_path, capsys):
     metrics = json.loads(metrics_path.read_text())
     assert metrics["test"]["test_acc"] > 0.8 and metrics["validation"]["val_acc"] > 0.8
     assert list(tmp_path.rglob("confusion_matrix.png"))
+    assert Path(metrics["best_checkpoint"]).is_file(), "fit must save a checkpoint"
+    assert list(tmp_path.rglob("config.yaml")), "LightningCLI saves the config next to the run"
 
 
 def test_imagefolder_run_counts_skipped_images_in_its_summary(tmp_path):
@@ -180,7 +198,7 @@ def test_imagefolder_run_counts_skipped_images_in_its_summary(tmp_path):
     (tmp_path / "faces" / "bob" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     data = ImageFolderDataModule(data_root=str(tmp_path / "faces"), image_size=16, batch_size=8,
                                  skip_bad_images=True)
-    model = ImageClassifier(model="cnn_manual_head", num_classes=2, input_shape=(3, 16, 16), width=4, hidden=(8,),
+    model = ImageClassifier(model="cnn_engine_head", num_classes=2, input_shape=(3, 16, 16), width=4, hidden=(8,),
                             lr=1e-2, dropout=0.0)
     L.seed_everything(0, verbose=False)
     t = L.Trainer(max_epochs=6, default_root_dir=tmp_path / "run", enable_progress_bar=False,
@@ -215,3 +233,47 @@ def test_train_vision_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metrics written to" in result.stdout
     assert json.loads(next(tmp_path.rglob("metrics.json")).read_text())["test"]["test_acc"] > 0.5
+
+
+def test_cli_links_the_folder_to_the_model_and_predict_reads_the_data_state(tmp_path):
+    """No class count or shape on the command line (the config's are dropped): the CLI links them from the image
+    folder, and ``predict-image`` reads the class names and normalisation from the data module's checkpoint state."""
+    from test_vision_data import make_face_folder
+
+    faces = make_face_folder(tmp_path / "faces", classes=("alice", "bob", "carol"))
+    argv = ["fit", "--config", str(ROOT / "configs" / "vision" / "imagefolder.yaml"), f"--data.data_root={faces}",
+            "--data.image_size=16", "--data.channels=1", "--data.batch_size=4", "--model.width=4",
+            "--model.hidden=[8]", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    assert main(argv) == 0
+    ckpt = json.loads(next((tmp_path / "run").rglob("metrics.json")).read_text())["best_checkpoint"]
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 3
+    assert list(checkpoint["hyper_parameters"]["input_shape"]) == [1, 16, 16]
+    assert checkpoint["ImageFolderDataModule"] == {"class_names": ["alice", "bob", "carol"], "input_shape": [1, 16, 16],
+                                                   "mean": [0.5], "std": [0.5], "datamodule": "ImageFolderDataModule"}
+    (result,) = predict_images([next((faces / "bob").glob("*.png"))], ckpt, top_k=3)
+    assert sorted(t["class"] for t in result["top"]) == ["alice", "bob", "carol"]
+
+
+def test_checkpoints_with_the_preprocessing_of_earlier_versions_still_predict(digits_checkpoint, tmp_path):
+    """Before the data module's state carried it, the model stored the same entries under ``bp_apps_preprocessing``;
+    without either, the error names the file."""
+    checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
+    image = tmp_path / "seven.png"
+    _digit_png(image, 7)
+    older = tmp_path / "older.ckpt"
+    state = checkpoint.pop("DigitsImageDataModule")
+    torch.save({**checkpoint, "bp_apps_preprocessing": state}, older)
+    assert predict_images([image], older, top_k=1) == predict_images([image], digits_checkpoint, top_k=1)
+    bare = tmp_path / "bare.ckpt"
+    torch.save(checkpoint, bare)  # neither entry
+    with pytest.raises(ValueError, match=r"bare\.ckpt carries no preprocessing"):
+        load_image_classifier(bare)
+
+
+def test_a_checkpoint_of_differently_preprocessed_data_is_refused_on_resume():
+    data = DigitsImageDataModule()
+    data.load_state_dict(data.state_dict())  # the same data: accepted
+    with pytest.raises(ValueError, match=r"preprocessed differently \(mean: checkpoint \[0\.5\], data \[0\.3052\]\)"):
+        data.load_state_dict({**data.state_dict(), "mean": [0.5]})

@@ -1,1 +1,2 @@
-"""The shared training core: hand-written engine, autograd comparison, Lightning glue."""
+"""The training layer every task stands on: the shared TaskModule and classifier module, callbacks, exact resume,
+samplers, DDP for the engine, safe file I/O, and what data modules share with their models (``datalink``)."""

@@ -1,13 +1,5 @@
-"""Lightning glue: one MLP classifier trained either by the hand-written engine or by autograd.
-
-Both backends build the same engine MLP under the same seed, so they start from identical
-weights; ``backend='manual'`` then trains it with the engine (no autograd anywhere), and
-``backend='autograd'`` trains its ``torch.nn`` twin with the matching ``torch.optim`` optimizer.
-The typed ``__init__`` doubles as the model's LightningCLI configuration.
-"""
-
-from collections.abc import Sequence
-from typing import Literal
+"""The classification module the vision and speech tasks share: one network trained either by the
+hand-written engine (an engine ``MLP``, no autograd anywhere) or by autograd (any other ``nn.Module``)."""
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +9,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from bp_apps.core.task import OptimizerConfig, TaskModule, backend_of
 from bp_apps.engine import MLP, SoftmaxCrossEntropy
 
-__all__ = ["ClassifierModule", "MLPClassifier"]
-
-Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh"]
+__all__ = ["ClassifierModule"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -110,39 +100,3 @@ class ClassifierModule(TaskModule):
         loss = self.engine_loss.forward(self.net.forward(self.prepare_input(x)), y)
         self.net.backward(self.engine_loss.backward())
         return loss
-
-
-class MLPClassifier(ClassifierModule):
-    """An MLP classifier (logits over ``num_classes``) with a hand-written or an autograd backend.
-
-    ``seed`` fixes the initial weights only (identical for both backends); seed the rest of
-    training (dropout, data order) with ``lightning.seed_everything`` and the data module.
-    ``nonfinite`` decides what a NaN/Inf loss or gradient does: ``raise`` an error or ``skip``
-    the update. ``max_grad_norm`` clips the joint gradient norm before each update.
-    """
-
-    task_name = "core.MLPClassifier"
-    task_title = "an MLP-classifier"
-
-    def __init__(self, in_features: int = 64, num_classes: int = 10, hidden: Sequence[int] = (128, 128),
-                 activation: Activation = "relu", dropout: float = 0.0, norm: Literal["layer", "batch"] | None = None,
-                 backend: Literal["manual", "autograd"] = "manual", optimizer: Literal["sgd", "adam", "adamw"] = "adam",
-                 lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0, max_grad_norm: float | None = None,
-                 label_smoothing: float = 0.0, nonfinite: Literal["raise", "skip"] = "raise",
-                 scheduler: Literal["constant", "cosine"] = "constant", warmup_fraction: float = 0.0,
-                 seed: int = 0) -> None:
-        engine = build_engine_mlp(in_features, hidden, num_classes, activation, dropout, norm, seed)
-        optim = OptimizerConfig(optimizer, lr, momentum, weight_decay, scheduler, warmup_fraction, max_grad_norm,
-                                nonfinite)
-        super().__init__(engine if backend == "manual" else engine.to_autograd(), num_classes, optim=optim,
-                         label_smoothing=label_smoothing)
-        self.save_hyperparameters()
-
-
-def build_engine_mlp(in_features: int, hidden: Sequence[int], num_classes: int, activation: str, dropout: float,
-                     norm: str | None, seed: int) -> MLP:
-    """An engine MLP whose weights depend on ``seed`` alone; the caller's RNG is left untouched (the
-    MLP is built on the CPU, so only the CPU generator is seeded)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        return MLP(in_features, hidden, num_classes, activation=activation, dropout=dropout, norm=norm)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-__all__ = ["MIX", "BucketBatchSampler", "EpochShuffle", "epoch_permutation"]
+__all__ = ["MIX", "BucketBatchSampler", "EpochShuffle", "batch_order", "epoch_permutation"]
 
 MIX = 1_000_003  # a prime that spreads (seed, epoch, batch) over distinct generator seeds
 
@@ -19,6 +19,11 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
     """A shuffle of ``range(num_samples)`` that depends on ``(seed, epoch)`` alone."""
     generator = torch.Generator().manual_seed(seed * MIX + epoch)
     return torch.randperm(num_samples, generator=generator)
+
+
+def batch_order(num_samples: int, batch_size: int, seed: int, epoch: int = 0) -> list[Tensor]:
+    """The index batches of one shuffled epoch; the same (seed, epoch) gives the same batches."""
+    return list(epoch_permutation(num_samples, seed, epoch).split(batch_size))
 
 
 class EpochShuffle(Sampler[int]):

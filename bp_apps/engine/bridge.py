@@ -17,13 +17,13 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from bp_apps.engine.models import MLP
 
-__all__ = ["ManualMLPFunction", "ManualMLPHead", "manual_mlp"]
+__all__ = ["EngineMLPFunction", "EngineMLPHead", "engine_mlp"]
 
 
-class ManualMLPFunction(torch.autograd.Function):
+class EngineMLPFunction(torch.autograd.Function):
     """y = mlp(x) by the engine's forward; backward is ``mlp.backward`` (no autograd inside).
 
-    Call as ``ManualMLPFunction.apply(x, mlp, *mlp.parameters())``: the parameters are inputs
+    Call as ``EngineMLPFunction.apply(x, mlp, *mlp.parameters())``: the parameters are inputs
     only so that autograd knows to deliver their gradients (their values are read from ``mlp``).
     """
 
@@ -32,9 +32,9 @@ class ManualMLPFunction(torch.autograd.Function):
         """Run the engine forward and keep its backward state on ``ctx`` (not only in the layers)."""
         own = list(mlp.parameters())
         if len(params) != len(own) or any(p is not q for p, q in zip(params, own, strict=True)):
-            raise ValueError("ManualMLPFunction expects the MLP's own parameters, in mlp.parameters() order")
+            raise ValueError("EngineMLPFunction expects the MLP's own parameters, in mlp.parameters() order")
         if getattr(mlp, "reuse_buffers", False):
-            raise ValueError("ManualMLPFunction needs mlp.reuse_buffers = False: autograd may hold several "
+            raise ValueError("EngineMLPFunction needs mlp.reuse_buffers = False: autograd may hold several "
                              "outputs and input gradients at once, which reused buffers would overwrite")
         with torch.no_grad():
             out = mlp.forward(x)
@@ -68,12 +68,12 @@ class ManualMLPFunction(torch.autograd.Function):
         return (grad_x if needs_x else None, None, *grads)
 
 
-def manual_mlp(x: Tensor, mlp: MLP) -> Tensor:
-    """Apply ``mlp`` to ``x`` through :class:`ManualMLPFunction` (differentiable by the engine)."""
-    return ManualMLPFunction.apply(x, mlp, *mlp.parameters())
+def engine_mlp(x: Tensor, mlp: MLP) -> Tensor:
+    """Apply ``mlp`` to ``x`` through :class:`EngineMLPFunction` (differentiable by the engine)."""
+    return EngineMLPFunction.apply(x, mlp, *mlp.parameters())
 
 
-class ManualMLPHead(nn.Module):
+class EngineMLPHead(nn.Module):
     """An engine MLP usable as an ordinary autograd module: a torch optimizer trains it and
     gradients flow through it (by the hand-written backward) into whatever produced its input.
 
@@ -89,7 +89,7 @@ class ManualMLPHead(nn.Module):
         super().__init__()
         if mlp is None:
             if in_features is None or out_features is None:
-                raise ValueError("ManualMLPHead needs in_features and out_features, or an existing mlp=")
+                raise ValueError("EngineMLPHead needs in_features and out_features, or an existing mlp=")
             mlp = MLP(in_features, hidden, out_features, activation=activation, dropout=dropout, norm=norm,
                       device=device, dtype=dtype)
         elif not isinstance(mlp, MLP):
@@ -115,5 +115,5 @@ class ManualMLPHead(nn.Module):
         """The engine forward; recorded for autograd only when a gradient can be needed."""
         params = list(self.mlp.parameters())
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return ManualMLPFunction.apply(x, self.mlp, *params)
+            return EngineMLPFunction.apply(x, self.mlp, *params)
         return self.mlp(x)

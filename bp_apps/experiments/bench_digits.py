@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bp_apps.core.data import DigitsSplit, batch_order, load_digits_split
+from bp_apps.core.samplers import batch_order
 from bp_apps.engine import MLP, SoftmaxCrossEntropy, build_optimizer, cosine_lr, train_step
+from bp_apps.vision.data import DigitsSplit, load_digits_split
 
 
 @dataclass(frozen=True)

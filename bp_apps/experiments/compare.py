@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bp_apps.core.data import batch_order, load_digits_split
 from bp_apps.core.io import atomic_write_bytes, atomic_write_text
+from bp_apps.core.samplers import batch_order
 from bp_apps.engine import MLP, SoftmaxCrossEntropy, build_optimizer, train_step
 from bp_apps.engine.gradcheck import mlp_gradient_errors
 from bp_apps.experiments.bench import synchronize
+from bp_apps.vision.data import load_digits_split
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}

@@ -2,8 +2,11 @@
 made from it), espeak-ng synthesized speech, JSONL manifests, and torchaudio's LibriSpeech / Speech Commands.
 
 Every module turns its utterances into model inputs once (log-mel or waveform, see ``features.py``), keeps them in
-an atomically written feature cache, and exposes ``feature_config`` right after ``__init__``. Recognition loaders
-yield :class:`SpeechBatch`; the isolated-digit loader yields ``((features, lengths), labels)``.
+an atomically written feature cache, and exposes ``feature_config`` and ``input_dim`` right after ``__init__``, as
+do FSDD's ``num_classes`` and the recognition modules' ``lexicon_words`` (the training words, read on first use);
+``bp-apps`` links all but the first to the model. Its checkpoint state is what ``transcribe`` needs; ``setup``
+refuses a model built for another feature size or class count. Recognition loaders yield :class:`SpeechBatch`; the
+isolated-digit loader yields ``((features, lengths), labels)``.
 
 FSDD's official split: recordings 0-4 of every speaker and digit are the test set, the rest train; validation is
 taken from train by index (``val_indices``, default 5-9). Connected-digit utterances of a split are built only from
@@ -12,6 +15,7 @@ that split's recordings. Synthesized speech holds out whole voice variants for v
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from bp_apps.core.datalink import PreprocessingDataModule
 from bp_apps.core.io import default_cache_dir, default_data_root, utf8_lines
 from bp_apps.core.resume import resumable_loader
 from bp_apps.speech.audio import load_audio, normalise_level
@@ -41,9 +45,9 @@ from bp_apps.speech.features import FeatureCache, FeatureConfig, make_extractor
 log = logging.getLogger(__name__)
 
 __all__ = ["FSDD_ARCHIVE_URL", "FSDD_RECORDINGS_DIGEST", "ConnectedDigitsDataModule", "FSDDDigitsDataModule",
-           "LibriSpeechDataModule", "ManifestDataModule", "SpeechBatch", "SpeechCommandsDataModule",
-           "SynthSpeechDataModule", "Utterance", "connected_digit_utterances", "download_fsdd", "fsdd_split",
-           "list_fsdd", "parse_fsdd_name", "read_manifest", "split_voice_variants"]
+           "LibriSpeechDataModule", "ManifestDataModule", "RecognitionDataModule", "SpeechBatch",
+           "SpeechCommandsDataModule", "SynthSpeechDataModule", "Utterance", "connected_digit_utterances",
+           "download_fsdd", "fsdd_split", "list_fsdd", "parse_fsdd_name", "read_manifest", "split_voice_variants"]
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_ARCHIVE_URL = f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.tar.gz"
@@ -127,14 +131,16 @@ def collate_digits(items: list[tuple[Tensor, Tensor, str, int]]) -> tuple[tuple[
 
 # ----------------------------------------------------------------------------------------------- base module
 
-class SpeechDataModule(L.LightningDataModule):
-    """What every speech data module shares: feature settings, the feature cache, loaders.
+class SpeechDataModule(PreprocessingDataModule):
+    """What every speech data module shares: feature settings (``input_dim``: the feature size per frame), the
+    feature cache, loaders, and the feature settings as its checkpoint state (what ``transcribe`` needs).
 
     Subclasses implement ``utterances(split)`` for ``train``, ``val`` and ``test``. ``cache_dir`` defaults to
     ``$BP_APPS_CACHE/speech`` (or ``~/.cache/bp_apps/speech``); ``cache=False`` keeps features in memory only.
     ``max_seconds`` refuses longer training/evaluation files (a ValueError naming the file)."""
 
     collate = staticmethod(collate_speech)
+    MUST_MATCH = ("features",)
 
     def __init__(self, batch_size: int = 32, sample_rate: int = 16_000,
                  features: Literal["logmel", "waveform"] = "logmel", n_mels: int = 64, hop_ms: float = 10.0,
@@ -142,6 +148,7 @@ class SpeechDataModule(L.LightningDataModule):
                  cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.feature_config = FeatureConfig(kind=features, sample_rate=sample_rate, n_mels=n_mels, hop_ms=hop_ms)
+        self.input_dim = self.feature_config.dim
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.max_seconds = max_seconds
         root = Path(cache_dir) if cache_dir else default_cache_dir() / "speech"
@@ -155,9 +162,9 @@ class SpeechDataModule(L.LightningDataModule):
         """For ``metrics.json``: the feature settings."""
         return {"features": self.feature_config.to_dict()}
 
-    def vocabulary_words(self) -> list[str]:
-        """Every word of the training transcripts (for a beam-search lexicon)."""
-        return sorted({w for u in self.utterances("train") for w in u.text.split()})
+    def preprocessing(self) -> dict[str, Any]:
+        """What ``transcribe`` needs: the feature settings."""
+        return {"features": self.feature_config.to_dict()}
 
     def build_features(self, utterances: Sequence[Utterance]) -> list[Tensor]:
         from tqdm.auto import tqdm
@@ -186,6 +193,7 @@ class SpeechDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
+        self.check_model()
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val"))
         for split in splits:
             self.dataset(split)
@@ -205,6 +213,31 @@ class SpeechDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+
+class RecognitionDataModule(SpeechDataModule):
+    """Transcribed speech for the CTC recognizer. Its training words (``lexicon_words``) are linked by ``bp-apps``
+    to the recognizer's beam-search lexicon and saved in its checkpoint state for ``transcribe --beam``.
+
+    Only these modules have ``lexicon_words``: LightningCLI records a linked value in the model's saved
+    hyperparameters even when the model has no such argument, which would break ``--ckpt_path``."""
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The feature settings and the training words."""
+        return {**super().preprocessing(), "words": list(self.lexicon_words)}
+
+    def vocabulary_words(self) -> list[str]:
+        """Every word of the training transcripts (for a beam-search lexicon)."""
+        return sorted({w for u in self.utterances("train") for w in u.text.split()})
+
+    @functools.cached_property
+    def lexicon_words(self) -> list[str]:
+        """:meth:`vocabulary_words`, read once; empty when the training transcripts cannot be read (``setup`` then
+        says why)."""
+        try:
+            return self.vocabulary_words()
+        except (ValueError, FileNotFoundError):
+            return []
 
 
 # ----------------------------------------------------------------------------------------------- FSDD
@@ -333,12 +366,15 @@ class FSDDDigitsDataModule(SpeechDataModule):
                          cache_dir=cache_dir, seed=seed)
         self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
         self.limit_per_split = limit_per_split
-        self.num_classes = 10
-        self.class_names = list(DIGIT_WORDS)
+        self.num_classes = len(DIGIT_WORDS)
         self._split: dict[str, list[Path]] | None = None
 
     def source(self, split: str) -> str | None:
         return str(fsdd_root(self.data_root))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The feature settings and the class names (the word ``transcribe`` gives for each class)."""
+        return {**super().preprocessing(), "class_names": list(DIGIT_WORDS)}
 
     def split(self) -> dict[str, list[Path]]:
         if self._split is None:
@@ -383,7 +419,7 @@ def connected_digit_utterances(files: Sequence[str | Path], count: int, seed: in
     return out
 
 
-class ConnectedDigitsDataModule(SpeechDataModule):
+class ConnectedDigitsDataModule(RecognitionDataModule):
     """Connected digit strings (1-7 digits) made from FSDD recordings: each split's utterances use only that
     split's recordings (test: indices 0-4), so test speech never reaches training. Deterministic by ``seed``.
     ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``)."""
@@ -430,7 +466,7 @@ def split_voice_variants(variants: Sequence[str], val_count: int, test_count: in
             "train": sorted(picked[test_count + val_count:])}
 
 
-class SynthSpeechDataModule(SpeechDataModule):
+class SynthSpeechDataModule(RecognitionDataModule):
     """espeak-ng speech (no download): digit strings and short sentences, many voices, rates and pitches.
 
     Voices are ACCENT+VARIANT; the variants of validation and test (``heldout_variants``, else a deterministic
@@ -511,7 +547,7 @@ def read_manifest(path: str | Path, strict_text: bool = False) -> list[Utterance
     return out
 
 
-class ManifestDataModule(SpeechDataModule):
+class ManifestDataModule(RecognitionDataModule):
     """Any speech corpus described by JSONL manifests (``train_manifest``, ``val_manifest``, ``test_manifest``;
     without a validation manifest, ``val_fraction`` of train is held out by ``seed``)."""
 
@@ -545,7 +581,7 @@ class ManifestDataModule(SpeechDataModule):
 
 # ----------------------------------------------------------------------------------------------- torchaudio sets
 
-class LibriSpeechDataModule(SpeechDataModule):
+class LibriSpeechDataModule(RecognitionDataModule):
     """LibriSpeech through torchaudio's ``LIBRISPEECH`` (its file list and download; audio read with soundfile).
     ``limit`` keeps the first N utterances of each split."""
 
@@ -572,7 +608,7 @@ class LibriSpeechDataModule(SpeechDataModule):
         return out
 
 
-class SpeechCommandsDataModule(SpeechDataModule):
+class SpeechCommandsDataModule(RecognitionDataModule):
     """Speech Commands keywords through torchaudio's ``SPEECHCOMMANDS``, transcribed as words (CTC on the label)."""
 
     def __init__(self, root: str = "data/speechcommands", download: bool = False, limit: int | None = None,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from bp_apps.engine.bridge import ManualMLPHead
+from bp_apps.engine.bridge import EngineMLPHead
 from bp_apps.speech.decoding import TOKENS
 
 __all__ = ["CTC_MODELS", "ConformerCTC", "ConvGRUCTC", "ConvSubsampling", "DigitClassifierNet", "Wav2Vec2CTC",
@@ -176,7 +176,7 @@ class ConvBlocksEncoder(nn.Module):
 
 class DigitClassifierNet(nn.Module):
     """Isolated-word classifier: an encoder — conv subsampling + BiGRU (``encoder="gru"``) or a VGG-style 2-D CNN
-    (``encoder="cnn"``) — mean- and max-pooled over the true frames, then the core's manual MLP head (hand-written
+    (``encoder="cnn"``) — mean- and max-pooled over the true frames, then the engine's MLP head (hand-written
     forward and backward, through the autograd bridge).
 
     Takes ``(features (B, T, F), lengths)`` as one tuple, like a batch's input."""
@@ -198,7 +198,7 @@ class DigitClassifierNet(nn.Module):
                 self.cnn = ConvBlocksEncoder(input_dim, hidden, conv_channels)
                 width = hidden
             self.dropout = nn.Dropout(dropout)
-            self.head = ManualMLPHead(2 * width, list(head_hidden), num_classes, dropout=dropout)
+            self.head = EngineMLPHead(2 * width, list(head_hidden), num_classes, dropout=dropout)
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
         features, lengths = inputs

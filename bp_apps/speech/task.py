@@ -4,7 +4,8 @@
 
 The config's callbacks keep the best checkpoint by validation CER/WER (or accuracy) and write ``metrics.json`` (with
 the data module's feature settings and a few test transcripts); the CLI then tests that checkpoint. Checkpoints
-carry the task name and the feature settings, so a checkpoint alone is enough to transcribe files.
+carry the task name and, as the data module's state, the feature settings and training words, so a checkpoint alone
+is enough to transcribe files. The models never read the data module: the CLI links what they need from it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
+from bp_apps.core.datalink import saved_preprocessing
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule, check_task
@@ -30,27 +32,10 @@ from bp_apps.speech.models import DigitClassifierNet, Wav2Vec2CTC, build_ctc_mod
 
 __all__ = ["RECOGNIZER_TASK", "SpeechRecognizer", "SpokenDigitClassifier", "load_speech_model", "transcribe"]
 
-PREPROCESSING_KEY = "bp_apps_preprocessing"
 HF_CONFIG_KEY = "bp_apps_hf_config"
 RECOGNIZER_TASK = "speech.SpeechRecognizer"
 CLASSIFIER_TASK = "speech.SpokenDigitClassifier"
 EXAMPLES = 8
-
-
-def _preprocessing(module: L.LightningModule) -> dict[str, Any] | None:
-    data = module.trainer.datamodule if module._trainer is not None else None
-    if data is None or not hasattr(data, "feature_config"):
-        return None
-    return {"features": data.feature_config.to_dict(), "datamodule": type(data).__name__,
-            "words": list(getattr(module, "lexicon_words", []) or [])}
-
-
-def _check_feature_dim(module: L.LightningModule, input_dim: int) -> None:
-    data = module.trainer.datamodule if module._trainer is not None else None
-    config = getattr(data, "feature_config", None)
-    if config is not None and config.dim != input_dim:
-        raise ValueError(f"the data gives {config.kind} features of size {config.dim} but the model was built for "
-                         f"input_dim={input_dim}: set model.input_dim to {config.dim}")
 
 
 class SpeechRecognizer(TaskModule):
@@ -58,7 +43,8 @@ class SpeechRecognizer(TaskModule):
     ``wav2vec2`` (on waveforms, ``input_dim`` = 1; ``pretrained`` names a model for online users).
 
     SpecAugment masks the training inputs. Validation decodes greedily; test also runs beam search when
-    ``beam_size`` > 0, restricted to the training words when ``lexicon`` is set."""
+    ``beam_size`` > 0, restricted to ``lexicon_words`` (the training words) when ``lexicon`` is set. ``bp-apps``
+    links ``input_dim`` and ``lexicon_words`` from the data module, whose ``setup`` refuses another feature size."""
 
     task_name = RECOGNIZER_TASK
     task_title = "a speech-recognizer"
@@ -69,34 +55,25 @@ class SpeechRecognizer(TaskModule):
                  pretrained: str | None = None, spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 10,
                  time_masks: int = 2, time_width: int = 20, lr: float = 2e-3, weight_decay: float = 1e-2,
                  scheduler: Literal["constant", "cosine"] = "cosine", warmup_fraction: float = 0.05,
-                 max_grad_norm: float | None = 5.0, beam_size: int = 0, lexicon: bool = True, seed: int = 0) -> None:
+                 max_grad_norm: float | None = 5.0, beam_size: int = 0, lexicon: bool = True, seed: int = 0,
+                 lexicon_words: Sequence[str] = ()) -> None:
         super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
                                          warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
                                          no_decay_keys=NO_DECAY_KEYS))
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["lexicon_words"])  # the data's, saved as its state
         self.net = build_ctc_model(model, input_dim, hidden=hidden, layers=layers, subsample=subsample,
                                    conv_channels=conv_channels, dropout=dropout, heads=heads, ffn_dim=ffn_dim,
                                    kernel_size=kernel_size, pretrained=pretrained, seed=seed)
         self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
         self.metrics = torch.nn.ModuleDict({f"{stage}_{name}": metric() for stage in ("val", "test", "test_beam")
                                             for name, metric in (("wer", WordErrorRate), ("cer", CharErrorRate))})
-        self.lexicon_words: list[str] = []
+        self.lexicon_words = list(lexicon_words)
         self.test_examples: list[dict[str, str]] = []
         self._beam: BeamSearchDecoder | None = None
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Log-probabilities ``(B, T', V)`` and output lengths."""
         return self.net(features, lengths)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        _check_feature_dim(self, self.hparams.input_dim)
-        data = self.trainer.datamodule if self._trainer is not None else None
-        if data is not None and hasattr(data, "vocabulary_words") and stage in ("fit", "test"):
-            try:
-                self.lexicon_words = data.vocabulary_words()
-            except (ValueError, FileNotFoundError):
-                self.lexicon_words = []
 
     def _ctc_loss(self, log_probs: Tensor, out_lengths: Tensor, batch: SpeechBatch) -> Tensor:
         return F.ctc_loss(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths, blank=0,
@@ -153,19 +130,18 @@ class SpeechRecognizer(TaskModule):
         return {"test_examples": list(self.test_examples)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also store a wav2vec 2.0 network's configuration, so the checkpoint alone rebuilds it."""
         super().on_save_checkpoint(checkpoint)
-        preprocessing = _preprocessing(self)
-        if preprocessing is not None:
-            checkpoint[PREPROCESSING_KEY] = preprocessing
         if isinstance(self.net, Wav2Vec2CTC):
             checkpoint[HF_CONFIG_KEY] = self.net.model.config.to_dict()
 
 
 
 class SpokenDigitClassifier(ClassifierModule):
-    """Isolated spoken digits (FSDD): conv + BiGRU encoder and the core's hand-written MLP head through the
+    """Isolated spoken digits (FSDD): conv + BiGRU encoder and the engine's hand-written MLP head through the
     autograd bridge; cross-entropy, accuracy; SpecAugment and optional speed perturbation (``time_stretch``) while
-    training. Batches are ``((features, lengths), y)``.
+    training. Batches are ``((features, lengths), y)``. ``bp-apps`` links ``input_dim`` and ``num_classes`` from the
+    data module, whose ``setup`` refuses other sizes.
     """
 
     task_name = CLASSIFIER_TASK
@@ -187,14 +163,6 @@ class SpokenDigitClassifier(ClassifierModule):
         self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
         self.stretch = TimeStretch(time_stretch)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        _check_feature_dim(self, self.hparams.input_dim)
-        data = self.trainer.datamodule if self._trainer is not None else None
-        if data is not None and getattr(data, "num_classes", self.num_classes) != self.num_classes:
-            raise ValueError(f"the data has {data.num_classes} classes but the model was built for "
-                             f"{self.num_classes}: set model.num_classes to {data.num_classes}")
-
     def training_step(self, batch: tuple[tuple[Tensor, Tensor], Tensor], batch_idx: int) -> Tensor:
         (features, lengths), labels = batch
         features, lengths = self.stretch(features, lengths)
@@ -206,24 +174,17 @@ class SpokenDigitClassifier(ClassifierModule):
         """For ``metrics.json``: the recognizer's keys; a classifier keeps no test transcripts."""
         return {"test_examples": []}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        preprocessing = _preprocessing(self)
-        if preprocessing is not None:
-            data = self.trainer.datamodule
-            checkpoint[PREPROCESSING_KEY] = {**preprocessing,
-                                             "class_names": list(getattr(data, "class_names", DIGIT_WORDS))}
-
-
 
 def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, Any]]:
-    """Load a speech checkpoint safely (``weights_only=True``): the model in eval mode and its preprocessing
-    (feature settings, training words, class names). Errors name the file and what is wrong with it."""
+    """Load a speech checkpoint safely (``weights_only=True``): the model in eval mode and the preprocessing its
+    data module saved (feature settings, training words, class names; checkpoints written before that was the data
+    module's state are read too). Errors name the file and what is wrong with it."""
     path = Path(path)
     checkpoint = load_checkpoint_dict(path)
     task = check_task(checkpoint, (RECOGNIZER_TASK, CLASSIFIER_TASK), str(path), "a speech")
-    if PREPROCESSING_KEY not in checkpoint:
-        raise ValueError(f"{path} carries no feature settings (field {PREPROCESSING_KEY!r}); it was saved outside "
+    preprocessing = saved_preprocessing(checkpoint, ("features",))
+    if preprocessing is None:
+        raise ValueError(f"{path} carries no feature settings (no speech data module's state); it was saved outside "
                          "a trainer run with a speech data module")
     cls = SpeechRecognizer if task == RECOGNIZER_TASK else SpokenDigitClassifier
     # Only the constructor's arguments: older checkpoints also hold settings since dropped (e.g. ``monitor``).
@@ -244,7 +205,7 @@ def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, An
     except (KeyError, RuntimeError) as error:
         raise ValueError(f"{path}: the weights (field 'state_dict') do not fit the model: {error}") from error
     model.eval()
-    return model, checkpoint[PREPROCESSING_KEY]
+    return model, preprocessing
 
 
 def transcribe(paths: Sequence[str | Path], checkpoint: str | Path, beam_size: int | None = None,

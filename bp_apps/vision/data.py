@@ -1,8 +1,10 @@
 """Image classification data for Lightning: scikit-learn digits, MNIST, Fashion-MNIST, CIFAR-10 and image folders.
 
 Every module exposes its metadata right after ``__init__`` (``num_classes``, ``class_names``, ``input_shape``,
-``mean``, ``std`` and ``eval_transform``, which turns any PIL image into the tensor evaluation sees) and its loaders
-yield ``(float32 images (B, C, H, W), int64 labels (B,))``. Validation is split off the training data by ``seed``,
+``mean``, ``std`` and ``eval_transform``, which turns any PIL image into the tensor evaluation sees; ``bp-apps``
+links the first three to the model), keeps class names, shape, mean and std in its checkpoint state (for
+``predict-image``), refuses in ``setup`` a model built for another class count or shape, and its loaders yield
+``(float32 images (B, C, H, W), int64 labels (B,))``. Validation is split off the training data by ``seed``,
 stratified by class. Digits, MNIST, Fashion-MNIST and CIFAR-10 stay in memory as pixel tensors: their loaders
 normalize whole batches and, with ``augment``, draw a random rotation/shift/flip per sample in one vectorized
 ``grid_sample`` (no PIL round trip per image). Image folders are decoded per file with PIL and torchvision's v2
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torchvision.transforms import v2
 
-from bp_apps.core.data import load_digits_split
+from bp_apps.core.datalink import PreprocessingDataModule
 from bp_apps.core.io import data_root_hint, resolve_data_root
 from bp_apps.core.resume import resumable_loader
 
@@ -226,8 +227,9 @@ class ImageSpec:
     std: tuple[float, ...]
 
 
-class VisionDataModule(L.LightningDataModule):
-    """Base of every image data module: common init args, metadata before ``setup``, seeded loaders.
+class VisionDataModule(PreprocessingDataModule):
+    """Base of every image data module: common init args, metadata before ``setup``, seeded loaders, and the
+    preprocessing ``predict-image`` needs as its checkpoint state.
 
     ``data_root`` is where the data set lives (None: ``$BP_APPS_DATA``, else ``./data``), ``val_fraction`` of the
     training data becomes validation (chosen by ``seed``), ``augment`` turns on training-time augmentation and
@@ -235,6 +237,7 @@ class VisionDataModule(L.LightningDataModule):
     """
 
     SPEC: ClassVar[ImageSpec]
+    MUST_MATCH = ("class_names", "input_shape", "mean", "std")
 
     def __init__(self, data_root: str | None = None, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
                  num_workers: int = 0, augment: bool = False, download: bool = False) -> None:
@@ -261,6 +264,11 @@ class VisionDataModule(L.LightningDataModule):
     def _spec(self) -> ImageSpec:
         """This data set's metadata; fixed data sets declare ``SPEC``, folders scan themselves."""
         return self.SPEC
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What ``predict-image`` needs: class names, input shape, normalisation."""
+        return {"class_names": list(self.class_names), "input_shape": list(self.input_shape), "mean": list(self.mean),
+                "std": list(self.std)}
 
     def metrics_summary(self) -> dict[str, Any]:
         """For ``metrics.json``: the class names and the images skipped as unreadable."""
@@ -311,6 +319,7 @@ class _InMemoryDataModule(VisionDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        self.check_model()
         if self.train_set is not None:
             return
         x_train, y_train, x_test, y_test = self._load()
@@ -322,6 +331,42 @@ class _InMemoryDataModule(VisionDataModule):
 
     def _collate(self, train: bool) -> NormalizeBatch:
         return NormalizeBatch(self.mean, self.std, self.AUGMENT if train and self.hparams.augment else None)
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """scikit-learn's digits as flattened images scaled to [0, 1] (float32) and integer labels, train and test."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    num_features: int = 64
+    num_classes: int = 10
+
+
+def load_digits_split(test_size: float = 0.25, random_state: int = 0, standardize: bool = False) -> DigitsSplit:
+    """The digits with a stratified train/test split (25 %, ``random_state`` 0 by default).
+
+    Pixels are scaled to [0, 1]; with ``standardize`` each pixel is then centred and scaled by
+    the training part's mean and standard deviation (pixels constant in training keep scale 1).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, data.target, test_size=test_size, stratify=data.target,
+                                              random_state=random_state)
+    if standardize:
+        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+        std[std == 0] = 1.0
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    return DigitsSplit(torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(),
+                       torch.from_numpy(x_te), torch.from_numpy(y_te).long())
 
 
 class DigitsImageDataModule(_InMemoryDataModule):
@@ -513,6 +558,7 @@ class ImageFolderDataModule(VisionDataModule):
         return kept
 
     def setup(self, stage: str | None = None) -> None:
+        self.check_model()
         if self.train_set is not None:
             return
         root, train_dir = self.data_root_path, self._train_dir()

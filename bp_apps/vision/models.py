@@ -1,5 +1,5 @@
-"""Image classifiers as plain ``nn.Module``s (no Lightning here): the core's MLP with either
-backend, a small CNN, torchvision's ResNet-18, and a CNN whose classifier head is the manual
+"""Image classifiers as plain ``nn.Module``s (no Lightning here): the engine's MLP with either
+backend, a small CNN, torchvision's ResNet-18, and a CNN whose classifier head is the engine
 MLP through the autograd bridge."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bp_apps.core.lit import build_engine_mlp
-from bp_apps.engine.bridge import ManualMLPHead
+from bp_apps.engine import MLP
+from bp_apps.engine.bridge import EngineMLPHead
 
-MODELS = ("mlp", "cnn", "cnn_manual_head", "resnet18")
+MODELS = ("mlp", "cnn", "cnn_engine_head", "resnet18")
+BACKENDS = ("engine", "autograd")
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -76,23 +77,35 @@ def resnet18(input_shape: Sequence[int], num_classes: int, pretrained: str | Non
     return model
 
 
+def build_engine_mlp(in_features: int, hidden: Sequence[int], num_classes: int, activation: str, dropout: float,
+                     norm: str | None, seed: int) -> MLP:
+    """An engine MLP whose weights depend on ``seed`` alone; the caller's RNG is left untouched (the
+    MLP is built on the CPU, so only the CPU generator is seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return MLP(in_features, hidden, num_classes, activation=activation, dropout=dropout, norm=norm)
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (128,),
-                dropout: float = 0.25, backend: str = "autograd", width: int = 32, pretrained: str | None = None,
-                seed: int = 0) -> nn.Module:
+                dropout: float = 0.25, backend: str = "autograd", norm: str | None = None, width: int = 32,
+                pretrained: str | None = None, seed: int = 0) -> nn.Module:
     """The network for ``name`` (see ``MODELS``). Weights depend on ``seed`` only; for ``mlp`` the
-    manual backend gets the engine MLP and the autograd backend its twin with the same weights."""
+    engine backend gets the engine MLP and the autograd backend its twin with the same weights.
+    ``norm`` (``layer`` or ``batch``) goes into the engine MLP of ``mlp`` and ``cnn_engine_head``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if len(input_shape) != 3 or min(input_shape) <= 0:
         raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
     if name == "mlp":
-        engine = build_engine_mlp(math.prod(input_shape), hidden, num_classes, "relu", dropout, None, seed)
-        return engine if backend == "manual" else engine.to_autograd()
+        engine = build_engine_mlp(math.prod(input_shape), hidden, num_classes, "relu", dropout, norm, seed)
+        return engine if backend == "engine" else engine.to_autograd()
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         if name == "resnet18":
             return resnet18(input_shape, num_classes, pretrained)
         cnn = SmallCNN(input_shape, num_classes, width=width, hidden=hidden, dropout=dropout)
-        if name == "cnn_manual_head":
-            cnn.head = ManualMLPHead(cnn.feature_dim, list(hidden), num_classes, dropout=dropout)
+        if name == "cnn_engine_head":
+            cnn.head = EngineMLPHead(cnn.feature_dim, list(hidden), num_classes, dropout=dropout, norm=norm)
         return cnn

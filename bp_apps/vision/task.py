@@ -2,7 +2,8 @@
 
 The config's callbacks keep the best checkpoint (by validation accuracy or loss) and write
 ``metrics.json`` (with the data module's class names and skipped images); the CLI then tests
-that checkpoint, which saves a confusion matrix PNG.
+that checkpoint, which saves a confusion matrix PNG. The model never reads the data module: the CLI
+links what it needs, and the data module's state in the checkpoint is what ``predict-image`` uses.
 """
 
 from __future__ import annotations
@@ -15,64 +16,59 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from bp_apps.core.datalink import saved_preprocessing
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import OptimizerConfig, check_task
 from bp_apps.vision.models import build_model
 
-PREPROCESSING_KEY = "bp_apps_preprocessing"
+RENAMED = {"manual": "engine", "cnn_manual_head": "cnn_engine_head"}  # earlier names of the engine's options
 
 
 class ImageClassifier(ClassifierModule):
     """Cross-entropy image classifier with top-1/top-5 accuracy and a confusion matrix at test time.
 
-    ``model`` is one of ``mlp`` (the core MLP on flattened pixels; ``backend`` manual or
-    autograd), ``cnn``, ``cnn_manual_head`` (the CNN with the manual MLP head through the
+    ``model`` is one of ``mlp`` (the engine MLP on flattened pixels; ``backend`` engine or
+    autograd), ``cnn``, ``cnn_engine_head`` (the CNN with the engine MLP head through the
     bridge) and ``resnet18`` (``pretrained`` names torchvision weights for online users).
-    ``num_classes`` and ``input_shape`` must match the data module; a mismatch is refused.
+    ``norm`` (``layer`` or ``batch``) normalises the hidden layers of the engine MLP of ``mlp`` and ``cnn_engine_head``.
+    ``num_classes``, ``input_shape`` and ``class_names`` (which label the confusion matrix) come from the data
+    module: ``bp-apps`` links them, and the data module's ``setup`` refuses a model built for other sizes.
     """
 
     task_name = "vision.ImageClassifier"
     task_title = "an image-classification"
 
-    def __init__(self, model: Literal["mlp", "cnn", "cnn_manual_head", "resnet18"] = "cnn", num_classes: int = 10,
+    def __init__(self, model: Literal["mlp", "cnn", "cnn_engine_head", "resnet18"] = "cnn", num_classes: int = 10,
                  input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (128,), dropout: float = 0.25,
-                 width: int = 32, backend: Literal["manual", "autograd"] = "autograd",
+                 width: int = 32, backend: Literal["engine", "autograd"] = "autograd",
+                 norm: Literal["layer", "batch"] | None = None,
                  optimizer: Literal["sgd", "adam", "adamw"] = "adamw", lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 1e-4, max_grad_norm: float | None = None, label_smoothing: float = 0.0,
                  nonfinite: Literal["raise", "skip"] = "raise", scheduler: Literal["constant", "cosine"] = "cosine",
-                 warmup_fraction: float = 0.0, pretrained: str | None = None, seed: int = 0) -> None:
-        if backend == "manual" and model != "mlp":
-            raise ValueError(f"backend='manual' applies to model='mlp' only (got model={model!r}); "
-                             "'cnn_manual_head' already trains its head by hand through the bridge")
+                 warmup_fraction: float = 0.0, pretrained: str | None = None, seed: int = 0,
+                 class_names: Sequence[str] | None = None) -> None:
+        for name, value in (("model", model), ("backend", backend)):
+            if value in RENAMED:
+                raise ValueError(f"{name}={value!r} is now called {RENAMED[value]!r}; a checkpoint saved before the "
+                                 f"rename loads with ImageClassifier.load(path, {name}={RENAMED[value]!r})")
+        if backend == "engine" and model != "mlp":
+            raise ValueError(f"backend='engine' applies to model='mlp' only (got model={model!r}); "
+                             "'cnn_engine_head' already trains its head by the engine through the bridge")
+        if norm is not None and model not in ("mlp", "cnn_engine_head"):
+            raise ValueError(f"norm applies to the engine MLP of model='mlp' or 'cnn_engine_head', not {model!r}")
         net = build_model(model, tuple(input_shape), num_classes, hidden=hidden, dropout=dropout, backend=backend,
-                          width=width, pretrained=pretrained, seed=seed)
+                          norm=norm, width=width, pretrained=pretrained, seed=seed)
         optim = OptimizerConfig(optimizer, lr, momentum, weight_decay, scheduler, warmup_fraction, max_grad_norm,
                                 nonfinite)
         super().__init__(net, num_classes, optim=optim, label_smoothing=label_smoothing)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["class_names"])  # the data's, saved as its state
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.flatten = model == "mlp"
-        self.input_shape = tuple(input_shape)
         self.confusion = MulticlassConfusionMatrix(num_classes=num_classes)
 
     def prepare_input(self, x: Tensor) -> Tensor:
         return x.flatten(1) if self.flatten else x
-
-    # -- wiring to the data ------------------------------------------------------------------------
-
-    def setup(self, stage: str) -> None:
-        """Refuse a data module whose class count or image shape differs from this model's."""
-        super().setup(stage)
-        data = self.trainer.datamodule if self._trainer is not None else None
-        if data is None:
-            return
-        if getattr(data, "num_classes", self.num_classes) != self.num_classes:
-            raise ValueError(f"the data has {data.num_classes} classes but the model was built for "
-                             f"{self.num_classes}: set model.num_classes to {data.num_classes}")
-        shape = tuple(getattr(data, "input_shape", self.input_shape))
-        if shape != self.input_shape:
-            raise ValueError(f"the data gives images of shape {shape} but the model was built for "
-                             f"{self.input_shape}: set model.input_shape to {list(shape)}")
 
     # -- test-time confusion matrix ------------------------------------------------------------------
 
@@ -86,10 +82,8 @@ class ImageClassifier(ClassifierModule):
         self.confusion.reset()
         log_dir = self.trainer.log_dir  # a broadcast: every process must ask, not only rank 0
         if self.trainer.is_global_zero:
-            data = self.trainer.datamodule
-            names = list(getattr(data, "class_names", [])) or [str(i) for i in range(self.num_classes)]
             path = Path(log_dir or self.trainer.default_root_dir) / "confusion_matrix.png"
-            save_confusion_matrix(matrix, names, path)
+            save_confusion_matrix(matrix, self.class_names, path)
             print(f"confusion matrix written to {path}")
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -97,16 +91,6 @@ class ImageClassifier(ClassifierModule):
     @classmethod
     def load_overrides(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         return {"pretrained": None}  # the weights come from the checkpoint: never download
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also store the task name and the preprocessing, so ``predict-image`` can rebuild both."""
-        super().on_save_checkpoint(checkpoint)
-        data = self.trainer.datamodule if self._trainer is not None else None
-        if data is not None:
-            checkpoint[PREPROCESSING_KEY] = {
-                "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
-                "input_shape": list(data.input_shape), "datamodule": type(data).__name__,
-            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of other tasks or of another class count before any weight is loaded."""
@@ -155,13 +139,16 @@ def save_confusion_matrix(matrix: Tensor, class_names: Sequence[str], path: Path
 
 def load_image_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, Any]]:
     """Load an ImageClassifier checkpoint safely (``weights_only=True``) for prediction; return the
-    model in eval mode and the stored preprocessing (class names, mean, std, input shape)."""
+    model in eval mode and the preprocessing its data module saved (class names, mean, std, input
+    shape; checkpoints written before that was the data module's state are read too)."""
     path = Path(path)
     checkpoint = load_checkpoint_dict(path)
     check_checkpoint(checkpoint, source=str(path))
-    if PREPROCESSING_KEY not in checkpoint:
-        raise ValueError(f"{path} carries no preprocessing (it was saved outside a trainer run with a data module)")
-    return ImageClassifier.load(path), checkpoint[PREPROCESSING_KEY]
+    preprocessing = saved_preprocessing(checkpoint, ("class_names", "mean", "std", "input_shape"))
+    if preprocessing is None:
+        raise ValueError(f"{path} carries no preprocessing (no image data module's state: it was saved outside a "
+                         "trainer run with a data module)")
+    return ImageClassifier.load(path), preprocessing
 
 
 def predict_images(paths: Sequence[str | Path], checkpoint: str | Path, top_k: int = 5) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bp_apps.engine.bridge import ManualMLPHead
+from bp_apps.engine.bridge import EngineMLPHead
 from bp_apps.text.labeling.records import PREDICATE_CLASSES
 from bp_apps.text.labeling.rnn import run_lstm
 
@@ -48,7 +48,7 @@ class BiLSTMTagger(nn.Module):
     an embedding of "is this the predicate", of its signed distance to the predicate (clipped to
     ``max_distance``) and the predicate's own word embedding. While training, ``word_dropout`` of
     the words are read as unknown (so the unknown-word embedding is learned for rare words).
-    ``head='manual_mlp'`` scores with the core's hand-written MLP (``head_hidden`` wide),
+    ``head='engine_mlp'`` scores with the engine's hand-written MLP (``head_hidden`` wide),
     whose backward pass is the engine's, inside this autograd model.
 
     ``predicate_pos_dim`` > 0 (SRL) adds an embedding of the predicate's coarse POS class (verb, noun,
@@ -70,8 +70,8 @@ class BiLSTMTagger(nn.Module):
                  word_dropout: float = 0.0, shared_layers: int = 0, predicate_hidden: int | None = None,
                  predicate_pos_dim: int = 0, predicate_pos_dropout: float = 0.1) -> None:
         super().__init__()
-        if head not in ("linear", "manual_mlp"):
-            raise ValueError(f"head must be 'linear' or 'manual_mlp', got {head!r}")
+        if head not in ("linear", "engine_mlp"):
+            raise ValueError(f"head must be 'linear' or 'engine_mlp' (formerly 'manual_mlp'), got {head!r}")
         if shared_layers and (predicate_dim <= 0 or not 0 < shared_layers < layers):
             raise ValueError(f"shared_layers needs predicate_dim > 0 and 0 < shared_layers < layers, got "
                              f"shared_layers={shared_layers}, layers={layers}, predicate_dim={predicate_dim}")
@@ -103,7 +103,7 @@ class BiLSTMTagger(nn.Module):
         if head == "linear":
             self.head: nn.Module = nn.Linear(2 * hidden, num_labels)
         else:
-            self.head = ManualMLPHead(2 * hidden, (head_hidden,), num_labels)
+            self.head = EngineMLPHead(2 * hidden, (head_hidden,), num_labels)
 
     def _predicate_features(self, batch: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
         """The predicate's position [B, 1], and the indicator, clipped distance and (with ``predicate_pos_dim``)

@@ -40,7 +40,7 @@ class TokenLabeler(TaskModule):
     words; ``pretrained``: ``pretrained_name``, a hub name or a local directory).
 
     The network is built once the data module's vocabulary is known (``setup``), or from the
-    checkpoint when loading. ``head='manual_mlp'`` puts the core's hand-written MLP on the BiLSTM.
+    checkpoint when loading. ``head='engine_mlp'`` puts the engine's hand-written MLP on the BiLSTM.
     ``shared_layers`` (SRL, BiLSTM): that many of the ``layers`` read each sentence once for all of
     its predicates; the rest (``predicate_hidden`` wide) read it per predicate instance.
     ``predicate_pos_dim`` > 0 (SRL, BiLSTM) embeds the predicate's coarse POS class (the data's
@@ -55,7 +55,7 @@ class TokenLabeler(TaskModule):
     def __init__(self, model: Literal["bilstm", "transformer", "pretrained"] = "bilstm", crf: bool = True,
                  word_dim: int = 100, char_dim: int = 30, char_channels: int = 50, predicate_dim: int = 16,
                  hidden: int = 200, layers: int = 2, dropout: float = 0.33, word_dropout: float = 0.0,
-                 head: Literal["linear", "manual_mlp"] = "linear", head_hidden: int = 128,
+                 head: Literal["linear", "engine_mlp"] = "linear", head_hidden: int = 128,
                  transformer_hidden: int = 256, transformer_layers: int = 4, transformer_heads: int = 4,
                  tokenizer_vocab_size: int = 8000, pretrained_name: str | None = None, max_subwords: int = 256,
                  exclude_labels: Sequence[str] = (), lr: float = 2e-3, weight_decay: float = 0.0,
@@ -69,8 +69,8 @@ class TokenLabeler(TaskModule):
             raise ValueError(f"model must be 'bilstm', 'transformer' or 'pretrained', got {model!r}")
         if model == "pretrained" and not pretrained_name:
             raise ValueError("model='pretrained' needs pretrained_name (a hub name or a local directory)")
-        if head == "manual_mlp" and model != "bilstm":
-            raise ValueError("head='manual_mlp' is available for model='bilstm' only")
+        if head == "engine_mlp" and model != "bilstm":
+            raise ValueError("head='engine_mlp' is available for model='bilstm' only")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         if lr <= 0:

@@ -1,0 +1,82 @@
+"""What a data module shares with the model it feeds, so that the model never reads ``trainer.datamodule``.
+
+- Sizes and names: a data module exposes them right after ``__init__`` (``num_classes``, ``input_shape``,
+  ``input_dim``, ``class_names``, ``lexicon_words``); ``bp-apps`` links each one (:data:`LINKED`) to the model's
+  argument of the same name. A Trainer built by hand gets no links, so :meth:`PreprocessingDataModule.check_model`
+  (called by ``setup``) refuses a model built for other sizes.
+- Preprocessing: what prediction needs to treat new inputs like this data (class names, normalisation, feature
+  settings) is the data module's ``state_dict()``. Lightning saves it in every checkpoint under the class's
+  ``__qualname__`` and hands it back to ``load_state_dict`` on resume; :func:`saved_preprocessing` finds it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any, ClassVar
+
+import lightning as L
+
+__all__ = ["CHECKED", "LINKED", "PreprocessingDataModule", "saved_preprocessing"]
+
+LINKED = ("num_classes", "input_shape", "input_dim", "class_names", "lexicon_words")
+"""Data-module attributes ``bp-apps`` passes to the model's argument of the same name. A data module has only those
+its models take: LightningCLI records a linked value in the model's saved hyperparameters even when the model has
+no such argument (the link itself is skipped), and ``--ckpt_path`` then fails on the unknown argument."""
+CHECKED = ("num_classes", "input_shape", "input_dim")
+"""The linked sizes a network is built for: a model built for other values than the data gives is refused."""
+DATAMODULE_KEY = "datamodule"
+"""The key of the state naming the data module's class (also the state's key in the checkpoint)."""
+LEGACY_KEY = "bp_apps_preprocessing"
+"""Where the models stored the preprocessing in checkpoints written before it became the data module's state."""
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples as tuples, so ``[1, 8, 8]`` from a config equals ``(1, 8, 8)``."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+class PreprocessingDataModule(L.LightningDataModule):
+    """A data module whose checkpoint state is its :meth:`preprocessing`, and which checks the attached model's
+    sizes in ``setup`` (subclasses call :meth:`check_model` first thing)."""
+
+    MUST_MATCH: ClassVar[tuple[str, ...]] = ()
+    """Preprocessing entries a resumed or tested checkpoint must share with this data: its weights learned them."""
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What prediction needs to preprocess inputs like this data (plain values: checkpoints load with
+        ``weights_only=True``)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.preprocessing(), DATAMODULE_KEY: type(self).__qualname__}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint (resumed, or tested with ``ckpt_path``) whose :data:`MUST_MATCH` entries differ
+        from this data's."""
+        current = self.preprocessing()
+        differing = [k for k in self.MUST_MATCH if k in state_dict and _plain(state_dict[k]) != _plain(current[k])]
+        if differing:
+            found = "; ".join(f"{k}: checkpoint {state_dict[k]!r}, data {current[k]!r}" for k in differing)
+            raise ValueError(f"the checkpoint was trained on data preprocessed differently ({found}); use the "
+                             "data settings it was trained with")
+
+    def check_model(self) -> None:
+        """Refuse an attached model built for other sizes (:data:`CHECKED`) than this data gives."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        hparams = getattr(model, "hparams", {})
+        for name in CHECKED:
+            if name not in hparams or not hasattr(self, name):
+                continue
+            given, built = _plain(getattr(self, name)), _plain(hparams[name])
+            if given != built:
+                raise ValueError(f"the data gives {name}={given} but the model was built for {name}={built}: "
+                                 f"build it with {name}={given} (the data module's {name}; bp-apps links it)")
+
+
+def saved_preprocessing(checkpoint: dict[str, Any], required: Collection[str]) -> dict[str, Any] | None:
+    """The preprocessing a data module saved in ``checkpoint`` (the state stored under the class name it names,
+    or the entry of a checkpoint written before that, :data:`LEGACY_KEY`) holding every ``required`` key; None
+    when there is none."""
+    states = [v for k, v in checkpoint.items() if isinstance(v, dict) and v.get(DATAMODULE_KEY) == k]
+    states.append(checkpoint.get(LEGACY_KEY))
+    return next((s for s in states if isinstance(s, dict) and set(required) <= s.keys()), None)
