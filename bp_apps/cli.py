@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib
 import json
 import os
@@ -160,39 +159,16 @@ def default_callbacks(enable_progress_bar: bool | None, given: Sequence[type]) -
 def default_loggers(root: str | Path) -> list:
     """A CSVLogger (read by ``bp-apps plot``) and, when tensorboard or tensorboardX is installed, a
     TensorBoardLogger, both writing into the same ``<root>/lightning_logs/version_N`` folder."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import CSVLogger
+
+    from bp_apps.core.internals import unique_file_tensorboard_logger
 
     csv_logger = CSVLogger(root, name="lightning_logs")
     loggers: list = [csv_logger]
     with contextlib.suppress(ModuleNotFoundError):  # neither tensorboard nor tensorboardX: CSV only
-        loggers.append(_tensorboard_logger_class(TensorBoardLogger)(
+        loggers.append(unique_file_tensorboard_logger()(
             root, name="lightning_logs", version=csv_logger.version, default_hp_metric=False))
     return loggers
-
-
-@functools.cache
-def _tensorboard_logger_class(base: type) -> type:
-    """A TensorBoardLogger whose every event file has its own name.
-
-    tensorboardX names an event file by the second and the host only and opens it with "wb", so the writer
-    reopened for the test after ``fit`` (within the same second on a fast run) would overwrite the fit's
-    curves. Each writer opened here gets a unique suffix, and a finalized writer is dropped, not reopened."""
-    import itertools
-
-    counter = itertools.count()
-
-    class UniqueFileTensorBoardLogger(base):
-        @property
-        def experiment(self):
-            if self._experiment is None:
-                self._kwargs["filename_suffix"] = f".{os.getpid()}.{next(counter)}"
-            return super().experiment
-
-        def finalize(self, status: str) -> None:
-            super().finalize(status)
-            self._experiment = None
-
-    return UniqueFileTensorBoardLogger
 
 
 def _run_plot(args: argparse.Namespace) -> int:

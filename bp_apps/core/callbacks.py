@@ -17,7 +17,18 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from bp_apps.core.io import atomic_write_text
 
-__all__ = ["BestCheckpoint", "LastCheckpoint", "MetricsJson", "best_checkpoint_callback", "task_callbacks"]
+__all__ = ["BestCheckpoint", "LastCheckpoint", "MetricsJson", "best_checkpoint_callback", "report_dir",
+           "task_callbacks"]
+
+
+def report_dir(trainer: L.Trainer) -> Path | None:
+    """The folder for a run's reports (``metrics.json``, confusion matrices, predictions): the first logger's
+    folder, or None for a run without a logger, which then writes no report (never into the current folder, where
+    Lightning's ``log_dir`` would point). Every process must call it (``log_dir`` is a broadcast under DDP)."""
+    if not trainer.loggers:
+        return None
+    log_dir = trainer.log_dir
+    return Path(log_dir) if log_dir else None
 
 
 class MetricsJson(L.Callback):
@@ -31,10 +42,8 @@ class MetricsJson(L.Callback):
     @staticmethod
     def path(trainer: L.Trainer) -> Path | None:
         """``metrics.json`` in the first logger's folder; None without a logger."""
-        if not trainer.loggers:
-            return None
-        log_dir = trainer.log_dir  # a broadcast: every process must ask, not only rank 0
-        return Path(log_dir) / "metrics.json" if log_dir else None
+        folder = report_dir(trainer)
+        return folder / "metrics.json" if folder else None
 
     @staticmethod
     def summaries(trainer: L.Trainer) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """What a data module shares with the model it feeds, so that the model never reads ``trainer.datamodule``.
 
-- Sizes and names: a data module exposes them right after ``__init__`` (``num_classes``, ``input_shape``,
-  ``input_dim``, ``class_names``, ``lexicon_words``); ``bp-apps`` links each one (:data:`LINKED`) to the model's
+- Sizes, names and files: a data module exposes them right after ``__init__`` (``num_classes``, ``input_shape``,
+  ``input_dim``, ``class_names``, ``lexicon_words``, and the paths of the vocabulary or tokenizer files it builds in
+  ``prepare_data``); ``bp-apps`` links each one (:data:`LINKED`) to the model's
   argument of the same name. A Trainer built by hand gets no links, so :meth:`PreprocessingDataModule.check_model`
   (called by ``setup``) refuses a model built for other sizes.
 - Preprocessing: what prediction needs to treat new inputs like this data (class names, normalisation, feature
@@ -18,7 +19,8 @@ import lightning as L
 
 __all__ = ["CHECKED", "LINKED", "PreprocessingDataModule", "saved_preprocessing"]
 
-LINKED = ("num_classes", "input_shape", "input_dim", "class_names", "lexicon_words")
+LINKED = ("num_classes", "input_shape", "input_dim", "class_names", "lexicon_words", "vocab_file", "tokenizer_file",
+          "max_source_tokens", "max_target_tokens")
 """Data-module attributes ``bp-apps`` passes to the model's argument of the same name. A data module has only those
 its models take: LightningCLI records a linked value in the model's saved hyperparameters even when the model has
 no such argument (the link itself is skipped), and ``--ckpt_path`` then fails on the unknown argument."""

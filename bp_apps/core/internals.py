@@ -6,7 +6,9 @@ Each piece says why no public route exists. Check them on a Lightning or torch u
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,8 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["EngineDDPStrategy", "SkippingIndexSampler", "disable_distributed_sampler", "reload_loader_states"]
+__all__ = ["EngineDDPStrategy", "SkippingIndexSampler", "disable_distributed_sampler", "reload_loader_states",
+           "unique_file_tensorboard_logger"]
 
 
 class _SkipFirst:
@@ -83,3 +86,31 @@ class EngineDDPStrategy(DDPStrategy):
 if "ddp_engine" not in StrategyRegistry:
     StrategyRegistry.register("ddp_engine", EngineDDPStrategy,
                               description="DDP that also trains the hand-written engine")
+
+
+@functools.cache
+def unique_file_tensorboard_logger() -> type:
+    """Lightning's ``TensorBoardLogger`` with a unique name for every event file it opens.
+
+    tensorboardX (the writer Lightning 2.6 uses when ``tensorboard`` is not installed) names an event file by the
+    second and the host only and opens it with "wb", so the writer reopened for the test after ``fit`` (within the
+    same second on a fast run) would overwrite the fit's curves. ``filename_suffix`` is a public writer argument,
+    but Lightning passes the one given at construction to every writer it opens; the private ``_kwargs`` and
+    ``_experiment`` are where it keeps them, so a new suffix is set before each opening and a finalized writer is
+    dropped, not reopened."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    counter = itertools.count()
+
+    class UniqueFileTensorBoardLogger(TensorBoardLogger):
+        @property
+        def experiment(self) -> Any:
+            if self._experiment is None:
+                self._kwargs["filename_suffix"] = f".{os.getpid()}.{next(counter)}"
+            return super().experiment
+
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            self._experiment = None
+
+    return UniqueFileTensorBoardLogger

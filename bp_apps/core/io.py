@@ -63,6 +63,22 @@ def utf8_lines(path: Path, error: type[ValueError] = ValueError) -> Iterator[tup
         yield lineno, text
 
 
+
+def jsonl_objects(path: Path, error: type[ValueError] = ValueError) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("path:line", object)`` for each non-blank line of a JSON Lines file (strict UTF-8); a line that is not
+    a JSON object raises ``error`` naming ``path:line``."""
+    for lineno, line in utf8_lines(path, error):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
 def data_path(name: str, data_root: str | None) -> Path:
     """``name`` under ``data_root`` (unless absolute); a ``data_root`` that is not a directory is an error."""
     path = Path(name).expanduser()

@@ -9,9 +9,10 @@ checkpoints its steps); anything else trains through autograd with the matching 
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
+from bp_apps.core.compose import plain, settings
 from bp_apps.core.distributed import EngineDDPStrategy, data_parallel_mean
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.resume import RNG_KEY, restore_training_state, save_rng_state
@@ -106,18 +108,31 @@ def check_task(checkpoint: dict[str, Any], expected: Iterable[str], source: str,
 class TaskModule(L.LightningModule):
     """The Lightning module every task subclasses.
 
-    Subclasses set ``task_name``, build ``self.net`` (engine or autograd) and pass an :class:`OptimizerConfig`.
+    Subclasses set ``task_name``, build ``self.net`` (engine or autograd) and pass their ``optim`` argument (an
+    :class:`OptimizerConfig`, a mapping of its fields over :attr:`default_optim`, or None for the defaults).
     For an engine network they implement :meth:`engine_backward` (forward, loss and hand-written backward of
-    one batch, returning the loss); for autograd ones ``training_step`` as usual."""
+    one batch, returning the loss); for autograd ones ``training_step`` as usual. ``save_hyperparameters`` keeps
+    settings groups and network classes as plain data (:func:`~bp_apps.core.compose.plain`)."""
 
     task_name: ClassVar[str] = ""
     task_title: ClassVar[str] = "a task's"  # for messages: "not a speech checkpoint"
+    default_optim: ClassVar[OptimizerConfig] = OptimizerConfig()
+    """The task's optimizer settings when a config gives none (a config's ``optim`` mapping overrides fields)."""
 
-    def __init__(self, optim: OptimizerConfig) -> None:
+    def __init__(self, optim: OptimizerConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.optim = optim
+        self.optim = settings(OptimizerConfig, optim, "optim", self.default_optim)
         self._pending_rng_state: Tensor | None = None
         self.skipped_steps = 0
+
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
+        """Lightning's, with every value made plain data (dataclass groups as dicts, network classes as
+        ``class_path``/``init_args``), so the checkpoint loads with ``weights_only=True``."""
+        frame = frame or inspect.currentframe().f_back  # type: ignore[union-attr]
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        for hparams in (self._hparams, getattr(self, "_hparams_initial", None)):
+            for key in list(hparams or ()):
+                hparams[key] = plain(hparams[key], key)
 
     @property
     def engine(self) -> bool:
@@ -261,17 +276,16 @@ class TaskModule(L.LightningModule):
         checkpoint = load_checkpoint_dict(path)
         check_task(checkpoint, cls.accepted_tasks(), str(path), cls.task_title)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
+        taken = inspect.signature(cls.__init__).parameters
+        unknown = sorted(k for k in hparams if not k.startswith("_") and k not in taken)
+        if unknown:  # Lightning would drop them silently and build another model than the one saved
+            raise ValueError(f"{path}: its hyperparameters (field 'hyper_parameters') name arguments {cls.__name__} "
+                             f"no longer takes ({', '.join(unknown)}): it was written by an earlier bp_apps; "
+                             "retrain, or load its state_dict into a model built with the current arguments")
         overrides = {**cls.load_overrides(hparams), **overrides, "_instantiator": None}
         try:
             module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
         except (KeyError, RuntimeError) as error:
             raise ValueError(f"{path}: the weights (field 'state_dict') do not fit the model: {error}") from error
         return module.eval()
-
-
-def optimizer_config_from(hparams: Any, **defaults: Any) -> OptimizerConfig:
-    """An :class:`OptimizerConfig` from a module's flat hyperparameters (``optimizer``, ``lr``, ...)."""
-    names = {"name": "optimizer", **{f: f for f in asdict(OptimizerConfig()) if f != "name"}}
-    given = {field: hparams[key] for field, key in names.items() if key in hparams}
-    return OptimizerConfig(**{**defaults, **given})
 

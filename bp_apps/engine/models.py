@@ -8,18 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bp_apps.engine.layers import (
-    GELU,
-    BatchNorm1d,
-    Dropout,
-    Layer,
-    LayerNorm,
-    LeakyReLU,
-    Linear,
-    ReLU,
-    Sigmoid,
-    Tanh,
-)
+from bp_apps.engine.layers import GELU, BatchNorm1d, Dropout, Layer, LayerNorm, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh")
 NORMS = (None, "layer", "batch")

@@ -1,0 +1,29 @@
+"""JSON Lines reading shared by the tasks' data readers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bp_apps.core.io import jsonl_objects
+
+
+class DataError(ValueError):
+    pass
+
+
+def test_jsonl_objects_yield_each_object_with_its_line_and_skip_blank_lines(tmp_path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n  \n{"b": [2]}\n')
+    assert list(jsonl_objects(path)) == [(f"{path}:1", {"a": 1}), (f"{path}:4", {"b": [2]})]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"a": 1}\n{"a": \n', r"d.jsonl:2: not valid JSON: .*column"),
+    (b'{"a": 1}\n[1, 2]\n', r"d.jsonl:2: expected a JSON object, got list"),
+    (b'{"a": "\xff"}\n', r"d.jsonl:1: invalid UTF-8"),
+])
+def test_jsonl_objects_name_the_file_and_line_of_a_bad_record(tmp_path, content, message) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        list(jsonl_objects(path, DataError))
