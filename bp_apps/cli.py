@@ -97,7 +97,8 @@ def _lightning(argv: Sequence[str]) -> int:
 
     class BpAppsCLI(LightningCLI):
         """LightningCLI that passes the model what it needs from the data, logs to CSV (and TensorBoard when
-        installed) unless the config names a logger, adds :func:`default_callbacks` to the callbacks of the config
+        installed) unless the config names a logger, writes checkpoints atomically (:func:`use_atomic_checkpoints`),
+        adds :func:`default_callbacks` to the callbacks of the config
         and command line, and, after ``fit``, tests the best checkpoint when the data has a test split."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -116,6 +117,7 @@ def _lightning(argv: Sequence[str]) -> int:
             super().instantiate_classes()
             if self.config[self.subcommand].trainer.logger in (None, True):  # the default: replace it
                 self.trainer.loggers = default_loggers(self.trainer.default_root_dir)
+            use_atomic_checkpoints(self.trainer)
 
         def after_fit(self) -> None:
             if self.trainer.interrupted or not hasattr(self.datamodule, "test_dataloader"):
@@ -128,6 +130,17 @@ def _lightning(argv: Sequence[str]) -> int:
     BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
               args=list(argv), save_config_kwargs={"overwrite": True})
     return 0
+
+
+def use_atomic_checkpoints(trainer: Any) -> None:
+    """Give the trainer's strategy :class:`~bp_apps.core.checkpoint_io.AtomicCheckpointIO` unless a config chose
+    another checkpoint plugin than Lightning's default."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from bp_apps.core.checkpoint_io import AtomicCheckpointIO
+
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def callback_classes(entries: Sequence[Any] | Any | None) -> list[type]:

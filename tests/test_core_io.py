@@ -27,3 +27,30 @@ def test_jsonl_objects_name_the_file_and_line_of_a_bad_record(tmp_path, content,
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
         list(jsonl_objects(path, DataError))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_writes_honour_the_umask(tmp_path, mask) -> None:
+    import os
+
+    from bp_apps.core.io import atomic_write_text
+
+    previous = os.umask(mask)
+    try:
+        path = atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(previous)
+    assert path.read_text() == "{}"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path) -> None:
+    from bp_apps.core.io import atomic_output
+
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_output(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bp_apps.core.io import atomic_output
 
 __all__ = ["RunLog", "find_log", "metric_group", "plot_runs", "read_run", "run_name"]
 
@@ -138,14 +138,8 @@ def metric_group(name: str) -> tuple[str, str, bool]:
 
 def _save_figure(figure, path: Path) -> None:
     """Save to a temporary name in the same folder, then rename: never a half-written PNG."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path, suffix=".png") as temporary:
         figure.savefig(temporary, dpi=110)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, metrics: Sequence[str] | None = None,
