@@ -82,7 +82,15 @@ class ResumableDataLoader(SkippingIndexSampler):
         return {"batches_served": self._served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state.get("batches_served", 0))
+        """Skip the batches the checkpoint's pass had served. A checkpoint written on a pass's last batch has
+        served them all: Lightning then resumes with the next epoch, which starts from its first batch (skipping
+        a whole pass there would silently drop an epoch)."""
+        served = int(state.get("batches_served", 0))
+        try:
+            complete = served >= len(self)
+        except TypeError:  # a sampler without a length: only a partial pass can be known
+            complete = False
+        self._skip = 0 if complete else served
 
 
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int, **kwargs: Any) -> ResumableDataLoader:
