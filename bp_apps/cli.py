@@ -90,16 +90,18 @@ def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 def _lightning(argv: Sequence[str]) -> int:
     import lightning as L
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser
 
     import bp_apps.core.distributed  # noqa: F401  (registers the `ddp_engine` strategy name)
     from bp_apps.core.datalink import LINKED
+    from bp_apps.core.internals import checkpoint_is_data_cli
 
-    class BpAppsCLI(LightningCLI):
+    class BpAppsCLI(checkpoint_is_data_cli()):
         """LightningCLI that passes the model what it needs from the data, logs to CSV (and TensorBoard when
         installed) unless the config names a logger, writes checkpoints atomically (:func:`use_atomic_checkpoints`),
-        adds :func:`default_callbacks` to the callbacks of the config
-        and command line, and, after ``fit``, tests the best checkpoint when the data has a test split."""
+        takes a ``--ckpt_path`` checkpoint as data, never as configuration (its task checked first), adds
+        :func:`default_callbacks` to the callbacks of the config and command line, and, after ``fit``, tests the
+        best checkpoint when the data has a test split."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             """Link each data-module attribute of ``LINKED`` (class count, input shape or feature size, class

@@ -68,8 +68,8 @@ def test_lightning_cli_ckpt_path_refuses_a_payload(tmp_path: Path, capsys: pytes
     path, marker = crafted_checkpoint(tmp_path, task="vision.ImageClassifier")
     argv = ["test", "--config", str(ROOT / "configs" / "vision" / "digits_mlp_engine.yaml"), f"--ckpt_path={path}",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
-    with pytest.raises(Exception, match=r"(?i)weights.only|unsupported global|not a loadable"):
-        main(argv)
+    assert main(argv) == 2
+    assert f"--ckpt_path {path}: not a loadable checkpoint" in capsys.readouterr().err
     assert not marker.exists(), "the pickled payload ran"
 
 

@@ -7,9 +7,13 @@ Each piece says why no public route exists. Check them on a Lightning or torch u
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
+import json
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,8 +21,17 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import nn
 from torch.utils.data import DataLoader
 
-__all__ = ["EngineDDPStrategy", "SkippingIndexSampler", "disable_distributed_sampler", "reload_loader_states",
-           "unique_file_tensorboard_logger"]
+from bp_apps.core.datalink import LINKED
+from bp_apps.core.io import load_checkpoint_dict
+
+__all__ = [
+    "EngineDDPStrategy",
+    "SkippingIndexSampler",
+    "checkpoint_is_data_cli",
+    "disable_distributed_sampler",
+    "reload_loader_states",
+    "unique_file_tensorboard_logger",
+]
 
 
 class _SkipFirst:
@@ -114,3 +127,53 @@ def unique_file_tensorboard_logger() -> type:
             self._experiment = None
 
     return UniqueFileTensorBoardLogger
+
+
+@functools.cache
+def checkpoint_is_data_cli() -> type:
+    """LightningCLI for which a ``--ckpt_path`` checkpoint is data, never configuration or code (see the class)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from bp_apps.core.task import check_task
+
+    class CheckpointIsDataCLI(LightningCLI):
+        """LightningCLI for which a ``--ckpt_path`` checkpoint is data, never configuration or code.
+
+        Lightning 2.6's private ``_parse_ckpt_path`` (there is no public switch) merges the checkpoint's
+        ``hyper_parameters``, ``_class_path`` included, over the parsed config before anything is built: the
+        checkpoint's values silently beat the user's config and command line, a checkpoint of another task is half
+        restored before failing, and a crafted class path makes jsonargparse import any module. Here the file is read
+        with ``weights_only=True`` (a damaged or payload-carrying file is refused, naming it), its task is checked
+        against the configured model class before anything is restored, and hyperparameters that differ from the
+        config's are reported; the config stays as the user gave it."""
+
+        def _parse_ckpt_path(self) -> None:
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return  # "last", "best", ... or a missing file: Lightning's own handling and message
+            source = f"--ckpt_path {ckpt_path}"
+            try:
+                checkpoint = load_checkpoint_dict(ckpt_path)
+            except ValueError as error:  # its message starts with the path
+                raise ValueError(f"--ckpt_path {error}") from None
+            model = self.config[subcommand].get("model")
+            class_path = getattr(model, "class_path", None)
+            model_class = None
+            if class_path:
+                module_name, _, name = class_path.rpartition(".")
+                model_class = getattr(importlib.import_module(module_name), name, None)  # the user's config names it
+            accepted = getattr(model_class, "accepted_tasks", None)
+            if callable(accepted):
+                check_task(checkpoint, accepted(), source, getattr(model_class, "task_title", "a task's"))
+            saved = checkpoint.get("hyper_parameters") or {}
+            given = model.init_args.as_dict() if getattr(model, "init_args", None) is not None else {}
+            compared = saved.keys() & given.keys() - set(LINKED)  # linked values come from the data, not the config
+            differing = sorted(k for k in compared if not k.startswith("_")
+                               and json.dumps(saved[k], sort_keys=True, default=str)
+                               != json.dumps(given[k], sort_keys=True, default=str))
+            if differing:
+                print(f"{source}: the checkpoint was trained with other values of {', '.join(differing)}; the config's "
+                      "and command line's are used (Lightning would have taken the checkpoint's)", file=sys.stderr)
+
+    return CheckpointIsDataCLI
