@@ -12,8 +12,9 @@ Usage:
 Records ``start`` to ``start + limit`` are used, so the rest of the file can stay untouched for the report. The
 data file needs ``id``, ``source``, ``target`` and ``references`` fields (as AESLC validation has). Prints a
 table (best mean-over-references ROUGE-1 first) and, with ``--json``, writes the figures there (atomically).
-The chosen setting belongs in the config (``model.length_penalty``, ``model.min_new_tokens``, ``model.mbr_samples``
-...). A setting not given keeps the checkpoint's own value; ``--mbr-samples 0`` is beam search alone.
+The chosen setting belongs in the config's ``model.init_args.generation`` group (``length_penalty``,
+``min_new_tokens``, ``mbr_samples`` ...). A setting not given keeps the checkpoint's own value; ``--mbr-samples 0``
+is beam search alone.
 """
 
 from __future__ import annotations
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{args.ckpt}: {error}") from None
     sources = [r["source"] for r in records]
-    grid = [getattr(args, name) or [module.hparams[name]] for name in GRID]  # unset: the checkpoint's own setting
+    grid = [getattr(args, name) or [getattr(module.generation, name)] for name in GRID]  # unset: the checkpoint's
     rows = []
     for values in itertools.product(*grid):
         setting = dict(zip(GRID, values, strict=True))
-        if setting["min_new_tokens"] > module.hparams.max_new_tokens:
+        if setting["min_new_tokens"] > module.generation.max_new_tokens:
             raise SystemExit(f"--min-new-tokens {setting['min_new_tokens']} exceeds the model's max_new_tokens "
-                             f"{module.hparams.max_new_tokens}")
+                             f"{module.generation.max_new_tokens}")
         predictions = summarize(module, sources, batch_size=args.batch_size, **setting)
         words = sum(len(p.split()) for p in predictions) / len(predictions)
         rows.append({**setting, "mean_words": round(words, 3), "scores": score(predictions, records)})

@@ -127,16 +127,16 @@ def missing(root: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ the matrix
 
-SRL = ("text/srl_propbank_ewt", ["--model.hidden=16", "--model.word_dim=16", "--model.char_channels=4"])
-MAIL = ("text/summarize_aeslc", ["--model.d_model=16", "--model.ff=32", "--model.layers=1",
+SRL = ("text/srl_propbank_ewt", ["--model.net.hidden=16", "--model.net.word_dim=16", "--model.net.char_channels=4"])
+MAIL = ("text/summarize_aeslc", ["--model.net.d_model=16", "--model.net.ff=32", "--model.net.layers=1",
                                  "--data.tokenizer_vocab_size=120"])
-FOLDER = ("vision/imagefolder", ["--data.image_size=16", "--data.batch_size=4", "--model.width=4",
-                                 "--model.hidden=[8]"])
-MNIST = ("vision/mnist_mlp", [])
-FSDD = ("speech/fsdd_digits", ["--model.hidden=8", "--data.batch_size=4"])
-MANIFEST = ("speech/manifest_ctc", ["--model.hidden=8", "--model.layers=1", "--model.beam_size=0",
-                                    "--data.sample_rate=8000", "--data.n_mels=16", "--data.max_seconds=2",
-                                    "--data.batch_size=4"])
+FOLDER = ("vision/imagefolder", ["--data.image_size=16", "--data.batch_size=4", "--model.net.init_args.width=4",
+                                 "--model.net.init_args.hidden=[8]"])
+MNIST = ("vision/mnist_mlp", ["--data.download=false"])  # never the network in tests (missing files are fetched)
+FSDD = ("speech/fsdd_digits", ["--model.net.init_args.hidden=8", "--data.batch_size=4"])
+MANIFEST = ("speech/manifest_ctc", ["--model.net.init_args.hidden=8", "--model.net.init_args.layers=1",
+                                    "--model.decoding.beam_size=0", "--data.features.sample_rate=8000",
+                                    "--data.features.n_mels=16", "--data.max_seconds=2", "--data.batch_size=4"])
 
 CASES: dict[str, tuple[tuple[str, list[str]], Callable[[Path], Path] | None, list[str], str]] = {
     # name: ((config, small settings), data builder (returns the data root), more options, expected message)
@@ -150,7 +150,7 @@ CASES: dict[str, tuple[tuple[str, list[str]], Callable[[Path], Path] | None, lis
     "labeling/unknown_tag": (SRL, labeling_data(GOOD_SRL, [srl_record("a b", "B-ARG9 B-V", 1)]), [],
                              r"validation\.jsonl.*:1: .*ARG9"),
     "labeling/missing_root": (SRL, missing, [], r"no_such_folder"),
-    "labeling/invalid_setting": (SRL, labeling_data(GOOD_SRL), ["--model.lr=-1"], r"lr must be positive"),
+    "labeling/invalid_setting": (SRL, labeling_data(GOOD_SRL), ["--model.optim.lr=-1"], r"lr must be positive"),
     "summarization/missing_field": (MAIL, summarization_data([GOOD_PAIRS[0], json.dumps({"source": "no target"})]),
                                     [], r"train\.jsonl.*:2: .*target"),
     "summarization/invalid_utf8": (MAIL, summarization_data([GOOD_PAIRS[0], b'{"source": "\xff", "target": "x"}']),

@@ -5,6 +5,7 @@ no module picks its own callbacks."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ import yaml
 from bp_apps.cli import main
 from bp_apps.core.callbacks import BestCheckpoint, LastCheckpoint, MetricsJson, task_callbacks
 from bp_apps.vision.data import DigitsImageDataModule
+from bp_apps.vision.models import EngineImageMLP
 from bp_apps.vision.task import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +76,7 @@ def test_last_checkpoint_is_current_after_an_epoch_without_a_new_best(tmp_path: 
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", default_root_dir=tmp_path, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
                         limit_val_batches=1, callbacks=[best, last])
-    trainer.fit(ImageClassifier(model="mlp", input_shape=(1, 8, 8), hidden=(8,), backend="engine"),
+    trainer.fit(ImageClassifier(partial(EngineImageMLP, hidden=(8,)), input_shape=(1, 8, 8)),
                 datamodule=DigitsImageDataModule())
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]

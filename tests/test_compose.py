@@ -45,7 +45,7 @@ def test_plain_writes_dataclasses_and_network_classes_as_data() -> None:
 
 
 def test_plain_refuses_a_callable_it_cannot_write_down() -> None:
-    with pytest.raises(ValueError, match="net: give a class or functools.partial"):
+    with pytest.raises(ValueError, match=r"net: give a class or functools.partial"):
         plain(lambda n: TinyNet(n, 2), "net")
 
 
@@ -57,7 +57,7 @@ def test_network_factory_rebuilds_a_saved_class_from_trusted_modules_only() -> N
         network_factory({"class_path": "os.system"}, "net")
     with pytest.raises(ValueError, match="does not exist"):
         network_factory({"class_path": "torch.nn.NoSuchLayer"}, "net")
-    with pytest.raises(ValueError, match="not a torch.nn.Module class"):
+    with pytest.raises(ValueError, match=r"not a torch.nn.Module class"):
         network_factory({"class_path": "torch.nn.functional.relu"}, "net")
     with pytest.raises(ValueError, match="needs 'class_path'"):
         network_factory({"init_args": {}}, "model.net")
@@ -68,11 +68,11 @@ def test_settings_merge_a_mapping_over_the_task_defaults_and_validate() -> None:
     default = Decoding(beams=4)
     assert settings(Decoding, None, "generation", default) is default
     assert settings(Decoding, {"length_penalty": 2.0}, "generation", default) == Decoding(4, 2.0)
-    with pytest.raises(ValueError, match="generation: unknown setting.*beam_width"):
+    with pytest.raises(ValueError, match=r"generation: unknown setting.*beam_width"):
         settings(Decoding, {"beam_width": 3}, "generation", default)
     with pytest.raises(ValueError, match="beams must be >= 1"):
         settings(Decoding, {"beams": 0}, "generation", default)
-    with pytest.raises(ValueError, match="optim: .*lr must be positive|lr must be positive"):
+    with pytest.raises(ValueError, match=r"optim: .*lr must be positive|lr must be positive"):
         settings(OptimizerConfig, {"lr": -1.0}, "optim")
 
 
@@ -114,5 +114,5 @@ def test_a_checkpoint_with_arguments_this_version_does_not_take_is_refused_clear
                   "bp_apps_task": TinyTask.task_name, "pytorch-lightning_version": "2.6.0"}
     path = tmp_path / "old.ckpt"
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match="old.ckpt: its hyperparameters .* TinyTask no longer takes \\(lr\\)"):
+    with pytest.raises(ValueError, match=r"old.ckpt: its hyperparameters .* TinyTask no longer takes \(lr\)"):
         TinyTask.load(path)

@@ -9,12 +9,14 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from bp_apps.cli import main
+from bp_apps.vision.models import EngineImageMLP, ImageMLP
 from bp_apps.vision.task import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,16 +27,19 @@ DDP = ["--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs
 ENGINE = {"vision_engine"}  # tasks whose network trains by the hand-written engine: strategy ddp_engine
 TASKS = {  # name -> (config, tiny settings, the validation metric to compare)
     "vision_engine": ("vision/digits_mlp_engine", [], "val_acc"),
-    "labeling": ("text/label_punct_embedded", ["--data.max_docstrings=150", "--model.hidden=16",
-                                              "--model.word_dim=16", "--model.char_channels=8"], "val_f1"),
+    "labeling": ("text/label_punct_embedded", ["--data.max_docstrings=150", "--model.net.hidden=16",
+                                              "--model.net.word_dim=16", "--model.net.char_channels=8"], "val_f1"),
     "summarization": ("text/summarize_embedded", ["--data.max_pairs=120", "--data.tokenizer_vocab_size=300",
-                                                  "--model.d_model=32", "--model.ff=64", "--model.layers=1",
-                                                  "--model.max_new_tokens=4", "--model.val_generate_limit=16"],
+                                                  "--model.net.d_model=32", "--model.net.ff=64", "--model.net.layers=1",
+                                                  "--model.generation.max_new_tokens=4",
+                                                  "--model.val_generate_limit=16"],
                       "val_loss"),
-    "speech_classifier": ("speech/fsdd_digits", ["--data.limit_per_split=40", "--model.hidden=16"], "val_acc"),
+    "speech_classifier": ("speech/fsdd_digits", ["--data.limit_per_split=40", "--model.net.init_args.hidden=16"],
+                          "val_acc"),
     "speech_ctc": ("speech/fsdd_connected_ctc", ["--data.train_utterances=16", "--data.val_utterances=6",
                                                  "--data.test_utterances=4", "--data.batch_size=4",
-                                                 "--model.hidden=16", "--model.beam_size=0"], "val_loss"),
+                                                 "--model.net.init_args.hidden=16",
+                                                 "--model.decoding.beam_size=0"], "val_loss"),
 }
 
 
@@ -87,8 +92,9 @@ class SaveWeights(L.Callback):
                    Path(sys.argv[2]) / f"rank{trainer.global_rank}.pt")
 
 L.seed_everything(0)
-model = ImageClassifier(model="mlp", input_shape=(1, 8, 8), hidden=(32,), dropout=0.0, backend=sys.argv[1],
-                        optimizer="adam", lr=1e-2, weight_decay=0.0, scheduler="constant")
+net = {"class_path": f"bp_apps.vision.models.{sys.argv[1]}", "init_args": {"hidden": [32], "dropout": 0.0}}
+model = ImageClassifier(net, input_shape=(1, 8, 8),
+                        optim={"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "scheduler": "constant"})
 trainer = L.Trainer(strategy="ddp_engine", devices=2, accelerator="cpu", max_epochs=1, limit_train_batches=6,
                     limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[SaveWeights()])
@@ -101,12 +107,13 @@ trainer.fit(model, datamodule=DigitsImageDataModule(batch_size=32))
 def test_both_backends_keep_the_two_processes_in_sync(backend: str, tmp_path: Path) -> None:
     script = tmp_path / "sync.py"
     script.write_text(SYNC_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), backend, str(tmp_path)], capture_output=True, text=True,
+    net = {"engine": EngineImageMLP, "autograd": ImageMLP}[backend]
+    result = subprocess.run([sys.executable, str(script), net.__name__, str(tmp_path)], capture_output=True, text=True,
                             timeout=300, env=child_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    initial = [p.detach() for p in ImageClassifier(model="mlp", input_shape=(1, 8, 8), hidden=(32,), dropout=0.0,
-                                                   backend=backend).net.parameters()]
+    initial = [p.detach() for p in ImageClassifier(partial(net, hidden=(32,), dropout=0.0),
+                                                   input_shape=(1, 8, 8)).net.parameters()]
     assert not all(torch.equal(a, b) for a, b in zip(rank0, initial, strict=True)), "it trained"
     # Each process saw different batches; only averaged gradients keep their weights identical.
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(rank0, rank1, strict=True))

@@ -29,6 +29,12 @@ from bp_apps.text.labeling.punctuation import PUNCT_TAGS
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, make_sentence
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vocabulary files the data modules build go to a temporary cache, not the user's."""
+    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path / "cache"))
+
+
 def sent(tokens: list[str], tags: list[str] | None = None, predicate: int | None = None) -> TaggedSentence:
     return make_sentence(tokens, tags, predicate)
 
@@ -404,7 +410,8 @@ def test_max_train_tokens_drops_long_training_sentences_with_a_warning(tmp_path:
 
 def test_all_training_sentences_too_long_is_an_error(tmp_path: Path) -> None:
     dm = module(tmp_path, val=[rec(["a"], ["O"])], max_train_tokens=2)
-    with pytest.warns(UserWarning, match="left out 3"), pytest.raises(LabelingDataError, match="no training"):
+    with pytest.raises(LabelingDataError, match=re.escape("no training sentences left (left out 3 training sentences "
+                                                          "longer than max_train_tokens=2)")):
         dm.setup()
 
 
@@ -506,23 +513,70 @@ def test_has_predicates(tmp_path: Path) -> None:
     assert srl.has_predicates
 
 
-def test_state_dict_carries_the_vocab(tmp_path: Path) -> None:
+def test_state_dict_carries_the_vocab_and_refuses_another(tmp_path: Path) -> None:
     dm = module(tmp_path, val=[rec(["cat"], ["O"])], min_word_freq=1)
-    assert dm.state_dict() == {}
+    assert dm.state_dict() == {"datamodule": "LabelingDataModule"}  # nothing read yet
     dm.setup()
     assert dm.vocab is not None
     state = dm.state_dict()
-    assert state == {"vocab": dm.vocab.to_dict()}
+    assert state == {"vocab": dm.vocab.to_dict(), "has_predicates": False, "datamodule": "LabelingDataModule"}
     json.dumps(state)  # plain lists: no pickle needed
 
+    same = module(tmp_path, val=[rec(["cat"], ["O"])], min_word_freq=1)
+    same.setup()
+    same.load_state_dict(state)  # the same vocabulary: accepted
     other = module(tmp_path, val=[rec(["cat"], ["O"])], min_word_freq=2)
-    other.load_state_dict({})
-    assert other.vocab is None
-    other.load_state_dict(state)
-    assert other.vocab == dm.vocab
     other.setup()
-    assert other.vocab == dm.vocab  # the loaded vocabulary is kept, not rebuilt with min_word_freq=2
-    assert other.vocab.words == [PAD, UNK, "cat", "ran", "the", "a", "dog", "sat"]
+    with pytest.raises(ValueError, match="another vocabulary or label set"):
+        other.load_state_dict(state)
+
+
+def test_the_vocabulary_file_is_named_by_the_settings_and_rebuilt_when_the_data_changes(tmp_path: Path) -> None:
+    dm = module(tmp_path, val=[rec(["cat"], ["O"])], min_word_freq=1)
+    path = Path(dm.vocab_file)
+    assert path.parent == tmp_path / "cache" / "labeling" and not path.exists()  # named before anything is read
+    assert module(tmp_path, val=[rec(["cat"], ["O"])], min_word_freq=1).vocab_file == str(path)
+    assert module(tmp_path, val=[rec(["cat"], ["O"])], min_word_freq=2).vocab_file != str(path)
+    assert LabelingDataModule(str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), batch_size=7,
+                              min_word_freq=1).vocab_file == str(path)  # batching does not shape the vocabulary
+    dm.prepare_data()
+    first = json.loads(path.read_text())
+    assert first["words"] == [PAD, UNK, "cat", "ran", "the", "a", "dog", "sat"] and first["has_predicates"] is False
+    stamp = path.stat().st_mtime_ns
+    dm.prepare_data()  # current: left alone
+    assert path.stat().st_mtime_ns == stamp
+    write_jsonl(tmp_path / "train.jsonl", [*TRAIN, rec(["zebra"], ["B-Z"], 0)])  # new training data: rebuilt
+    dm.prepare_data()
+    second = json.loads(path.read_text())
+    assert "zebra" in second["words"] and "B-Z" in second["labels"] and second["has_predicates"] is True
+    path.write_text("{not json")  # a damaged file: rebuilt too
+    dm.prepare_data()
+    assert json.loads(path.read_text())["words"] == second["words"]
+    assert not list(path.parent.glob("*.tmp"))  # written atomically
+
+
+def test_the_tokenizer_file_is_built_only_when_asked(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    assert module(tmp_path, val=[rec(["cat"], ["O"])]).tokenizer_file is None
+    dm = module(tmp_path, val=[rec(["cat"], ["O"])], tokenizer_vocab_size=40)
+    path = Path(dm.tokenizer_file)
+    assert path.parent == tmp_path / "cache" / "labeling" and not path.exists()
+    dm.prepare_data()
+    tokenizer = Tokenizer.from_file(str(path))  # a plain `tokenizers` file
+    assert tokenizer.encode("the cat").tokens == ["[CLS]", "the", "cat", "[SEP]"]
+    with pytest.raises(ValueError, match="tokenizer_vocab_size must be >= 16"):
+        module(tmp_path, val=[rec(["cat"], ["O"])], tokenizer_vocab_size=4)
+
+
+def test_a_missing_vocabulary_file_is_named(tmp_path: Path) -> None:
+    from bp_apps.text.labeling.data import read_vocab_file
+
+    with pytest.raises(FileNotFoundError, match="builds it in prepare_data"):
+        read_vocab_file(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text('{"words": []}')
+    with pytest.raises(ValueError, match=r"bad\.json: not a labeling vocabulary file"):
+        read_vocab_file(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -14,7 +14,15 @@ from bp_apps.text.labeling.data import LabelingVocab, collate_sentences
 from bp_apps.text.labeling.formats import read_jsonl
 from bp_apps.text.labeling.models import BiLSTMTagger
 from bp_apps.text.labeling.records import LabelingDataError, make_sentence, predicate_class
-from bp_apps.text.labeling.task import TokenLabeler, label_text, load_labeler
+from bp_apps.text.labeling.task import label_text, load_labeler
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory):
+    """The vocabulary files the data modules build go to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BP_APPS_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def pos_dependent_srl(n: int, seed: int) -> list[dict]:
@@ -60,9 +68,9 @@ def test_tagger_embeds_the_class_and_drops_it_to_unknown_while_training() -> Non
                  for r in pos_dependent_srl(2, 1)]
     vocab = LabelingVocab.build(sentences, min_word_freq=1)
     with pytest.raises(ValueError, match="predicate_pos_dim needs predicate_dim > 0"):
-        BiLSTMTagger(len(vocab.words), len(vocab.chars), 3, predicate_dim=0, predicate_pos_dim=4)
-    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), 3, word_dim=8, char_channels=4, predicate_dim=4, hidden=8,
-                       layers=2, shared_layers=1, dropout=0.0, predicate_pos_dim=4, predicate_pos_dropout=1.0)
+        BiLSTMTagger(len(vocab.words), len(vocab.chars), 3, True, predicate_dim=0, predicate_pos_dim=4)
+    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), 3, True, word_dim=8, char_channels=4, predicate_dim=4,
+                       hidden=8, layers=2, shared_layers=1, dropout=0.0, predicate_pos_dim=4, predicate_pos_dropout=1.0)
     batch = collate_sentences(sentences, vocab)
     unknown = {**batch, "predicate_class": torch.zeros_like(batch["predicate_class"])}
     net.eval()
@@ -79,7 +87,7 @@ def test_task_learns_roles_only_the_pos_separates(tmp_path: Path, capsys: pytest
     files = (write_jsonl(tmp_path / "train.jsonl", pos_dependent_srl(400, 0)),
              write_jsonl(tmp_path / "val.jsonl", pos_dependent_srl(80, 1)))
     with pytest.raises(ValueError, match="predicate_pos_dim must be >= 0"):
-        TokenLabeler(predicate_pos_dim=-1)
+        BiLSTMTagger(10, 10, 3, True, predicate_pos_dim=-1)
     trainer = fit_small(tmp_path, files, epochs=10, predicate_pos_dim=4)[1]
     assert trainer.callback_metrics["val_f1"] > 0.9
     ckpt = trainer.checkpoint_callback.best_model_path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +16,7 @@ from bp_apps.core.callbacks import task_callbacks
 from bp_apps.text.labeling import models
 from bp_apps.text.labeling.data import LabelingDataModule, LabelingVocab, collate_sentences
 from bp_apps.text.labeling.formats import read_jsonl
-from bp_apps.text.labeling.models import BiLSTMTagger
+from bp_apps.text.labeling.models import BiLSTMTagger, PretrainedTagger, TransformerTagger
 from bp_apps.text.labeling.records import make_sentence
 from bp_apps.text.labeling.rnn import run_lstm
 from bp_apps.text.labeling.task import (
@@ -30,6 +31,14 @@ from bp_apps.text.labeling.task import (
 
 WORDS = ["the", "a", "cat", "dog", "man", "woman", "saw", "took", "gave", "ball", "book", "park", "in", "on",
          "quickly", "later", "big", "red"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory):
+    """The vocabulary files the data modules build go to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BP_APPS_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def synthetic_srl(n: int, seed: int) -> list[dict]:
@@ -73,12 +82,21 @@ def last_checkpoint(trainer: L.Trainer) -> Path:
     return Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
 
 
-def fit_small(root: Path, files: tuple[Path, Path], epochs: int = 12, **model_args) -> tuple[TokenLabeler, L.Trainer]:
+SMALL_BILSTM = {"word_dim": 16, "char_channels": 8, "char_dim": 8, "predicate_dim": 8, "hidden": 32, "layers": 1,
+                "dropout": 0.0}
+
+
+def fit_small(root: Path, files: tuple[Path, Path], epochs: int = 12, net: type = BiLSTMTagger,
+              data_args: dict | None = None, **settings) -> tuple[TokenLabeler, L.Trainer]:
+    """Fit a small tagger by hand (no CLI links): the model gets the data module's files itself. ``settings`` are
+    the network's (over :data:`SMALL_BILSTM` for the BiLSTM), ``crf``, or ``optim`` fields."""
     L.seed_everything(0, verbose=False)
-    data = LabelingDataModule(str(files[0]), str(files[1]), batch_size=16, min_word_freq=1)
-    args = {"word_dim": 16, "char_channels": 8, "char_dim": 8, "predicate_dim": 8, "hidden": 32, "layers": 1,
-            "dropout": 0.0, "exclude_labels": ["V"], "lr": 0.01, "warmup_fraction": 0.0, **model_args}
-    model = TokenLabeler(**args)
+    data = LabelingDataModule(str(files[0]), str(files[1]), batch_size=16, min_word_freq=1, **(data_args or {}))
+    optim = {"lr": 0.01, "warmup_fraction": 0.0, **settings.pop("optim", {})}
+    crf = settings.pop("crf", True)
+    net_args = {**(SMALL_BILSTM if net is BiLSTMTagger else {}), **settings}
+    model = TokenLabeler(net=partial(net, **net_args), crf=crf, optim=optim, exclude_labels=["V"],
+                         vocab_file=data.vocab_file, tokenizer_file=data.tokenizer_file)
     trainer = small_trainer(root, epochs)
     trainer.fit(model, datamodule=data)
     return model, trainer
@@ -175,7 +193,7 @@ def test_engine_mlp_head_passes_gradients_to_the_lstm() -> None:
     torch.manual_seed(0)
     sentences = [make_sentence(r["tokens"], r["tags"], r["predicate"]) for r in synthetic_srl(8, 0)]
     vocab = LabelingVocab.build(sentences, min_word_freq=1)
-    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), word_dim=8, char_channels=4,
+    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), True, word_dim=8, char_channels=4,
                        predicate_dim=4, hidden=8, layers=1, head="engine_mlp", head_hidden=16)
     batch = collate_sentences(sentences, vocab)
     scores = net(batch)
@@ -195,7 +213,7 @@ def test_shared_layers_read_each_sentence_once_and_match_per_instance_scores(mon
     sentences = [make_sentence(records[k]["tokens"], None, p) for k, p in picks]
     vocab = LabelingVocab.build([make_sentence(r["tokens"], r["tags"], r["predicate"]) for r in records],
                                 min_word_freq=1)
-    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), word_dim=8, char_channels=4,
+    net = BiLSTMTagger(len(vocab.words), len(vocab.chars), len(vocab.labels), True, word_dim=8, char_channels=4,
                        predicate_dim=4, hidden=8, layers=3, shared_layers=2, predicate_hidden=6, dropout=0.0).eval()
     seen: list[int] = []
 
@@ -220,7 +238,22 @@ def test_shared_layers_read_each_sentence_once_and_match_per_instance_scores(mon
 @pytest.mark.parametrize(("layers", "shared", "predicate_dim"), [(2, 2, 4), (2, -1, 4), (2, 1, 0)])
 def test_shared_layers_validation(layers: int, shared: int, predicate_dim: int) -> None:
     with pytest.raises(ValueError, match="shared_layers needs"):
-        BiLSTMTagger(10, 10, 3, predicate_dim=predicate_dim, layers=layers, shared_layers=shared)
+        BiLSTMTagger(10, 10, 3, True, predicate_dim=predicate_dim, layers=layers, shared_layers=shared)
+
+
+def test_without_predicates_the_predicate_settings_are_not_used() -> None:
+    net = BiLSTMTagger(10, 10, 3, False, predicate_dim=8, predicate_pos_dim=4, layers=2, shared_layers=1)
+    assert net.predicate_embed is None and net.predicate_pos_embed is None and net.shared_layers == 0
+    assert net.lstm.input_size == 100 + 50  # words and characters only
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"hidden": 0}, "hidden must be >= 1, got 0"),
+                                                 ({"dropout": 1.5}, r"dropout must be in \[0, 1\], got 1.5"),
+                                                 ({"head": "mlp"}, "head must be 'linear' or 'engine_mlp'"),
+                                                 ({"predicate_pos_dim": -1}, "predicate_pos_dim must be >= 0")])
+def test_bilstm_settings_are_checked(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BiLSTMTagger(10, 10, 3, True, **kwargs)
 
 
 def test_shared_layers_train_in_the_task_and_reload(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
@@ -237,10 +270,16 @@ def test_engine_mlp_head_trains_in_the_task(tmp_path: Path, srl_files: tuple[Pat
     assert trainer.callback_metrics["val_f1"] > 0.9
 
 
-def test_transformer_from_config_trains_and_reloads(tmp_path: Path, srl_files: tuple[Path, Path]) -> None:
-    model, trainer = fit_small(tmp_path, srl_files, epochs=8, model="transformer", transformer_hidden=32,
-                               transformer_layers=1, transformer_heads=2, tokenizer_vocab_size=200, lr=0.003)
+def test_transformer_from_config_trains_and_reloads(tmp_path: Path, srl_files: tuple[Path, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path / "cache"))
+    model, trainer = fit_small(tmp_path, srl_files, epochs=8, net=TransformerTagger, hidden=32, layers=1, heads=2,
+                               optim={"lr": 0.003}, data_args={"tokenizer_vocab_size": 200})
     assert trainer.callback_metrics["val_f1"] > 0.5
+    tokenizer_file = Path(trainer.datamodule.tokenizer_file)
+    assert tokenizer_file.parent == tmp_path / "cache" / "labeling" and tokenizer_file.is_file()
+    assert model.hparams.tokenizer_file == str(tokenizer_file)
+    tokenizer_file.unlink()  # the checkpoint carries the tokenizer
     loaded = load_labeler(last_checkpoint(trainer))
     sentences = [make_sentence(r["tokens"], predicate=r["predicate"]) for r in synthetic_srl(10, 5)]
     assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
@@ -265,8 +304,7 @@ def test_pretrained_encoder_from_a_local_directory(tmp_path: Path, srl_files: tu
     directory = tmp_path / "tiny-bert"
     encoder.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    model, trainer = fit_small(tmp_path / "run", srl_files, epochs=1, model="pretrained",
-                               pretrained_name=str(directory))
+    model, trainer = fit_small(tmp_path / "run", srl_files, epochs=1, net=PretrainedTagger, name=str(directory))
     assert model.net.model.config.num_labels == len(model.vocab.labels)
     shutil.rmtree(directory)
     loaded = load_labeler(last_checkpoint(trainer))
@@ -274,11 +312,60 @@ def test_pretrained_encoder_from_a_local_directory(tmp_path: Path, srl_files: tu
     assert label_sentences(loaded, sentences) == label_sentences(model.eval(), sentences)
 
 
-def test_pretrained_needs_a_name() -> None:
-    with pytest.raises(ValueError, match="pretrained_name"):
-        TokenLabeler(model="pretrained")
-    with pytest.raises(ValueError, match="engine_mlp"):
-        TokenLabeler(model="transformer", head="engine_mlp")
+def test_taggers_say_what_they_need() -> None:
+    with pytest.raises(ValueError, match="PretrainedTagger needs name"):
+        PretrainedTagger(10, 10, 3, False)
+    with pytest.raises(ValueError, match=r"needs the sub-word tokenizer.*tokenizer_vocab_size"):
+        TransformerTagger(10, 10, 3, False)
+    with pytest.raises(TypeError, match="head"):  # the engine MLP head is a BiLSTM setting
+        TransformerTagger(10, 10, 3, False, head="engine_mlp")
+
+
+def test_labeler_settings_are_checked_and_the_network_is_built_from_the_vocabulary_file(
+        tmp_path: Path, srl_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="lr must be positive"):
+        TokenLabeler(optim={"lr": -1.0})
+    with pytest.raises(ValueError, match="optim: unknown setting"):
+        TokenLabeler(optim={"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="label_smoothing applies to the per-token cross-entropy"):
+        TokenLabeler(label_smoothing=0.1)
+    defaults = TokenLabeler(optim={"lr": 0.01}).optim  # a mapping overrides the labeler's defaults field by field
+    assert (defaults.lr, defaults.scheduler, defaults.warmup_fraction, defaults.max_grad_norm) == (0.01, "cosine",
+                                                                                                  0.05, 5.0)
+    with pytest.raises(ValueError, match="needs vocab_file"):
+        TokenLabeler().setup("fit")
+
+    data = LabelingDataModule(str(srl_files[0]), str(srl_files[1]), min_word_freq=1)
+    assert data.tokenizer_file is None and not Path(data.vocab_file).exists()  # nothing is read in __init__
+    data.prepare_data()
+    content = json.loads(Path(data.vocab_file).read_text())
+    assert content["has_predicates"] is True and "B-ARG0" in content["labels"]
+    model = TokenLabeler(net=partial(BiLSTMTagger, hidden=8, layers=1), vocab_file=data.vocab_file)
+    model.setup("fit")
+    assert model.net.word_embed.num_embeddings == len(content["words"]) and model.net.predicate_embed is not None
+    assert list(model.crf.labels) == content["labels"]
+    with pytest.raises(ValueError, match="takes no tokenizer"):
+        TokenLabeler(vocab_file=data.vocab_file, tokenizer_file=str(srl_files[0])).setup("fit")
+
+
+def test_the_data_refuses_a_model_of_another_vocabulary(tmp_path: Path, srl_files: tuple[Path, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path))
+    data = LabelingDataModule(str(srl_files[0]), str(srl_files[1]), min_word_freq=1)
+    other = LabelingDataModule(str(srl_files[0]), str(srl_files[1]), min_word_freq=1, max_words=5)
+    other.prepare_data()
+    model = TokenLabeler(vocab_file=other.vocab_file)
+    data.trainer = SimpleNamespace(lightning_module=model)
+    with pytest.raises(ValueError, match=r"built for another vocabulary.*vocab_file="):
+        data.setup("fit")
+    model.setup("fit")  # built: its vocabulary is compared
+    with pytest.raises(ValueError, match="built for another vocabulary"):
+        data.setup("fit")
+    data.trainer = SimpleNamespace(lightning_module=TokenLabeler(vocab_file=data.vocab_file))
+    data.setup("fit")
 
 
 def test_spans_tokenizer_and_predicate_lookup() -> None:

@@ -2,6 +2,7 @@
 autograd, and resume exactly."""
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +14,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from bp_apps.engine import NonFiniteError
 from bp_apps.engine import Optimizer as EngineOptimizer
 from bp_apps.vision.data import DigitsImageDataModule
+from bp_apps.vision.models import EngineImageMLP, ImageMLP
 from bp_apps.vision.task import ImageClassifier
 
 HIDDEN = (64, 64)
 
 
-def mlp(**kwargs: Any) -> ImageClassifier:
-    """The digits MLP, engine backend unless told otherwise; no dropout, Adam at a constant rate unless told."""
-    options = {"model": "mlp", "input_shape": (1, 8, 8), "backend": "engine", "dropout": 0.0, "optimizer": "adam",
-               "weight_decay": 0.0, "scheduler": "constant"}
-    return ImageClassifier(**{**options, **kwargs})
+def mlp(backend: str = "engine", hidden: tuple[int, ...] = (128,), dropout: float = 0.0, norm: str | None = None,
+        seed: int = 0, label_smoothing: float = 0.0, **optim: Any) -> ImageClassifier:
+    """The digits MLP, the engine's unless ``backend`` is autograd (its torch.nn twin); no dropout, Adam at a
+    constant rate without weight decay unless ``optim`` says otherwise."""
+    net = partial(EngineImageMLP if backend == "engine" else ImageMLP, hidden=hidden, dropout=dropout, norm=norm)
+    optim = {"name": "adam", "weight_decay": 0.0, "scheduler": "constant", **optim}
+    return ImageClassifier(net, optim=optim, input_shape=(1, 8, 8), seed=seed, label_smoothing=label_smoothing)
 
 
 def digits() -> DigitsImageDataModule:
@@ -88,7 +92,7 @@ def test_backends_learn_digits(backend: str, tmp_path: Path) -> None:
 
 
 def test_backends_train_alike_with_sgd_and_clipping() -> None:
-    config = {"hidden": (32,), "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3,
+    config = {"hidden": (32,), "name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3,
               "max_grad_norm": 0.5, "label_smoothing": 0.1, "norm": "batch"}
     engine = mlp(**config)
     auto = mlp(**config, backend="autograd")
@@ -113,7 +117,7 @@ def test_same_seed_same_result() -> None:
 
 
 def test_resume_restores_engine_optimizer(tmp_path: Path) -> None:
-    config = {"hidden": (32,), "optimizer": "adam", "lr": 3e-3}
+    config = {"hidden": (32,), "name": "adam", "lr": 3e-3}
     straight = mlp(**config)
     t_straight = fit(straight, 2)
 
@@ -174,11 +178,15 @@ def test_lightning_cli_config() -> None:
     from lightning.pytorch.cli import LightningCLI
 
     cli = LightningCLI(ImageClassifier, DigitsImageDataModule, run=False,
-                       args=["--model.model=mlp", "--model.input_shape=[1, 8, 8]", "--model.hidden=[32, 16]",
-                             "--model.backend=autograd", "--model.norm=layer", "--model.max_grad_norm=1.0",
-                             "--trainer.logger=false"])
-    assert list(cli.model.hparams.hidden) == [32, 16] and cli.model.hparams.norm == "layer"
-    assert cli.model.automatic_optimization and cli.model.hparams.max_grad_norm == 1.0
+                       args=["--model.net=bp_apps.vision.models.ImageMLP", "--model.net.init_args.hidden=[32, 16]",
+                             "--model.net.init_args.norm=layer", "--model.input_shape=[1, 8, 8]",
+                             "--model.optim.max_grad_norm=1.0", "--trainer.logger=false"])
+    assert isinstance(cli.model.net, ImageMLP) and cli.model.automatic_optimization
+    net = cli.model.hparams.net
+    assert net["class_path"] == "bp_apps.vision.models.ImageMLP"
+    assert list(net["init_args"]["hidden"]) == [32, 16] and net["init_args"]["norm"] == "layer"
+    assert cli.model.hparams.optim["max_grad_norm"] == 1.0 == cli.model.optim.max_grad_norm
+    assert (cli.model.optim.name, cli.model.optim.lr, cli.model.optim.scheduler) == ("adamw", 1e-3, "cosine")
 
 
 def test_plain_ddp_is_refused_for_the_engine_with_a_message_naming_ddp_engine() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -16,18 +17,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from bp_apps.core.resume import FailAtStep as FailAt
 from bp_apps.core.resume import ResumableDataLoader, resumable_loader
 from bp_apps.vision.data import DigitsImageDataModule
+from bp_apps.vision.models import EngineImageMLP, ImageMLP
 from bp_apps.vision.task import ImageClassifier
 
 EPOCHS = 2
 FAIL_AT = 25  # digits: 19 training steps an epoch at batch 64, so step 25 is mid-way through the second epoch
-CONFIG = {"model": "mlp", "input_shape": (1, 8, 8), "hidden": (32,), "dropout": 0.2, "optimizer": "adam", "lr": 3e-3,
-          "weight_decay": 0.0, "scheduler": "cosine"}
+NETS = {"engine": EngineImageMLP, "autograd": ImageMLP}  # the digits MLP by the engine, and its torch.nn twin
+OPTIM = {"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "scheduler": "cosine"}
 
 
 def run(backend: str, folder: Path, seed: int = 0, ckpt_path: Path | None = None,
         fail: FailAt | None = None) -> tuple[ImageClassifier, L.Trainer]:
     L.seed_everything(seed, verbose=False)
-    model = ImageClassifier(**CONFIG, backend=backend, seed=seed)
+    model = ImageClassifier(partial(NETS[backend], hidden=(32,), dropout=0.2), optim=OPTIM, input_shape=(1, 8, 8),
+                            seed=seed)
     every_step = ModelCheckpoint(dirpath=folder / "steps", every_n_train_steps=1, save_top_k=0, save_last=True)
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", deterministic=True, default_root_dir=folder,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -216,7 +216,7 @@ def test_manifest_module_holds_out_validation_and_names_bad_audio(tmp_path: Path
         save_audio(tmp_path / f"{i}.wav", 0.3 * np.sin(np.arange(1600 + 100 * i) / 5), 16_000)
     lines = [json.dumps({"audio": f"{i}.wav", "text": f"word {i}"}) for i in range(10)]
     path = write_manifest(tmp_path, lines)
-    data = ManifestDataModule(str(path), val_fraction=0.2, cache_dir=str(tmp_path / "cache"), n_mels=32)
+    data = ManifestDataModule(str(path), val_fraction=0.2, cache_dir=str(tmp_path / "cache"), features={"n_mels": 32})
     train, val = data.utterances("train"), data.utterances("val")
     assert len(train) == 8 and len(val) == 2 and not {u.parts for u in train} & {u.parts for u in val}
     data.setup("fit")

@@ -1,12 +1,14 @@
-"""The speech tasks end to end on tiny settings: every config parses, `bp-apps fit` of a CTC model writes
-metrics.json and a checkpoint that loads with weights_only and transcribes (stereo 44.1 kHz too), each CTC model
-fits a few steps, and the digit classifier learns FSDD digits well above chance through scripts/train_speech.py."""
+"""The speech tasks end to end on tiny settings: every config parses into a network class and settings groups,
+`bp-apps fit` of a CTC model writes metrics.json and a checkpoint that loads with weights_only and transcribes
+(stereo 44.1 kHz too), each CTC network class fits a few steps, bad settings are refused naming the field, and the
+digit classifier learns FSDD digits well above chance through scripts/train_speech.py."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -18,8 +20,11 @@ import torch
 from bp_apps.cli import main
 from bp_apps.core.callbacks import task_callbacks
 from bp_apps.speech.audio import save_audio
-from bp_apps.speech.data import ManifestDataModule
-from bp_apps.speech.task import SpeechRecognizer, load_speech_model, transcribe
+from bp_apps.speech.data import ConnectedDigitsDataModule, FSDDDigitsDataModule, ManifestDataModule
+from bp_apps.speech.decoding import DecodingConfig
+from bp_apps.speech.features import FeatureConfig, SpecAugmentConfig
+from bp_apps.speech.models import ConformerCTC, ConvGRUCTC, DigitCNNNet, DigitGRUNet, Wav2Vec2CTC
+from bp_apps.speech.task import SpeechRecognizer, SpokenDigitClassifier, load_speech_model, transcribe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "speech"
@@ -39,6 +44,44 @@ def test_every_speech_config_parses(config: str, capsys: pytest.CaptureFixture[s
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "bp_apps.speech." in printed and "class_path" in printed
+    assert "class_path: bp_apps.speech.models." in printed  # the network is given as a class
+    assert "optim:" in printed and "features:" in printed and "n_mels:" in printed
+
+
+def _printed_config(config: str, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), *extra, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_configs_keep_their_tuned_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    """The settings the committed figures were measured with, now as a network class and groups (the groups'
+    other fields are the task's defaults)."""
+    ctc = _printed_config("fsdd_connected_ctc", capsys)
+    model, data = ctc["model"]["init_args"], ctc["data"]["init_args"]
+    assert model["net"]["class_path"] == "bp_apps.speech.models.ConvGRUCTC"
+    assert {k: model["net"]["init_args"][k] for k in ("conv_channels", "subsample", "hidden", "layers", "dropout")} \
+        == {"conv_channels": 32, "subsample": 4, "hidden": 128, "layers": 2, "dropout": 0.15}
+    assert model["augment"] == {"freq_masks": 2, "freq_width": 6, "time_masks": 2, "time_width": 15,
+                                "max_time_fraction": 0.15}
+    optim = model["optim"]
+    assert (optim["name"], optim["lr"], optim["weight_decay"], optim["scheduler"], optim["warmup_fraction"],
+            optim["max_grad_norm"]) == ("adamw", 0.004, 0.01, "cosine", 0.05, 5.0)
+    assert "bias" in optim["no_decay_keys"] and model["decoding"] == {"beam_size": 8, "lexicon": True}
+    assert data["features"] == {"kind": "logmel", "sample_rate": 8000, "n_mels": 40, "hop_ms": 10.0, "win_ms": 25.0}
+    digits = _printed_config("fsdd_digits", capsys)["model"]["init_args"]
+    assert digits["net"] == {"class_path": "bp_apps.speech.models.DigitCNNNet",
+                             "init_args": {"conv_channels": 16, "hidden": 128, "head_hidden": [64], "dropout": 0.3}}
+    optim = digits["optim"]
+    assert (optim["lr"], optim["weight_decay"], optim["no_decay_keys"]) == (0.003, 0.01, [])
+    assert digits["augment"]["time_width"] == 12 and digits["augment"]["freq_width"] == 6
+    assert digits["label_smoothing"] == 0.05
+    switched = _printed_config("fsdd_digits", capsys, "--model.net=bp_apps.speech.models.DigitGRUNet",
+                               "--model.augment=null")["model"]["init_args"]
+    assert switched["net"]["class_path"].endswith("DigitGRUNet") and switched["net"]["init_args"]["hidden"] == 128
+    assert switched["augment"] is None
 
 
 def test_speech_configs_are_the_four_of_the_issue() -> None:
@@ -69,8 +112,9 @@ def ctc_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     argv = ["fit", "--config", str(CONFIGS / "manifest_ctc.yaml"), f"--trainer.default_root_dir={root}",
             "--trainer.enable_progress_bar=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
             f"--data.train_manifest={corpus / 'train.jsonl'}", f"--data.test_manifest={corpus / 'test.jsonl'}",
-            "--data.val_fraction=0.25", "--data.batch_size=4", "--data.n_mels=32",
-            "--model.hidden=16", "--model.layers=1", "--model.conv_channels=4", "--model.beam_size=4",
+            "--data.val_fraction=0.25", "--data.batch_size=4", "--data.features.n_mels=32",
+            "--model.net.init_args.hidden=16", "--model.net.init_args.layers=1",
+            "--model.net.init_args.conv_channels=4", "--model.decoding.beam_size=4",
             f"--data.cache_dir={root / 'cache'}"]
     assert main(argv) == 0
     (metrics,) = root.rglob("metrics.json")
@@ -92,12 +136,17 @@ def test_checkpoint_round_trip_with_weights_only(ctc_run: dict, tmp_path: Path) 
     path = ctc_run["metrics"]["best_checkpoint"]
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert checkpoint["bp_apps_task"] == "speech.SpeechRecognizer"
-    assert checkpoint["hyper_parameters"]["input_dim"] == 32  # linked from the data's n_mels
-    assert "lexicon_words" not in checkpoint["hyper_parameters"]  # the data's state carries them
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["input_dim"] == 32  # linked from the data's features.n_mels
+    assert "lexicon_words" not in hparams  # the data's state carries them
+    assert hparams["net"]["class_path"] == "bp_apps.speech.models.ConvGRUCTC"  # plain data: loads weights_only
+    assert hparams["net"]["init_args"]["hidden"] == 16 and hparams["optim"]["lr"] == 0.0015
+    assert hparams["decoding"]["beam_size"] == 4
     assert checkpoint["ManifestDataModule"]["features"]["n_mels"] == 32
     assert sorted(checkpoint["ManifestDataModule"]["words"]) == sorted(WORDS)
     model, preprocessing = load_speech_model(path)
     assert isinstance(model, SpeechRecognizer) and not model.training and preprocessing["features"]["n_mels"] == 32
+    assert isinstance(model.net, ConvGRUCTC) and model.net.gru.hidden_size == 16 and model.optim.lr == 0.0015
     for name, value in model.state_dict().items():
         assert torch.equal(value, checkpoint["state_dict"][name])
 
@@ -111,14 +160,20 @@ def test_checkpoint_round_trip_with_weights_only(ctc_run: dict, tmp_path: Path) 
         load_speech_model(foreign)
 
 
-def test_a_checkpoint_with_settings_since_dropped_still_loads(ctc_run: dict, tmp_path: Path) -> None:
-    """Checkpoints written while the model chose its own callbacks hold ``monitor`` and ``early_stopping_patience``."""
+def test_checkpoints_of_earlier_constructors_are_refused_naming_the_file(ctc_run: dict, tmp_path: Path) -> None:
+    """Before networks were given as classes the recognizer took ``model="conv_gru"``, ``hidden``, ``lr``, ...;
+    earlier still, ``monitor``. Such a checkpoint is refused, naming the file and the arguments, rather than built
+    into another model than the one saved."""
     checkpoint = torch.load(ctc_run["metrics"]["best_checkpoint"], map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"].update(monitor="val_wer", early_stopping_patience=3)
     older = tmp_path / "older.ckpt"
-    torch.save(checkpoint, older)
-    model, _ = load_speech_model(older)
-    assert "monitor" not in model.hparams and isinstance(model, SpeechRecognizer)
+    torch.save({**checkpoint, "hyper_parameters": {**checkpoint["hyper_parameters"], "monitor": "val_wer"}}, older)
+    with pytest.raises(ValueError, match=r"older\.ckpt: .*no longer takes \(monitor\).*earlier bp_apps"):
+        load_speech_model(older)
+    flat = tmp_path / "flat.ckpt"
+    torch.save({**checkpoint, "hyper_parameters": {"model": "conv_gru", "hidden": 16, "layers": 1, "lr": 0.0015,
+                                                   "input_dim": 32}}, flat)
+    with pytest.raises(ValueError, match=r"flat\.ckpt: .*no longer takes \(hidden, layers, lr, model\)"):
+        load_speech_model(flat)
 
 
 def test_checkpoints_with_the_preprocessing_of_earlier_versions_still_load(ctc_run: dict, tmp_path: Path) -> None:
@@ -167,15 +222,21 @@ def test_long_audio_is_transcribed_in_chunks(ctc_run: dict, tmp_path: Path) -> N
     assert isinstance(result["text"], str)
 
 
-@pytest.mark.parametrize("model", ["conv_gru", "conformer", "wav2vec2"])
+SMALL_NETS = {
+    "conv_gru": partial(ConvGRUCTC, hidden=32, layers=1, conv_channels=4),
+    "conformer": partial(ConformerCTC, d_model=32, layers=1, heads=2, ffn_dim=32, conv_channels=4, kernel_size=3),
+    "wav2vec2": partial(Wav2Vec2CTC, hidden=32, layers=1, heads=2, ffn_dim=32, conv_dim=8),
+}
+
+
+@pytest.mark.parametrize("model", sorted(SMALL_NETS))
 def test_each_ctc_model_fits_a_few_steps(model: str, tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "corpus", count=8)
     waveform = model == "wav2vec2"
+    features = FeatureConfig(kind="waveform" if waveform else "logmel", n_mels=16)
     data = ManifestDataModule(str(corpus / "train.jsonl"), test_manifest=str(corpus / "test.jsonl"),
-                              val_fraction=0.2, batch_size=4, n_mels=16, features="waveform" if waveform else "logmel",
-                              cache=False)
-    small = {"hidden": 32, "layers": 1, "heads": 2, "ffn_dim": 32, "conv_channels": 4, "kernel_size": 3}
-    module = SpeechRecognizer(model=model, input_dim=1 if waveform else 16, **small)
+                              val_fraction=0.2, batch_size=4, features=features, cache=False)
+    module = SpeechRecognizer(net=SMALL_NETS[model], input_dim=data.input_dim)
     trainer = L.Trainer(max_steps=3, default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=1, callbacks=task_callbacks("val_cer", "min"))
     before = [p.detach().clone() for p in module.parameters()]
@@ -186,23 +247,87 @@ def test_each_ctc_model_fits_a_few_steps(model: str, tmp_path: Path) -> None:
     assert "test_cer" in metrics["test"] and np.isfinite(metrics["test"]["test_loss"])
     model_back, _ = load_speech_model(metrics["best_checkpoint"])
     assert type(model_back.net) is type(module.net)
+    for name, value in module.state_dict().items():  # the best is the last here (3 steps, validation each epoch)
+        assert value.shape == model_back.state_dict()[name].shape
+    if waveform:  # saved with its transformers configuration in place of 'pretrained': loading never downloads
+        saved = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]
+        assert saved["net"]["init_args"]["pretrained"] is None
+        assert saved["net"]["init_args"]["hf_config"]["hidden_size"] == 32
+        assert module.hparams["net"]["init_args"].get("hf_config") is None  # the module's own are left alone
+
+
+def test_the_same_seed_gives_the_same_network_whatever_the_global_random_state() -> None:
+    torch.manual_seed(1)
+    first = SpeechRecognizer(net=SMALL_NETS["conv_gru"], input_dim=16, seed=7)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    second = SpeechRecognizer(net=SMALL_NETS["conv_gru"], input_dim=16, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    third = SpeechRecognizer(net=SMALL_NETS["conv_gru"], input_dim=16, seed=8)
+    assert not torch.equal(first.net.out.weight, third.net.out.weight)
+    torch.manual_seed(1)
+    SpeechRecognizer(net=SMALL_NETS["conv_gru"], input_dim=16, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # building draws nothing from the global generator
+    digits = [SpokenDigitClassifier(net=partial(DigitCNNNet, conv_channels=2, hidden=8), input_dim=16, num_classes=3,
+                                    seed=4) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(digits[0].state_dict().values(), digits[1].state_dict().values()))
+
+
+def test_settings_groups_are_checked_and_merged_over_the_task_defaults() -> None:
+    model = SpeechRecognizer(net=SMALL_NETS["conv_gru"], input_dim=16, optim={"lr": 0.01},
+                             augment={"time_width": 5}, decoding={"beam_size": 3})
+    assert model.optim.lr == 0.01 and model.optim.weight_decay == 0.01 and model.optim.scheduler == "cosine"
+    assert model.augment_config == SpecAugmentConfig(time_width=5) and model.augment.time_width == 5
+    assert model.decoding == DecodingConfig(beam_size=3, lexicon=True)
+    assert SpeechRecognizer(net=SMALL_NETS["conv_gru"], input_dim=16, augment=None).augment is None
+    digits = SpokenDigitClassifier(net=partial(DigitGRUNet, conv_channels=2, hidden=8), input_dim=16,
+                                   augment={"time_width": 3})
+    assert digits.augment_config == SpecAugmentConfig(freq_width=6, time_width=3)  # the classifier's defaults
+    assert digits.optim.lr == 0.003 and digits.optim.no_decay_keys == ()
+    for bad, match in (({"augment": {"freq_width": -1}}, r"augment\.freq_width must be an integer >= 0"),
+                       ({"augment": {"time_masks": 1.5}}, r"augment\.time_masks must be an integer"),
+                       ({"augment": {"width": 3}}, r"augment: unknown setting\(s\) width"),
+                       ({"decoding": {"beam_size": -2}}, r"decoding\.beam_size must be an integer >= 0"),
+                       ({"optim": {"lr": 0.0}}, r"lr must be positive"),
+                       ({"net": "ConvGRUCTC"}, r"net: expected a network class")):
+        with pytest.raises(ValueError, match=match):
+            SpeechRecognizer(**{"input_dim": 16, "net": SMALL_NETS["conv_gru"], **bad})
+    with pytest.raises(ValueError, match=r"reads waveforms \(input_dim 1\), got input_dim=40.*features\.kind"):
+        SpeechRecognizer(net=SMALL_NETS["wav2vec2"], input_dim=40)
+
+
+def test_data_modules_take_the_feature_settings_whole() -> None:
+    fsdd = FSDDDigitsDataModule(features={"n_mels": 24}, cache=False)  # over FSDD's own defaults (8 kHz)
+    assert fsdd.features == FeatureConfig(sample_rate=8000, n_mels=24) and fsdd.input_dim == 24
+    assert ConnectedDigitsDataModule(cache=False).features == FeatureConfig(sample_rate=8000, n_mels=40)
+    waveform = ManifestDataModule(features=FeatureConfig(kind="waveform"), cache=False)
+    assert waveform.input_dim == 1 and waveform.preprocessing()["features"]["kind"] == "waveform"
+    for bad, match in (({"kind": "mfcc"}, r"features\.kind must be 'logmel' or 'waveform'"),
+                       ({"n_mels": 0}, r"features\.n_mels must be a positive integer"),
+                       ({"sample_rate": 8000.5}, r"features\.sample_rate must be a positive integer"),
+                       ({"win_ms": 5.0}, r"features\.win_ms must be at least hop_ms"),
+                       ({"n_fft": 512}, r"features: unknown setting\(s\) n_fft")):
+        with pytest.raises(ValueError, match=match):
+            ManifestDataModule(features=bad, cache=False)
 
 
 def test_feature_size_mismatch_is_refused(tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "corpus", count=6)
-    data = ManifestDataModule(str(corpus / "train.jsonl"), val_fraction=0.2, n_mels=16, cache=False)
+    data = ManifestDataModule(str(corpus / "train.jsonl"), val_fraction=0.2, features={"n_mels": 16}, cache=False)
     trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, enable_progress_bar=False, logger=False)
     with pytest.raises(ValueError, match=r"gives input_dim=16 but the model was built for input_dim=64"):
-        trainer.fit(SpeechRecognizer(input_dim=64, hidden=8, layers=1), datamodule=data)
+        trainer.fit(SpeechRecognizer(net=partial(ConvGRUCTC, hidden=8, layers=1), input_dim=64), datamodule=data)
 
 
 def test_wav2vec2_from_a_local_pretrained_folder(tmp_path: Path) -> None:
-    from bp_apps.speech.models import Wav2Vec2CTC
-
     small = Wav2Vec2CTC(hidden=32, layers=1, heads=2, ffn_dim=32, conv_dim=8)
     small.model.save_pretrained(tmp_path / "w2v")
     loaded = Wav2Vec2CTC(pretrained=str(tmp_path / "w2v"))
     assert loaded.model.config.hidden_size == 32
+    rebuilt = Wav2Vec2CTC(1, hf_config=loaded.model.config.to_dict())  # what a checkpoint rebuilds, no download
+    assert rebuilt.model.config.hidden_size == 32 and rebuilt.state_dict().keys() == loaded.state_dict().keys()
+    with pytest.raises(ValueError, match="pretrained or hf_config, not both"):
+        Wav2Vec2CTC(pretrained=str(tmp_path / "w2v"), hf_config=loaded.model.config.to_dict())
     log_probs, lengths = loaded(torch.randn(2, 4000, 1), torch.tensor([4000, 3000]))
     assert log_probs.shape[0] == 2 and lengths.tolist()[0] == log_probs.shape[1] > lengths.tolist()[1]
 
@@ -214,14 +339,18 @@ def test_digit_classifier_learns_fsdd_through_the_script(tmp_path: Path, capsys:
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train_speech.py"), "--config", str(CONFIGS / "fsdd_digits.yaml"),
          f"--data.data_root={FSDD}", "--data.limit_per_split=600", "--trainer.max_epochs=10",
-         "--model.lr=0.006", "--model.hidden=96", "--model.conv_channels=16", "--model.dropout=0.2",  # the quick size
+         "--model.optim.lr=0.006", "--model.net.init_args.hidden=96", "--model.net.init_args.conv_channels=16",
+         "--model.net.init_args.dropout=0.2",  # the quick size
          f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert metrics["test"]["test_acc"] > 0.35  # chance is 0.1 (200 test recordings: sd about 0.02)
     ckpt = metrics["best_checkpoint"]
-    assert torch.load(ckpt, weights_only=True)["bp_apps_task"] == "speech.SpokenDigitClassifier"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["bp_apps_task"] == "speech.SpokenDigitClassifier"
+    assert saved["hyper_parameters"]["net"]["class_path"] == "bp_apps.speech.models.DigitCNNNet"
+    assert saved["FSDDDigitsDataModule"]["features"]["sample_rate"] == 8000
     recordings = [FSDD / "recordings" / f"{d}_jackson_0.wav" for d in range(10)]
     words = [r["text"] for r in transcribe(recordings, ckpt)]
     assert all(w in {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"} for w in words)
@@ -250,15 +379,15 @@ def test_cnn_encoder_lengths_match_its_pooled_output() -> None:
     assert lengths.tolist() == [13, 5, 1] and padded.shape[1] == 13
 
 
-def test_digit_classifier_encoders_train_through_the_engine_head() -> None:
-    from bp_apps.speech.models import DigitClassifierNet
+def test_digit_classifier_networks_train_through_the_engine_head() -> None:
+    from bp_apps.engine.bridge import EngineMLPHead
 
     torch.manual_seed(0)
     features, lengths = torch.randn(8, 30, 16), torch.tensor([30, 25, 20, 18, 12, 9, 5, 2])
     labels = torch.arange(8) % 3
-    for encoder in ("gru", "cnn"):
-        net = DigitClassifierNet(16, num_classes=3, conv_channels=4, hidden=12, head_hidden=(8,), dropout=0.0,
-                                 encoder=encoder)
+    for encoder in (DigitGRUNet, DigitCNNNet):
+        net = encoder(16, num_classes=3, conv_channels=4, hidden=12, head_hidden=(8,), dropout=0.0)
+        assert isinstance(net.head, EngineMLPHead)
         optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
         losses = []
         for _ in range(30):
@@ -268,5 +397,3 @@ def test_digit_classifier_encoders_train_through_the_engine_head() -> None:
             optimizer.step()
             losses.append(loss.item())
         assert losses[-1] < 0.5 * losses[0], (encoder, losses[0], losses[-1])
-    with pytest.raises(ValueError, match="encoder must be"):
-        DigitClassifierNet(16, encoder="lstm")

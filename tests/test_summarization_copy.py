@@ -8,12 +8,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_summarization_task import TINY, CopyData, config_callbacks, copy_pairs, small_trainer
+from test_summarization_task import CopyData, config_callbacks, copy_pairs, small_trainer, summarizer
 from transformers import AutoModelForSeq2SeqLM
 
 from bp_apps.text.summarization.copy import BartCopyConfig, BartCopyForConditionalGeneration
-from bp_apps.text.summarization.models import build_seq2seq
-from bp_apps.text.summarization.task import Summarizer, load_summarizer, summarize
+from bp_apps.text.summarization.models import BartCopyNet, BartNet, build_seq2seq
+from bp_apps.text.summarization.task import load_summarizer, summarize
 
 VOCAB = 40
 
@@ -45,8 +45,10 @@ def test_build_gives_the_registered_copy_model_and_refuses_t5() -> None:
     assert isinstance(model, BartCopyForConditionalGeneration) and isinstance(model.config, BartCopyConfig)
     with pytest.raises(ValueError, match="copy mechanism is built on BART"):
         build_seq2seq("t5", VOCAB, 0, 2, 1, d_model=16, layers=1, heads=2, ff=32, copy=True)
-    with pytest.raises(ValueError, match="copy_mechanism needs arch='bart'"):
-        Summarizer(arch="t5", copy_mechanism=True)
+    net = BartCopyNet(VOCAB, 0, 1, 2, 32, d_model=16, layers=1, heads=2, ff=32)
+    assert isinstance(net.model, BartCopyForConditionalGeneration) and net.model.config.max_position_embeddings == 32
+    assert type(BartNet(VOCAB, 0, 1, 2, 32, d_model=16, layers=1, heads=2, ff=32).model).__name__ == (
+        "BartForConditionalGeneration")
 
 
 def test_mixed_distribution_is_normalised_and_a_closed_gate_copies_only_source_tokens() -> None:
@@ -106,15 +108,16 @@ def test_save_pretrained_round_trip_through_the_auto_api(tmp_path: Path) -> None
 
 def test_summarizer_with_copy_learns_and_round_trips(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
-    model = Summarizer(arch="bart", **TINY, copy_mechanism=True, lr=0.005, warmup_fraction=0.0, num_beams=2,
-                       max_new_tokens=6)
+    data = CopyData()
+    model = summarizer(data, BartCopyNet, num_beams=2, max_new_tokens=6)
     trainer = small_trainer(tmp_path, 8, callbacks=config_callbacks())
-    trainer.fit(model, datamodule=CopyData())
+    trainer.fit(model, datamodule=data)
     assert float(trainer.callback_metrics["val_rouge1"]) > 0.8
     texts = [source for _, source, _ in copy_pairs(8, 5)]
     best = Path(trainer.checkpoint_callback.best_model_path)
     loaded = load_summarizer(best)
     assert isinstance(loaded.model, BartCopyForConditionalGeneration)
+    assert loaded.hparams.net["class_path"] == "bp_apps.text.summarization.models.BartCopyNet"
     expected = summarize(loaded, texts, num_beams=1, max_new_tokens=6)
     assert sum(e == " ".join(t.split()[:3]) for e, t in zip(expected, texts)) >= 6
     hf = AutoModelForSeq2SeqLM.from_pretrained(best.parent / "hf_best").eval()

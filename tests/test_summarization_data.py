@@ -1,7 +1,9 @@
-"""Summarization data: readers and their errors, text cleaning, token batches and the data modules.
+"""Summarization data: readers and their errors, text cleaning, token batches, the tokenizer file and the data
+modules.
 
-Data files are small ones written to ``tmp_path``; the embedded module reads standard-library docstrings, and one
-test reads the first lines of the real AESLC validation file (skipped when it is absent).
+Data files are small ones written to ``tmp_path`` (tokenizer files to a temporary cache); the embedded module reads
+standard-library docstrings, and one test reads the first lines of the real AESLC validation file (skipped when it
+is absent).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 from tokenizers import processors
 
+from bp_apps.core.datalink import LINKED
 from bp_apps.text.summarization.data import (
     EmbeddedSummarizationDataModule,
     HFSummarizationDataModule,
@@ -26,9 +29,12 @@ from bp_apps.text.summarization.data import (
     SummaryRecord,
     clean_text,
     encode_batch,
+    load_tokenizer_file,
     read_records,
     records_from_hf,
+    save_tokenizer_file,
     target_ids,
+    tokenizer_state,
 )
 from bp_apps.text.tokenization import train_tokenizer
 
@@ -53,6 +59,12 @@ def text(i: int, n: int) -> str:
 
 def pair(i: int, source_words: int | None = None) -> dict:
     return {"id": f"r{i}", "source": text(i, source_words or 8 + i % 7), "target": text(i + 3, 3)}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokenizer files go to a cache folder of this test session."""
+    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +310,8 @@ def test_encode_batch_without_a_leading_token_keeps_all_ids(tokenizer) -> None:
 
 
 def module(tmp_path: Path, records: list[dict] | None = None, **kwargs) -> SummarizationDataModule:
-    write_lines(tmp_path / "train.jsonl", records or [pair(i) for i in range(40)])
+    if records is not None or not (tmp_path / "train.jsonl").exists():  # kept as it is: the same training data
+        write_lines(tmp_path / "train.jsonl", records or [pair(i) for i in range(40)])
     options = {"train_file": "train.jsonl", "data_root": str(tmp_path), "tokenizer_vocab_size": 80,
                "batch_size": 4, "eval_batch_size": 3, "val_fraction": 0.1, **kwargs}
     return SummarizationDataModule(**options)
@@ -389,10 +402,6 @@ def test_truncation_is_warned_once_per_data_module(tmp_path: Path) -> None:
 def test_data_root_and_tokenizer_choices(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(FileNotFoundError, match=r"data_root '.*nowhere' is not a directory"):
         module(tmp_path, data_root=str(tmp_path / "nowhere")).setup()
-    preset = module(tmp_path)
-    preset.tokenizer = tokenizer
-    preset.setup()
-    assert preset.tokenizer is tokenizer
     tokenizer.save_pretrained(tmp_path / "tok")
     named = module(tmp_path, tokenizer_name=str(tmp_path / "tok"))
     named.setup()
@@ -400,6 +409,66 @@ def test_data_root_and_tokenizer_choices(tmp_path: Path, tokenizer) -> None:
     trained = module(tmp_path, lowercase=True)
     trained.setup()
     assert trained.tokenizer.tokenize("THE FOX") == trained.tokenizer.tokenize("the fox")
+
+
+def test_tokenizer_file_is_known_after_init_and_built_once_in_prepare_data(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = module(tmp_path)
+    path = Path(dm.tokenizer_file)
+    assert not path.exists() and path.name.startswith("summarization-unigram-") and not dm.splits  # nothing read
+    assert {name for name in LINKED if hasattr(dm, name)} == {"tokenizer_file", "max_source_tokens",
+                                                               "max_target_tokens"}
+    assert (dm.max_source_tokens, dm.max_target_tokens) == (256, 48)
+    dm.prepare_data()
+    written = load_tokenizer_file(path)
+    assert len(written) <= 80 and written.cls_token == "[CLS]"
+    stamp = path.stat().st_mtime_ns
+    again = module(tmp_path)  # the same data and settings: the same file, not built again
+    assert again.tokenizer_file == dm.tokenizer_file
+    monkeypatch.setattr(SummarizationDataModule, "_train_tokenizer", lambda *a: pytest.fail("trained again"))
+    again.prepare_data()
+    again.setup()
+    assert path.stat().st_mtime_ns == stamp
+    assert tokenizer_state(again.tokenizer) == tokenizer_state(written)
+    batch = next(iter(again.train_dataloader()))  # the batches encode with the file's tokenizer
+    expected = written(batch["sources"][0], truncation=True, max_length=256)["input_ids"]
+    assert batch["input_ids"][0, :len(expected)].tolist() == expected
+    for changed in ({"tokenizer_vocab_size": 60}, {"lowercase": True}, {"limit_train": 10}, {"min_target_chars": 3},
+                    {"tokenizer_kind": "wordpiece"}):
+        assert module(tmp_path, **changed).tokenizer_file != dm.tokenizer_file, changed
+    assert module(tmp_path, batch_size=2, max_source_tokens=9).tokenizer_file == dm.tokenizer_file
+    write_lines(tmp_path / "train.jsonl", [pair(i) for i in range(41)])  # other training data: another file
+    assert module(tmp_path).tokenizer_file != dm.tokenizer_file
+
+
+def test_a_damaged_tokenizer_file_is_built_again_and_named_when_read(tmp_path: Path, tokenizer) -> None:
+    dm = module(tmp_path)
+    Path(dm.tokenizer_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(dm.tokenizer_file).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"summarization-unigram-.*\.json: not a readable tokenizer file"):
+        load_tokenizer_file(dm.tokenizer_file)
+    dm.setup()  # prepare_data rebuilds it
+    assert tokenizer_state(load_tokenizer_file(dm.tokenizer_file)) == tokenizer_state(dm.tokenizer)
+    with pytest.raises(FileNotFoundError, match=r"missing\.json' does not exist: the data module writes it"):
+        load_tokenizer_file(tmp_path / "missing.json")
+    tokenizer("a b c", truncation=True, max_length=2, padding="max_length")  # sets the backend's truncation
+    save_tokenizer_file(tmp_path / "t.json", tokenizer)
+    assert tokenizer_state(load_tokenizer_file(tmp_path / "t.json")) == tokenizer_state(tokenizer)
+
+
+def test_setup_refuses_a_model_with_another_tokenizer(tmp_path: Path, tokenizer) -> None:
+    """A model loaded from a checkpoint brings its tokenizer: this data must encode with the same one."""
+    dm = module(tmp_path)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tokenizer))
+    with pytest.raises(ValueError, match=r"the model's tokenizer \(from its checkpoint\) is not this data's"):
+        dm.setup()
+    same = module(tmp_path)
+    same.prepare_data()
+    same.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=load_tokenizer_file(dm.tokenizer_file)))
+    same.setup()
+    fresh = module(tmp_path)
+    fresh.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=None))  # a model not built yet
+    fresh.setup()
 
 
 def test_no_training_records_left(tmp_path: Path) -> None:

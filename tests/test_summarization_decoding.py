@@ -10,8 +10,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_summarization_task import TINY, CopyData, copy_pairs, small_trainer
+from test_summarization_task import CopyData, copy_pairs, small_trainer, summarizer
 
+from bp_apps.text.summarization.models import BartNet
 from bp_apps.text.summarization.task import Summarizer, load_summarizer, summarize
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -32,9 +33,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.set_num_threads(1)
     try:
         L.seed_everything(0, verbose=False)
-        model = Summarizer(arch="bart", **TINY, lr=0.005, warmup_fraction=0.0, num_beams=2, max_new_tokens=6)
+        data = CopyData(n_train=80, n_val=16)
+        model = summarizer(data, BartNet, num_beams=2, max_new_tokens=6)
         trainer = small_trainer(root, 1, limit_train_batches=5, limit_val_batches=1)
-        trainer.fit(model, datamodule=CopyData(n_train=80, n_val=16))
+        trainer.fit(model, datamodule=data)
     finally:
         torch.set_num_threads(threads)
     ckpt = root / "model.ckpt"
@@ -111,10 +113,10 @@ def test_repetition_settings_reach_generate(setup: tuple[Path, Path], tmp_path: 
 
 
 def test_repetition_penalty_hyperparameter() -> None:
-    assert Summarizer(repetition_penalty=1.5).generation_kwargs()["repetition_penalty"] == 1.5
+    assert Summarizer(generation={"repetition_penalty": 1.5}).generation_kwargs()["repetition_penalty"] == 1.5
     assert Summarizer().generation_kwargs()["repetition_penalty"] == 1.0
     with pytest.raises(ValueError, match="repetition_penalty must be positive"):
-        Summarizer(repetition_penalty=0.0)
+        Summarizer(generation={"repetition_penalty": 0.0})
 
 
 def test_mbr_decoding_chooses_among_beams_and_seeded_samples(setup: tuple[Path, Path]) -> None:
@@ -158,9 +160,9 @@ def test_mbr_settings_in_the_sweep_and_hyperparameters(setup: tuple[Path, Path],
     with pytest.raises(SystemExit, match=r"--mbr-epsilon must be in \[0, 1\)"):
         decoding.main(["--ckpt", str(ckpt), "--data", str(data), "--mbr-epsilon", "1"])
 
-    assert Summarizer(mbr_samples=8).mbr_settings() == {"mbr_samples": 8, "mbr_epsilon": 0.02}
+    assert Summarizer(generation={"mbr_samples": 8}).mbr_settings() == {"mbr_samples": 8, "mbr_epsilon": 0.02}
     assert Summarizer().mbr_settings(mbr_epsilon=0.1) == {"mbr_samples": 0, "mbr_epsilon": 0.1}
     with pytest.raises(ValueError, match="mbr_samples must be >= 0"):
-        Summarizer(mbr_samples=-1)
+        Summarizer(generation={"mbr_samples": -1})
     with pytest.raises(ValueError, match=r"mbr_epsilon must be in \[0, 1\)"):
-        Summarizer(mbr_epsilon=1.0)
+        Summarizer(generation={"mbr_epsilon": 1.0})

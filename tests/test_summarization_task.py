@@ -1,15 +1,19 @@
-"""The summarization task: ROUGE, the seq2seq builders, learning a toy copy task, checkpoints, ``hf_best``, the
-pretrained path (offline, from a local directory) and the prediction helpers' errors.
+"""The summarization task: ROUGE, the seq2seq networks, the settings groups, learning a toy copy task,
+checkpoints, ``hf_best``, the pretrained path (offline, from a local directory) and the prediction helpers' errors.
 
-Batches are built here through the data module contract (``input_ids``, ``attention_mask``, ``labels`` without
+Batches are built here through the data module contract (a tokenizer file written in ``prepare_data`` and exposed
+as ``tokenizer_file`` with ``max_source_tokens``; batches of ``input_ids``, ``attention_mask``, ``labels`` without
 the leading [CLS] and padded with -100, ``sources``, ``references``, ``ids``) by a tiny in-test data module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
+import tempfile
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -20,9 +24,19 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from bp_apps.core.callbacks import task_callbacks
-from bp_apps.text.summarization.models import build_seq2seq, load_pretrained_seq2seq
+from bp_apps.core.task import OptimizerConfig
+from bp_apps.text.summarization.data import load_tokenizer_file, save_tokenizer_file
+from bp_apps.text.summarization.models import (
+    BartNet,
+    PretrainedNet,
+    T5Net,
+    build_seq2seq,
+    load_pretrained_seq2seq,
+)
 from bp_apps.text.summarization.rouge import rouge_scores, split_sentences
 from bp_apps.text.summarization.task import (
+    DEFAULT_OPTIM,
+    GenerationSettings,
     HFBestExport,
     Summarizer,
     export_pretrained,
@@ -110,19 +124,38 @@ def make_batch(tokenizer: Any, rows: list[tuple[str, str, str]]) -> dict[str, An
             "sources": [s for _, s, _ in rows], "references": [(t,) for *_, t in rows], "ids": [i for i, *_ in rows]}
 
 
+TOKENIZERS = Path(tempfile.mkdtemp(prefix="bp_apps_copy_tokenizers_"))
+
+
 class CopyData(L.LightningDataModule):
-    """Copy-the-first-three-words pairs; trains its tokenizer in ``setup`` unless one was assigned."""
+    """Copy-the-first-three-words pairs. ``prepare_data`` writes the tokenizer (trained on the training sources, or
+    the ``pretrained`` directory's) to ``tokenizer_file``, a path known after ``__init__``; ``setup`` reads it."""
 
-    max_source_tokens = 16
+    max_source_tokens, max_target_tokens = 16, 8
 
-    def __init__(self, n_train: int = 400, n_val: int = 48, vocab_size: int = 200) -> None:
+    def __init__(self, n_train: int = 400, n_val: int = 48, vocab_size: int = 200, pretrained: str | None = None
+                 ) -> None:
         super().__init__()
         self.tokenizer: Any = None
         self.train_rows, self.val_rows, self.vocab_size = copy_pairs(n_train, 0), copy_pairs(n_val, 1), vocab_size
+        self.pretrained = pretrained
+        digest = hashlib.sha256(str(pretrained).encode()).hexdigest()[:12]
+        name = f"pretrained-{digest}" if pretrained else f"copy-{n_train}-{vocab_size}"
+        self.tokenizer_file = str(TOKENIZERS / f"{name}.json")
+
+    def prepare_data(self) -> None:
+        """Write the tokenizer file once (training twice may give other ids: trainers break ties by hash order)."""
+        if Path(self.tokenizer_file).is_file():
+            return
+        if self.pretrained:
+            tokenizer = AutoTokenizer.from_pretrained(self.pretrained)
+        else:
+            tokenizer = train_tokenizer([s for _, s, _ in self.train_rows], vocab_size=self.vocab_size)
+        save_tokenizer_file(self.tokenizer_file, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            self.tokenizer = train_tokenizer([s for _, s, _ in self.train_rows], vocab_size=self.vocab_size)
+            self.tokenizer = load_tokenizer_file(self.tokenizer_file)
 
     def _loader(self, rows: list, shuffle: bool) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(rows, batch_size=16 if shuffle else 48, shuffle=shuffle,
@@ -136,6 +169,26 @@ class CopyData(L.LightningDataModule):
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.val_rows, False)
+
+
+def summarizer(data: CopyData | None, net: Any = BartNet, lr: float = 0.005, **settings: Any) -> Summarizer:
+    """A Summarizer for ``data`` (its tokenizer file and lengths, as bp-apps links them) with a TINY ``net``;
+    ``settings`` are generation fields, or Summarizer arguments."""
+    fields = set(GenerationSettings.__dataclass_fields__)
+    generation = {k: v for k, v in settings.items() if k in fields}
+    rest = {k: v for k, v in settings.items() if k not in fields}
+    links = {} if data is None else {"tokenizer_file": data.tokenizer_file, "max_source_tokens": data.max_source_tokens,
+                                     "max_target_tokens": data.max_target_tokens}
+    if isinstance(net, type) and net is not PretrainedNet:
+        net = partial(net, **TINY)
+    return Summarizer(net=net, optim={"lr": lr, "warmup_fraction": 0.0}, generation=generation, **links, **rest)
+
+
+def built(net: Any = BartNet, **settings: Any) -> Summarizer:
+    """A Summarizer with its network built for a small trained tokenizer (no data module)."""
+    model = summarizer(None, net, **settings)
+    model.build(train_tokenizer([s for _, s, _ in copy_pairs(20, 0)], vocab_size=80))
+    return model
 
 
 def small_trainer(root: Path, epochs: int, **kwargs: Any) -> L.Trainer:
@@ -166,8 +219,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
     """A tiny BART fitted on the copy task."""
     root = tmp_path_factory.mktemp("fit")
     L.seed_everything(0, verbose=False)
-    model = Summarizer(arch="bart", **TINY, lr=0.005, warmup_fraction=0.0, num_beams=2, max_new_tokens=6)
     data = CopyData()
+    model = summarizer(data, BartNet, num_beams=2, max_new_tokens=6)
     untrained = small_trainer(root / "untrained", 1, logger=False, enable_checkpointing=False)
     untrained.validate(model, datamodule=data, verbose=False)
     before = float(untrained.callback_metrics["val_rouge1"])
@@ -209,7 +262,10 @@ def test_test_writes_predictions_and_metrics(trained: Fitted) -> None:
 def test_checkpoint_round_trip_gives_identical_summaries(trained: Fitted) -> None:
     model, trainer = trained.model, trained.trainer
     loaded = load_summarizer(last_checkpoint(trainer))  # the weights the model ends with
-    assert not loaded.training and loaded.hparams.arch == "bart" and loaded.max_source_tokens == 16
+    assert not loaded.training and loaded.max_source_tokens == 16
+    assert loaded.hparams.net == {"class_path": "bp_apps.text.summarization.models.BartNet", "init_args": TINY}
+    assert loaded.generation == GenerationSettings(num_beams=2, max_new_tokens=6)
+    assert loaded.optim == OptimizerConfig(**{**vars(DEFAULT_OPTIM), "lr": 0.005, "warmup_fraction": 0.0})
     texts = [source for _, source, _ in copy_pairs(12, 5)]
     expected = summarize(model, texts, batch_size=5)
     assert summarize(loaded, texts, batch_size=5) == expected
@@ -218,15 +274,38 @@ def test_checkpoint_round_trip_gives_identical_summaries(trained: Fitted) -> Non
     assert short != expected[:4] and all(len(s.split()) <= 1 for s in short)
 
 
-def test_loaded_model_makes_the_data_module_use_its_tokenizer(trained: Fitted, tmp_path: Path) -> None:
-    """A data module that built a different tokenizer is pointed at the checkpoint's, so scores do not change."""
-    trainer = trained.trainer
-    loaded = load_summarizer(last_checkpoint(trainer))
-    data = CopyData(vocab_size=60)
+def test_loaded_model_validates_on_data_with_the_same_tokenizer_file(trained: Fitted, tmp_path: Path) -> None:
+    """The loaded model needs no tokenizer file (the checkpoint carries the tokenizer); a fresh data module with the
+    same settings encodes with the same tokenizer, so the scores do not change."""
+    file = Path(CopyData().tokenizer_file)
+    file.rename(file.with_suffix(".away"))
+    try:
+        loaded = load_summarizer(last_checkpoint(trained.trainer))  # the checkpoint alone is enough
+    finally:
+        file.with_suffix(".away").rename(file)
+    assert loaded.hparams.tokenizer_file == str(file)
+    data = CopyData()
     validator = small_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
     validator.validate(loaded, datamodule=data, verbose=False)
-    assert data.tokenizer is loaded.tokenizer
+    assert data.tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
     assert float(validator.callback_metrics["val_rouge1"]) == pytest.approx(trained.after)
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused(trained: Fitted, tmp_path: Path) -> None:
+    """Built from a data module's tokenizer file (as bp-apps does before ``--ckpt_path`` restores weights), the module
+    refuses a checkpoint whose tokenizer differs: the data would encode with other ids."""
+    data = CopyData(vocab_size=60)
+    model = summarizer(data, BartNet, num_beams=1, max_new_tokens=4)
+    validator = small_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"checkpoint's tokenizer is not the data's \(.*copy-400-60\.json\)"):
+        validator.validate(model, datamodule=data, ckpt_path=last_checkpoint(trained.trainer), verbose=False)
+
+
+def test_setup_needs_a_tokenizer_file(tmp_path: Path) -> None:
+    validator = small_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
+    data = CopyData(n_train=32, n_val=8)
+    with pytest.raises(ValueError, match="Summarizer needs tokenizer_file"):
+        validator.validate(summarizer(None, BartNet), datamodule=data, verbose=False)
 
 
 def test_hf_best_matches_the_best_checkpoint(trained: Fitted) -> None:
@@ -260,8 +339,7 @@ def test_export_pretrained_replaces_an_older_export(tmp_path: Path) -> None:
 def test_hf_best_export_follows_new_best_scores_only(tmp_path: Path) -> None:
     """Exported when a save follows a new best score; not for a resumed fit's restored best path, a non-improving
     save, or at the end of a fit that has a scored best; at fit end when no best exists."""
-    module = Summarizer(arch="t5", **TINY)
-    module.build(train_tokenizer([s for _, s, _ in copy_pairs(20, 0)], vocab_size=80))
+    module = built(T5Net)
     checkpoints = SimpleNamespace(best_model_path=str(tmp_path / "a.ckpt"), best_model_score=torch.tensor(0.5),
                                   monitor="val_rouge1", dirpath=str(tmp_path))
     last = SimpleNamespace(best_model_path=str(tmp_path / "last.ckpt"), best_model_score=None, monitor=None,
@@ -288,15 +366,16 @@ def test_hf_best_export_follows_new_best_scores_only(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- architectures, pretrained models, options
 
 
-@pytest.mark.parametrize("arch", ["t5", "bart"])
-def test_both_archs_build_and_take_a_step(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("net, arch", [(T5Net, "t5"), (BartNet, "bart")])
+def test_both_archs_build_and_take_a_step(net: type, arch: str, tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
-    model = Summarizer(arch=arch, **TINY, num_beams=2, max_new_tokens=4)
     data = CopyData(n_train=32, n_val=8)
+    model = summarizer(data, net, num_beams=2, max_new_tokens=4)
     trainer = small_trainer(tmp_path, 1, fast_dev_run=1)
     trainer.fit(model, datamodule=data)
     config, tokenizer = model.model.config, data.tokenizer
     assert config.model_type == arch and config.d_model == 32 and config.vocab_size == len(tokenizer)
+    assert tokenizer.get_vocab() == model.tokenizer.get_vocab()  # both read the data module's tokenizer file
     assert (config.decoder_start_token_id, config.eos_token_id, config.pad_token_id) == (
         tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
     assert torch.isfinite(trainer.callback_metrics["train_loss"]) and "val_rouge1" in trainer.callback_metrics
@@ -305,14 +384,14 @@ def test_both_archs_build_and_take_a_step(arch: str, tmp_path: Path) -> None:
     assert model(batch).shape == (2, batch["labels"].shape[1], len(tokenizer))
 
 
-@pytest.mark.parametrize("arch", ["t5", "bart"])
-def test_loss_without_smoothing_is_the_models_cross_entropy(arch: str) -> None:
+@pytest.mark.parametrize("net", [T5Net, BartNet])
+def test_loss_without_smoothing_is_the_models_cross_entropy(net: type) -> None:
     """Logits and labels are aligned and padding (-100) is ignored: with no smoothing, the model's own loss; with
     smoothing e, the usual mixture with the mean over the vocabulary."""
     tokenizer = train_tokenizer([s for _, s, _ in copy_pairs(50, 0)], vocab_size=100)
     batch = make_batch(tokenizer, [*copy_pairs(5, 4), ("short", "red cat runs", "red")])
     assert (batch["labels"] == -100).sum() == 2
-    model = Summarizer(arch=arch, **TINY, label_smoothing=0.0)
+    model = summarizer(None, net, label_smoothing=0.0)
     model.build(tokenizer)
     model.eval()
     with torch.no_grad():
@@ -328,12 +407,57 @@ def test_loss_without_smoothing_is_the_models_cross_entropy(arch: str) -> None:
 def test_build_seq2seq_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="not divisible"):
         build_seq2seq("t5", 100, 0, 3, 2, d_model=30, heads=4)
+    with pytest.raises(ValueError, match="not divisible"):
+        T5Net(100, 0, 2, 3, 64, d_model=30, heads=4)
     with pytest.raises(ValueError, match="arch must be"):
         build_seq2seq("gpt", 100, 0, 3, 2)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="arch must be"):
-        Summarizer(arch="gpt")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="min_new_tokens"):
-        Summarizer(min_new_tokens=5, max_new_tokens=4)
+    with pytest.raises(ValueError, match="needs a pad token, a start token"):
+        BartNet(100, 0, None, 3, 64)  # type: ignore[arg-type]  # a tokenizer without [CLS] or BOS
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"generation": {"min_new_tokens": 5, "max_new_tokens": 4}}, r"0 <= min_new_tokens <= max_new_tokens"),
+    ({"generation": {"max_new_tokens": 0, "min_new_tokens": 0}}, "max_new_tokens >= 1"),
+    ({"generation": {"num_beams": 0}}, "num_beams must be >= 1"),
+    ({"generation": {"no_repeat_ngram_size": -1}}, "no_repeat_ngram_size must be >= 0"),
+    ({"generation": {"length_penalty": float("nan")}}, "length_penalty must be a finite number"),
+    ({"generation": {"beams": 4}}, r"generation: unknown setting\(s\) beams"),
+    ({"optim": {"lr": 0.0}}, "lr must be positive"),
+    ({"optim": {"warmup_fraction": 1.0}}, r"warmup_fraction must be in \[0, 1\)"),
+    ({"optim": {"scheduler": "linear"}}, "scheduler must be 'constant' or 'cosine'"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+    ({"val_generate_limit": 0}, "val_generate_limit must be >= 1 or None"),
+    ({"net": "bart"}, "net: expected a network class"),
+    ({"net": {"class_path": "os.system"}}, "outside the modules a saved network may name"),
+])
+def test_bad_settings_name_the_field(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Summarizer(**arguments)
+
+
+def test_settings_groups_keep_the_task_defaults() -> None:
+    """A mapping changes only the fields it names; the hyperparameters are plain data."""
+    model = Summarizer(optim={"lr": 0.003}, generation={"num_beams": 2})
+    assert model.optim == OptimizerConfig(**{**vars(DEFAULT_OPTIM), "lr": 0.003})
+    assert model.optim.no_decay_keys and model.optim.scheduler == "cosine" and model.optim.max_grad_norm == 1.0
+    assert model.generation == GenerationSettings(num_beams=2)
+    assert model.hparams.generation == {**vars(GenerationSettings()), "num_beams": 2}
+    assert model.hparams.net == {"class_path": "bp_apps.text.summarization.models.T5Net", "init_args": {}}
+    assert model.generation_kwargs(num_beams=1) == {k: v for k, v in model.generation_kwargs().items()
+                                                    if k != "length_penalty"} | {"num_beams": 1}
+    with pytest.raises(ValueError, match="mbr_samples must be >= 0"):
+        model.generation_kwargs(mbr_samples=-1)  # an override is checked like the group
+
+
+class NotSeq2Seq(torch.nn.Module):
+    def __init__(self, *sizes: int) -> None:
+        super().__init__()
+
+
+def test_a_network_that_is_not_a_seq2seq_net_is_refused() -> None:
+    model = Summarizer(net=NotSeq2Seq)
+    with pytest.raises(ValueError, match="net: NotSeq2Seq is not a Seq2SeqNet"):
+        model.build(train_tokenizer([s for _, s, _ in copy_pairs(20, 0)], vocab_size=80))
 
 
 def save_tiny_pretrained(directory: Path) -> tuple[Any, Any]:
@@ -353,32 +477,51 @@ def test_load_pretrained_seq2seq_from_a_directory(tmp_path: Path, monkeypatch: p
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
 
 
-def test_pretrained_name_replaces_the_data_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The model and tokenizer come from the directory; the checkpoint then loads after it is gone."""
+def test_pretrained_net_with_the_data_modules_copy_of_its_tokenizer(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model comes from the directory, the tokenizer from the data module's file of the same directory's
+    tokenizer; the checkpoint then loads after both are gone."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _, tokenizer = save_tiny_pretrained(tmp_path / "tiny")
     L.seed_everything(0, verbose=False)
-    model = Summarizer(pretrained_name=str(tmp_path / "tiny"), num_beams=1, max_new_tokens=4)
-    data = CopyData(n_train=64, n_val=8)
+    data = CopyData(n_train=64, n_val=8, pretrained=str(tmp_path / "tiny"))
+    model = summarizer(data, partial(PretrainedNet, name_or_dir=str(tmp_path / "tiny")), num_beams=1,
+                       max_new_tokens=4)
     trainer = small_trainer(tmp_path / "run", 1)
     trainer.fit(model, datamodule=data)
-    assert data.tokenizer.get_vocab() == tokenizer.get_vocab() and model.model.config.d_model == 16
+    assert data.tokenizer.get_vocab() == tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    assert model.model.config.d_model == 16
+    assert model.hparams.net == {"class_path": "bp_apps.text.summarization.models.PretrainedNet",
+                                 "init_args": {"name_or_dir": str(tmp_path / "tiny")}}
+    Path(data.tokenizer_file).unlink()
     shutil.rmtree(tmp_path / "tiny")
     loaded = load_summarizer(trainer.checkpoint_callback.best_model_path)  # Lightning's default: the newest epoch
     texts = [source for _, source, _ in copy_pairs(4, 2)]
     assert summarize(loaded, texts, max_source_tokens=64) == summarize(model, texts, max_source_tokens=64)
 
 
+def test_pretrained_net_refuses_a_tokenizer_that_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, tokenizer = save_tiny_pretrained(tmp_path / "tiny")
+    name = str(tmp_path / "tiny")
+    with pytest.raises(ValueError, match=r"does not fit the pretrained model .*10000 tokens.*tokenizer_name="):
+        PretrainedNet(10_000, tokenizer.pad_token_id, None, tokenizer.sep_token_id, 512, name_or_dir=name)
+    with pytest.raises(ValueError, match="pad id 7, the model's is 0"):
+        PretrainedNet(len(tokenizer), 7, None, tokenizer.sep_token_id, 512, name_or_dir=name)
+
+
 def test_val_generate_limit_caps_generation(tmp_path: Path) -> None:
-    model = Summarizer(arch="bart", **TINY, num_beams=1, max_new_tokens=3, val_generate_limit=5, sample_generations=9)
+    data = CopyData(n_train=32, n_val=20)
+    model = summarizer(data, BartNet, num_beams=1, max_new_tokens=3, val_generate_limit=5, sample_generations=9)
     trainer = small_trainer(tmp_path, 1, logger=False, enable_checkpointing=False)
-    trainer.validate(model, datamodule=CopyData(n_train=32, n_val=20), verbose=False)
+    trainer.validate(model, datamodule=data, verbose=False)
     assert [s["id"] for s in model.samples["val"]] == [f"1-{i}" for i in range(5)]
     assert "val_loss" in trainer.callback_metrics
 
 
 def test_optimizer_groups_skip_decay_on_embeddings_norms_and_biases() -> None:
-    model = Summarizer(arch="bart", **TINY, weight_decay=0.1)
+    model = Summarizer(net=partial(BartNet, **TINY), optim={"weight_decay": 0.1})
     model.build(train_tokenizer([s for _, s, _ in copy_pairs(20, 0)], vocab_size=80))
     groups = model.configure_optimizers()["optimizer"].param_groups
     decay = {id(p) for p in groups[0]["params"]}

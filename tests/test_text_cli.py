@@ -43,7 +43,7 @@ def fit(config: str, root: Path, *overrides: str) -> dict:
 def punct_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("punct")
     metrics = fit("label_punct_embedded", root, "--data.max_docstrings=400", "--trainer.max_epochs=3",
-                  "--model.hidden=32", "--model.word_dim=32", "--model.char_channels=16")
+                  "--model.net.hidden=32", "--model.net.word_dim=32", "--model.net.char_channels=16")
     return metrics, root
 
 
@@ -79,11 +79,12 @@ def test_label_command_errors_name_the_problem(punct_run: tuple[dict, Path], tmp
 
 
 def test_summarize_demo_and_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    metrics = fit("summarize_embedded", tmp_path / "run", "--data.max_pairs=120", "--model.d_model=32",
-                  "--model.ff=64", "--model.layers=1", "--data.tokenizer_vocab_size=300",
-                  "--model.val_generate_limit=8", "--model.max_new_tokens=8")
+    metrics = fit("summarize_embedded", tmp_path / "run", "--data.max_pairs=120", "--model.net.d_model=32",
+                  "--model.net.ff=64", "--model.net.layers=1", "--data.tokenizer_vocab_size=300",
+                  "--model.val_generate_limit=8", "--model.generation.max_new_tokens=8")
     assert {"test_rouge1", "test_rouge2", "test_rougeL", "test_rougeLsum"} <= set(metrics["test"])
     ckpt = metrics["best_checkpoint"]
+    assert (Path(ckpt).parent / "hf_best" / "tokenizer.json").is_file()
     capsys.readouterr()
     assert main(["summarize", "Read the file and return its lines as a list of strings.", "--ckpt", ckpt,
                  "--json", "--beams", "1"]) == 0
@@ -113,7 +114,7 @@ def test_train_text_script_on_real_srl_data(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "scripts" / "train_text.py"), "--config", str(CONFIGS / "srl_propbank_ewt.yaml"),
          f"--data.data_root={PROPBANK.parents[1]}", "--data.limit_train=200", "--data.limit_val=50",
          "--trainer.max_epochs=1",
-         "--model.hidden=16", "--model.word_dim=16", f"--trainer.default_root_dir={tmp_path}",
+         "--model.net.hidden=16", "--model.net.word_dim=16", f"--trainer.default_root_dir={tmp_path}",
          "--trainer.enable_progress_bar=false"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())

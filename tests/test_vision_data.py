@@ -147,18 +147,86 @@ def test_unpacked_idx_files_are_accepted(tmp_path):
     assert torch.equal(gz.test_set.tensors[0], unpacked.test_set.tensors[0])
 
 
-def test_idx_reading_writes_nothing_and_downloads_only_when_asked(tmp_path, monkeypatch):
-    root = make_idx_root(tmp_path)
+def test_present_files_are_read_without_touching_the_network(tmp_path, monkeypatch):
+    """Downloading is the default, but only for missing files: with the files present nothing is fetched (even
+    with ``download: true``) and nothing is written into the data root."""
+    root = make_idx_root(tmp_path / "gz")
     before = tree(root)
     calls = []
     monkeypatch.setattr(MNISTDataModule, "DOWNLOADER", staticmethod(lambda **kwargs: calls.append(kwargs)))
     dm = MNISTDataModule(data_root=str(root))
+    assert dm.hparams.download is True
     dm.prepare_data()
     dm.setup()
     next(iter(dm.train_dataloader()))
-    assert calls == [] and tree(root) == before
     MNISTDataModule(data_root=str(root), download=True).prepare_data()
-    assert calls == [{"root": str(root), "download": True}]
+    unpacked = make_idx_root(tmp_path / "unpacked", suffix="")  # unpacked files count as present too
+    MNISTDataModule(data_root=str(unpacked)).prepare_data()
+    assert calls == [] and tree(root) == before
+
+
+@pytest.mark.parametrize("cls", [MNISTDataModule, FashionMNISTDataModule])
+def test_missing_files_are_downloaded_into_the_data_root(cls, tmp_path, monkeypatch):
+    calls = []
+
+    def fetch(root: str, download: bool) -> None:  # torchvision's MNIST(root, download=True), offline
+        calls.append((root, download))
+        make_idx_root(Path(root), folder=cls.FOLDER)
+
+    monkeypatch.setattr(cls, "DOWNLOADER", staticmethod(fetch))
+    dm = cls(data_root=str(tmp_path / "fresh"))
+    dm.prepare_data()
+    assert calls == [(str(tmp_path / "fresh"), True)]
+    dm.setup()
+    assert len(dm.test_set) == 20
+    cls(data_root=str(tmp_path / "fresh")).prepare_data()
+    assert len(calls) == 1, "present now: not fetched again"
+    off = cls(data_root=str(tmp_path / "elsewhere"), download=False)
+    off.prepare_data()
+    assert len(calls) == 1 and not (tmp_path / "elsewhere").exists()
+    with pytest.raises(FileNotFoundError, match="download: true"):
+        off.setup()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error "
+                                                "[Errno -3] Temporary failure in name resolution>"),
+                                   OSError("[Errno 101] Network is unreachable")])
+def test_a_failed_download_names_the_folder_and_leaves_nothing_behind(error, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "notes.txt").write_text("the user's")
+
+    def fail(root: str, download: bool, partial: str = "MNIST/raw/train-images-idx3-ubyte.gz") -> None:
+        (Path(root) / partial).parent.mkdir(parents=True, exist_ok=True)  # offline: a partial file, then the error
+        (Path(root) / partial).write_bytes(b"\x1f\x8b partial")
+        raise error
+
+    monkeypatch.setattr(MNISTDataModule, "DOWNLOADER", staticmethod(fail))
+    with pytest.raises(FileNotFoundError) as info:
+        MNISTDataModule(data_root=str(root)).prepare_data()
+    message = str(info.value)
+    assert str(root / "MNIST" / "raw") in message and "downloading it from its official source failed" in message
+    assert str(error).split(":")[0] in message and "--data.data_root" in message
+    assert tree(root) == {"notes.txt": 10} and not (root / "MNIST").exists()
+    monkeypatch.setattr(CIFAR10DataModule, "DOWNLOADER",
+                        staticmethod(lambda **kwargs: fail(**kwargs, partial="cifar-10-python.tar.gz")))
+    with pytest.raises(FileNotFoundError, match=r"CIFAR10DataModule: the data is not in .*cifar-10-batches-py"):
+        CIFAR10DataModule(data_root=str(tmp_path / "new" / "root")).prepare_data()
+    assert not (tmp_path / "new").exists(), "folders the download created are removed again"
+
+
+def test_the_cli_reports_a_failed_download_as_an_error(tmp_path, monkeypatch, capsys):
+    from bp_apps.cli import main
+
+    def offline(root: str, download: bool) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error no network>")
+
+    monkeypatch.setattr(MNISTDataModule, "DOWNLOADER", staticmethod(offline))
+    config = Path(__file__).resolve().parents[1] / "configs" / "vision" / "mnist_cnn.yaml"
+    assert main(["fit", "--config", str(config), f"--data.data_root={tmp_path / 'data'}",
+                 f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_progress_bar=false"]) == 2
+    err = capsys.readouterr().err
+    assert "bp-apps fit: error: MNISTDataModule: the data is not in" in err and "no network" in err
 
 
 def test_missing_idx_files_name_them_and_the_fix(tmp_path):

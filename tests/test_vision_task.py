@@ -2,6 +2,7 @@
 a confusion matrix and a best checkpoint, predict-image works, and wrong checkpoints are refused."""
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from PIL import Image
 from bp_apps.cli import main
 from bp_apps.core.callbacks import task_callbacks
 from bp_apps.vision.data import DigitsImageDataModule
-from bp_apps.vision.task import ImageClassifier, load_image_classifier, predict_images
+from bp_apps.vision.models import EngineImageMLP, ImageMLP, ResNet18, SmallCNN
+from bp_apps.vision.task import DEFAULT_OPTIM, ImageClassifier, load_image_classifier, predict_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,11 +31,25 @@ def fit_and_test(model: ImageClassifier, tmp_path: Path, epochs: int = 1, **trai
     return t
 
 
-@pytest.mark.parametrize("model, backend", [("mlp", "engine"), ("mlp", "autograd"), ("cnn", "autograd"),
-                                            ("cnn_engine_head", "autograd"), ("resnet18", "autograd")])
-def test_every_model_trains_and_leaves_its_files(model, backend, tmp_path):
-    classifier = ImageClassifier(model=model, backend=backend, input_shape=(1, 8, 8), hidden=(64,), lr=3e-3,
-                                 dropout=0.0, width=8)
+NETWORKS = {
+    "engine_mlp": partial(EngineImageMLP, hidden=(64,), dropout=0.0),
+    "autograd_mlp": partial(ImageMLP, hidden=(64,), dropout=0.0),
+    "cnn": partial(SmallCNN, width=8, hidden=(64,), dropout=0.0),
+    "cnn_engine_head": partial(SmallCNN, width=8, hidden=(64,), dropout=0.0, head="engine_mlp"),
+    "resnet18": ResNet18,
+}
+
+
+def engine_mlp(**kwargs: Any) -> ImageClassifier:
+    """The digits MLP trained by the engine (hidden 64, no dropout, lr 3e-3) with ``kwargs`` for the task."""
+    return ImageClassifier(NETWORKS["engine_mlp"], **{"input_shape": (1, 8, 8), "optim": {"lr": 3e-3}, **kwargs})
+
+
+@pytest.mark.parametrize("model", sorted(NETWORKS))
+def test_every_model_trains_and_leaves_its_files(model, tmp_path):
+    classifier = ImageClassifier(NETWORKS[model], input_shape=(1, 8, 8), optim={"lr": 3e-3})
+    backend = "engine" if model == "engine_mlp" else "autograd"
+    assert classifier.engine == (backend == "engine")
     t = fit_and_test(classifier, tmp_path, epochs=2 if model != "resnet18" else 1,
                      limit_train_batches=1.0 if model != "resnet18" else 4)
     log_dir = Path(t.log_dir)
@@ -54,9 +70,7 @@ def test_every_model_trains_and_leaves_its_files(model, backend, tmp_path):
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("digits")
-    classifier = ImageClassifier(model="mlp", backend="engine", input_shape=(1, 8, 8), hidden=(64,), lr=3e-3,
-                                 dropout=0.0)
-    t = fit_and_test(classifier, tmp_path, epochs=3)
+    t = fit_and_test(engine_mlp(), tmp_path, epochs=3)
     return Path(t.checkpoint_callback.best_model_path)
 
 
@@ -113,39 +127,101 @@ def test_checkpoint_of_another_task_is_refused(digits_checkpoint, tmp_path, caps
 
 
 def test_checkpoint_with_another_class_count_is_refused(digits_checkpoint, tmp_path):
-    model = ImageClassifier(model="mlp", backend="engine", num_classes=5, input_shape=(1, 8, 8), hidden=(64,))
+    model = engine_mlp(num_classes=5)
     checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
     with pytest.raises(ValueError, match="trained for 10 classes, but this model has 5"):
         model.on_load_checkpoint(checkpoint)
 
 
 def test_data_and_model_mismatch_is_refused(tmp_path):
-    model = ImageClassifier(model="mlp", backend="engine", num_classes=10, input_shape=(1, 28, 28), hidden=(8,))
+    model = engine_mlp(input_shape=(1, 28, 28))
     t = L.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
                   enable_checkpointing=False)
     with pytest.raises(ValueError, match=r"gives input_shape=\(1, 8, 8\).*built for input_shape=\(1, 28, 28\)"):
         t.fit(model, datamodule=DigitsImageDataModule())
 
 
-def test_engine_backend_needs_the_mlp():
-    with pytest.raises(ValueError, match="model='mlp' only"):
-        ImageClassifier(model="cnn", backend="engine")
-    with pytest.raises(ValueError, match="norm applies to the engine MLP"):
-        ImageClassifier(model="cnn", norm="batch")
+def test_the_network_is_injected_and_saved_as_its_class_and_arguments():
+    """The task takes the network's class (a config's ``class_path``), builds it for the data's sizes under its own
+    seed, and saves it, with the optimizer group, as plain data that rebuilds it."""
+    before = torch.random.get_rng_state()
+    model = ImageClassifier(partial(SmallCNN, width=4, hidden=(8,)), input_shape=(3, 12, 12), num_classes=4, seed=5,
+                            optim={"lr": 0.02})
+    assert torch.equal(torch.random.get_rng_state(), before), "building a model must not move the global RNG"
+    assert isinstance(model.net, SmallCNN) and model.net(torch.zeros(2, 3, 12, 12)).shape == (2, 4)
+    assert model.hparams["net"] == {"class_path": "bp_apps.vision.models.SmallCNN",
+                                    "init_args": {"width": 4, "hidden": (8,)}}
+    assert model.hparams["optim"]["lr"] == 0.02 and model.optim.weight_decay == DEFAULT_OPTIM.weight_decay
+    again = ImageClassifier(model.hparams["net"], input_shape=(3, 12, 12), num_classes=4, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(model.net.parameters(), again.net.parameters(), strict=True))
+    other = ImageClassifier(model.hparams["net"], input_shape=(3, 12, 12), num_classes=4, seed=6)
+    assert not torch.equal(next(other.net.parameters()), next(model.net.parameters()))
+    assert isinstance(ImageClassifier().net, SmallCNN) and ImageClassifier().optim == DEFAULT_OPTIM
 
 
-def test_the_earlier_names_of_the_engine_are_refused_with_their_new_names(digits_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="backend='manual' is now called 'engine'"):
-        ImageClassifier(model="mlp", backend="manual")
-    with pytest.raises(ValueError, match="model='cnn_manual_head' is now called 'cnn_engine_head'"):
-        ImageClassifier(model="cnn_manual_head")
+def test_bad_network_settings_are_refused_naming_them():
+    with pytest.raises(ValueError, match="norm normalises the engine MLP head"):
+        ImageClassifier(partial(SmallCNN, norm="batch"))
+    with pytest.raises(ValueError, match="head must be 'torch' or 'engine_mlp'"):
+        ImageClassifier(partial(SmallCNN, head="manual"))
+    with pytest.raises(ValueError, match=r"SmallCNN needs images of at least 4×4 pixels"):
+        ImageClassifier(SmallCNN, input_shape=(1, 3, 3))
+    with pytest.raises(ValueError, match=r"EngineImageMLP: input_shape must be \(channels, height, width\)"):
+        ImageClassifier(EngineImageMLP, input_shape=(64,))
+    with pytest.raises(ValueError, match=r"unknown pretrained weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        ImageClassifier(partial(ResNet18, pretrained="IMAGENET9K"), input_shape=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"net: class_path 'os\.system' is outside the modules"):
+        ImageClassifier({"class_path": "os.system", "init_args": {}})
+    with pytest.raises(ValueError, match=r"lr must be positive"):
+        ImageClassifier(optim={"lr": -1.0})
+    with pytest.raises(ValueError, match=r"optim: unknown setting\(s\) learning_rate"):
+        ImageClassifier(optim={"learning_rate": 0.1})
+
+
+def test_digits_configs_start_both_backends_from_the_same_weights():
+    """digits_mlp_engine and digits_mlp_autograd differ only in the network's backend: for the same seed the
+    engine MLP and its torch.nn twin start from identical weights (so their figures are comparable)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    nets = {}
+    for config in ("digits_mlp_engine", "digits_mlp_autograd"):
+        cli = LightningCLI(ImageClassifier, DigitsImageDataModule, run=False, subclass_mode_model=True,
+                           subclass_mode_data=True, save_config_callback=None,
+                           args=["--config", str(ROOT / "configs" / "vision" / f"{config}.yaml"),
+                                 "--trainer.logger=false", "--model.init_args.input_shape=[1, 8, 8]"])
+        nets[config] = cli.model
+    engine, twin = nets["digits_mlp_engine"], nets["digits_mlp_autograd"]
+    assert isinstance(engine.net, EngineImageMLP) and engine.engine
+    assert isinstance(twin.net, ImageMLP) and not twin.engine
+    pairs = list(zip(engine.net.parameters(), twin.net.parameters(), strict=True))
+    assert len(pairs) == 6 and all(torch.equal(p, q) for p, q in pairs)
+    assert engine.hparams["optim"] == twin.hparams["optim"]
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(engine.eval()(x), twin.eval()(x))
+    assert isinstance(engine.net.to_autograd(), ImageMLP)
+    torch.testing.assert_close(engine.net.to_autograd()(x), twin(x))
+
+
+def test_a_pretrained_resnet_checkpoint_is_rebuilt_without_downloading():
+    saved = {"net": {"class_path": "bp_apps.vision.models.ResNet18", "init_args": {"pretrained": "IMAGENET1K_V1"}},
+             "input_shape": [1, 32, 32]}
+    overrides = ImageClassifier.load_overrides(saved)
+    assert overrides["net"]["init_args"] == {"pretrained": None, "small_stem": False}
+    offline = ImageClassifier(overrides["net"], input_shape=(1, 32, 32))  # the architecture the weights were for
+    assert offline.net.conv1.kernel_size == (7, 7) and offline.net.conv1.in_channels == 1
+    assert ImageClassifier.load_overrides({"net": {"class_path": "bp_apps.vision.models.SmallCNN"}}) == {}
+    assert ImageClassifier(ResNet18, input_shape=(3, 32, 32)).net.conv1.kernel_size == (3, 3)
+
+
+def test_checkpoints_of_the_flat_constructor_are_refused_naming_the_file(digits_checkpoint, tmp_path):
     checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"]["backend"] = "manual"
+    hparams = checkpoint["hyper_parameters"]
+    del hparams["net"], hparams["optim"]
+    hparams.update(model="mlp", backend="engine", hidden=[64], lr=3e-3)  # as written before the network was injected
     older = tmp_path / "older.ckpt"
     torch.save(checkpoint, older)
-    with pytest.raises(ValueError, match=r"ImageClassifier\.load\(path, backend='engine'\)"):
+    with pytest.raises(ValueError, match=r"older\.ckpt: its hyperparameters .*ImageClassifier.*earlier bp_apps"):
         ImageClassifier.load(older)
-    assert ImageClassifier.load(older, backend="engine").engine
 
 
 def test_checkpoint_with_code_payload_is_refused_without_running_it(tmp_path):
@@ -198,8 +274,8 @@ def test_imagefolder_run_counts_skipped_images_in_its_summary(tmp_path):
     (tmp_path / "faces" / "bob" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     data = ImageFolderDataModule(data_root=str(tmp_path / "faces"), image_size=16, batch_size=8,
                                  skip_bad_images=True)
-    model = ImageClassifier(model="cnn_engine_head", num_classes=2, input_shape=(3, 16, 16), width=4, hidden=(8,),
-                            lr=1e-2, dropout=0.0)
+    model = ImageClassifier(partial(SmallCNN, width=4, hidden=(8,), dropout=0.0, head="engine_mlp"), num_classes=2,
+                            input_shape=(3, 16, 16), optim={"lr": 1e-2})
     L.seed_everything(0, verbose=False)
     t = L.Trainer(max_epochs=6, default_root_dir=tmp_path / "run", enable_progress_bar=False,
                   enable_model_summary=False, log_every_n_steps=1, callbacks=task_callbacks("val_acc", "max"))
@@ -242,14 +318,18 @@ def test_cli_links_the_folder_to_the_model_and_predict_reads_the_data_state(tmp_
 
     faces = make_face_folder(tmp_path / "faces", classes=("alice", "bob", "carol"))
     argv = ["fit", "--config", str(ROOT / "configs" / "vision" / "imagefolder.yaml"), f"--data.data_root={faces}",
-            "--data.image_size=16", "--data.channels=1", "--data.batch_size=4", "--model.width=4",
-            "--model.hidden=[8]", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+            "--data.image_size=16", "--data.channels=1", "--data.batch_size=4",
+            "--model.net.init_args.width=4", "--model.net.init_args.hidden=[8]", "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false"]
     assert main(argv) == 0
     ckpt = json.loads(next((tmp_path / "run").rglob("metrics.json")).read_text())["best_checkpoint"]
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["num_classes"] == 3
     assert list(checkpoint["hyper_parameters"]["input_shape"]) == [1, 16, 16]
+    assert checkpoint["hyper_parameters"]["net"] == {
+        "class_path": "bp_apps.vision.models.SmallCNN",
+        "init_args": {"width": 4, "hidden": [8], "dropout": 0.25, "head": "engine_mlp", "norm": None}}
     assert checkpoint["ImageFolderDataModule"] == {"class_names": ["alice", "bob", "carol"], "input_shape": [1, 16, 16],
                                                    "mean": [0.5], "std": [0.5], "datamodule": "ImageFolderDataModule"}
     (result,) = predict_images([next((faces / "bob").glob("*.png"))], ckpt, top_k=3)

@@ -19,7 +19,8 @@ class ClassifierModule(TaskModule):
     and both backends: an engine ``MLP`` trains by its hand-written backward, any other ``nn.Module`` by autograd.
 
     Subclasses build ``net``, call ``super().__init__`` and then ``self.save_hyperparameters()``.
-    ``prepare_input`` adapts a batch to ``net`` (for example, flattening images for an MLP).
+    ``prepare_input`` adapts a batch's inputs to ``net`` (identity here; the vision networks flatten images
+    themselves).
     """
 
     def __init__(self, net: torch.nn.Module, num_classes: int, *, optim: OptimizerConfig,

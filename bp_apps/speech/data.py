@@ -2,11 +2,13 @@
 made from it), espeak-ng synthesized speech, JSONL manifests, and torchaudio's LibriSpeech / Speech Commands.
 
 Every module turns its utterances into model inputs once (log-mel or waveform, see ``features.py``), keeps them in
-an atomically written feature cache, and exposes ``feature_config`` and ``input_dim`` right after ``__init__``, as
-do FSDD's ``num_classes`` and the recognition modules' ``lexicon_words`` (the training words, read on first use);
-``bp-apps`` links all but the first to the model. Its checkpoint state is what ``transcribe`` needs; ``setup``
-refuses a model built for another feature size or class count. Recognition loaders yield :class:`SpeechBatch`; the
-isolated-digit loader yields ``((features, lengths), labels)``.
+an atomically written feature cache. The feature settings are one group, ``features`` (a
+:class:`~bp_apps.speech.features.FeatureConfig`; a config writes it as a mapping, e.g. ``features: {sample_rate:
+8000, n_mels: 40}``). A module exposes ``input_dim`` right after ``__init__``, as do FSDD's ``num_classes`` and the
+recognition modules' ``lexicon_words`` (the training words, read on first use); ``bp-apps`` links them to the model.
+Its checkpoint state (the feature settings, and the training words or class names) is what ``transcribe`` needs;
+``setup`` refuses a model built for another feature size or class count. Recognition loaders yield
+:class:`SpeechBatch`; the isolated-digit loader yields ``((features, lengths), labels)``.
 
 FSDD's official split: recordings 0-4 of every speaker and digit are the test set, the rest train; validation is
 taken from train by index (``val_indices``, default 5-9). Connected-digit utterances of a split are built only from
@@ -24,10 +26,10 @@ import re
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from bp_apps.core.compose import settings
 from bp_apps.core.datalink import PreprocessingDataModule
 from bp_apps.core.io import default_cache_dir, default_data_root, utf8_lines
 from bp_apps.core.resume import resumable_loader
@@ -44,10 +47,11 @@ from bp_apps.speech.features import FeatureCache, FeatureConfig, make_extractor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FSDD_ARCHIVE_URL", "FSDD_RECORDINGS_DIGEST", "ConnectedDigitsDataModule", "FSDDDigitsDataModule",
-           "LibriSpeechDataModule", "ManifestDataModule", "RecognitionDataModule", "SpeechBatch",
-           "SpeechCommandsDataModule", "SynthSpeechDataModule", "Utterance", "connected_digit_utterances",
-           "download_fsdd", "fsdd_split", "list_fsdd", "parse_fsdd_name", "read_manifest", "split_voice_variants"]
+__all__ = ["DEFAULT_FEATURES", "FSDD_ARCHIVE_URL", "FSDD_FEATURES", "FSDD_RECORDINGS_DIGEST",
+           "ConnectedDigitsDataModule", "FSDDDigitsDataModule", "LibriSpeechDataModule", "ManifestDataModule",
+           "RecognitionDataModule", "SpeechBatch", "SpeechCommandsDataModule", "SynthSpeechDataModule", "Utterance",
+           "connected_digit_utterances", "download_fsdd", "fsdd_split", "list_fsdd", "parse_fsdd_name",
+           "read_manifest", "split_voice_variants"]
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_ARCHIVE_URL = f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.tar.gz"
@@ -131,9 +135,21 @@ def collate_digits(items: list[tuple[Tensor, Tensor, str, int]]) -> tuple[tuple[
 
 # ----------------------------------------------------------------------------------------------- base module
 
+DEFAULT_FEATURES = FeatureConfig()
+"""16 kHz log-mel, 64 bands every 10 ms: the feature settings of most modules when a config gives none."""
+FSDD_FEATURES = FeatureConfig(sample_rate=8000, n_mels=40)
+"""FSDD's recordings are 8 kHz: the feature settings of the FSDD modules when a config gives none."""
+LIBRISPEECH_FEATURES = FeatureConfig(n_mels=80)
+SPEECH_COMMANDS_FEATURES = FeatureConfig(n_mels=40)
+
+FeatureSettings = FeatureConfig | Mapping[str, Any] | None
+"""A module's ``features`` argument in Python: the settings, a mapping over its defaults, or None (its defaults)."""
+
+
 class SpeechDataModule(PreprocessingDataModule):
-    """What every speech data module shares: feature settings (``input_dim``: the feature size per frame), the
-    feature cache, loaders, and the feature settings as its checkpoint state (what ``transcribe`` needs).
+    """What every speech data module shares: the feature settings ``features`` (``input_dim``: the feature size
+    per frame), the feature cache, loaders, and the feature settings as its checkpoint state (what ``transcribe``
+    needs). ``default_features`` are a module's settings when none are given (a mapping overrides its fields).
 
     Subclasses implement ``utterances(split)`` for ``train``, ``val`` and ``test``. ``cache_dir`` defaults to
     ``$BP_APPS_CACHE/speech`` (or ``~/.cache/bp_apps/speech``); ``cache=False`` keeps features in memory only.
@@ -141,14 +157,13 @@ class SpeechDataModule(PreprocessingDataModule):
 
     collate = staticmethod(collate_speech)
     MUST_MATCH = ("features",)
+    default_features = DEFAULT_FEATURES
 
-    def __init__(self, batch_size: int = 32, sample_rate: int = 16_000,
-                 features: Literal["logmel", "waveform"] = "logmel", n_mels: int = 64, hop_ms: float = 10.0,
-                 max_seconds: float | None = 30.0, num_workers: int = 0,
-                 cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+    def __init__(self, features: FeatureSettings = None, batch_size: int = 32, max_seconds: float | None = 30.0,
+                 num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.feature_config = FeatureConfig(kind=features, sample_rate=sample_rate, n_mels=n_mels, hop_ms=hop_ms)
-        self.input_dim = self.feature_config.dim
+        self.features = settings(FeatureConfig, features, "features", self.default_features)
+        self.input_dim = self.features.dim
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.max_seconds = max_seconds
         root = Path(cache_dir) if cache_dir else default_cache_dir() / "speech"
@@ -160,17 +175,17 @@ class SpeechDataModule(PreprocessingDataModule):
 
     def metrics_summary(self) -> dict[str, Any]:
         """For ``metrics.json``: the feature settings."""
-        return {"features": self.feature_config.to_dict()}
+        return {"features": self.features.to_dict()}
 
     def preprocessing(self) -> dict[str, Any]:
         """What ``transcribe`` needs: the feature settings."""
-        return {"features": self.feature_config.to_dict()}
+        return {"features": self.features.to_dict()}
 
     def build_features(self, utterances: Sequence[Utterance]) -> list[Tensor]:
         from tqdm.auto import tqdm
 
-        extract = make_extractor(self.feature_config)
-        rate = self.feature_config.sample_rate
+        extract = make_extractor(self.features)
+        rate = self.features.sample_rate
         progress = tqdm(utterances, desc="features", unit="file", disable=None, leave=False)  # silent without a tty
         return [extract(load_utterance(u, rate, self.max_seconds)).contiguous() for u in progress]
 
@@ -186,7 +201,7 @@ class SpeechDataModule(PreprocessingDataModule):
                 where = self.source(split)
                 raise ValueError(f"{type(self).__name__}: the {split} split is empty"
                                  + (f" (data from {where})" if where else ""))
-            key = FeatureCache.key([u.key() for u in utterances], self.feature_config)
+            key = FeatureCache.key([u.key() for u in utterances], self.features)
             features = self.cache.get_or_build(f"{type(self).__name__}-{split}", key,
                                                lambda: self.build_features(utterances))
             self.datasets[split] = FeatureDataset(features, utterances)
@@ -355,15 +370,14 @@ class FSDDDigitsDataModule(SpeechDataModule):
     ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``)."""
 
     collate = staticmethod(collate_digits)
+    default_features = FSDD_FEATURES
 
     def __init__(self, data_root: str | None = None, download: bool = False,
                  val_indices: Sequence[int] = (5, 6, 7, 8, 9), limit_per_split: int | None = None,
-                 batch_size: int = 32, sample_rate: int = 8000, n_mels: int = 40, hop_ms: float = 10.0,
-                 max_seconds: float | None = 10.0, num_workers: int = 0, cache: bool = True,
-                 cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features="logmel", n_mels=n_mels,
-                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
-                         cache_dir=cache_dir, seed=seed)
+                 features: FeatureConfig = FSDD_FEATURES, batch_size: int = 32, max_seconds: float | None = 10.0,
+                 num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
+                         cache=cache, cache_dir=cache_dir, seed=seed)
         self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
         self.limit_per_split = limit_per_split
         self.num_classes = len(DIGIT_WORDS)
@@ -424,15 +438,16 @@ class ConnectedDigitsDataModule(RecognitionDataModule):
     split's recordings (test: indices 0-4), so test speech never reaches training. Deterministic by ``seed``.
     ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``)."""
 
+    default_features = FSDD_FEATURES
+
     def __init__(self, data_root: str | None = None, download: bool = False,
                  val_indices: Sequence[int] = (5, 6, 7, 8, 9), train_utterances: int = 3000,
                  val_utterances: int = 200, test_utterances: int = 500, min_digits: int = 1, max_digits: int = 7,
-                 pause_range: tuple[float, float] = (0.05, 0.3), batch_size: int = 32, sample_rate: int = 8000,
-                 n_mels: int = 40, hop_ms: float = 10.0, max_seconds: float | None = 10.0, num_workers: int = 0,
-                 cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features="logmel", n_mels=n_mels,
-                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
-                         cache_dir=cache_dir, seed=seed)
+                 pause_range: tuple[float, float] = (0.05, 0.3), features: FeatureConfig = FSDD_FEATURES,
+                 batch_size: int = 32, max_seconds: float | None = 10.0, num_workers: int = 0, cache: bool = True,
+                 cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
+                         cache=cache, cache_dir=cache_dir, seed=seed)
         self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
         self.counts = {"train": train_utterances, "val": val_utterances, "test": test_utterances}
         self.min_digits, self.max_digits, self.pause_range = min_digits, max_digits, tuple(pause_range)
@@ -477,13 +492,11 @@ class SynthSpeechDataModule(RecognitionDataModule):
                  digit_fraction: float = 0.3, accents: Sequence[str] | None = None,
                  variants: Sequence[str] | None = None, heldout_variants: dict[str, list[str]] | None = None,
                  val_variant_count: int = 5, test_variant_count: int = 8, voice_seed: int = 0,
-                 noise_prob: float = 0.3, batch_size: int = 32, sample_rate: int = 16_000,
-                 features: Literal["logmel", "waveform"] = "logmel", n_mels: int = 64, hop_ms: float = 10.0,
+                 noise_prob: float = 0.3, features: FeatureConfig = DEFAULT_FEATURES, batch_size: int = 32,
                  max_seconds: float | None = 30.0, num_workers: int = 0, cache: bool = True,
                  cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features=features, n_mels=n_mels,
-                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
-                         cache_dir=cache_dir, seed=seed)
+        super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
+                         cache=cache, cache_dir=cache_dir, seed=seed)
         from bp_apps.speech.synth import ENGLISH_ACCENTS, VOICE_VARIANTS
 
         self.counts = {"train": train_utterances, "val": val_utterances, "test": test_utterances}
@@ -553,12 +566,10 @@ class ManifestDataModule(RecognitionDataModule):
 
     def __init__(self, train_manifest: str | None = None, val_manifest: str | None = None,
                  test_manifest: str | None = None, val_fraction: float = 0.1, strict_text: bool = False,
-                 batch_size: int = 32, sample_rate: int = 16_000, features: Literal["logmel", "waveform"] = "logmel",
-                 n_mels: int = 64, hop_ms: float = 10.0, max_seconds: float | None = 30.0, num_workers: int = 0,
-                 cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, sample_rate=sample_rate, features=features, n_mels=n_mels,
-                         hop_ms=hop_ms, max_seconds=max_seconds, num_workers=num_workers, cache=cache,
-                         cache_dir=cache_dir, seed=seed)
+                 features: FeatureConfig = DEFAULT_FEATURES, batch_size: int = 32, max_seconds: float | None = 30.0,
+                 num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
+                         cache=cache, cache_dir=cache_dir, seed=seed)
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest}
         self.val_fraction, self.strict_text = val_fraction, strict_text
 
@@ -585,13 +596,15 @@ class LibriSpeechDataModule(RecognitionDataModule):
     """LibriSpeech through torchaudio's ``LIBRISPEECH`` (its file list and download; audio read with soundfile).
     ``limit`` keeps the first N utterances of each split."""
 
+    default_features = LIBRISPEECH_FEATURES
+
     def __init__(self, root: str = "data/librispeech", train_url: str = "train-clean-100", val_url: str = "dev-clean",
                  test_url: str = "test-clean", download: bool = False, limit: int | None = None,
-                 batch_size: int = 16, n_mels: int = 80, hop_ms: float = 10.0, max_seconds: float | None = 35.0,
-                 num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, sample_rate=16_000, features="logmel", n_mels=n_mels, hop_ms=hop_ms,
-                         max_seconds=max_seconds, num_workers=num_workers, cache=cache, cache_dir=cache_dir,
-                         seed=seed)
+                 features: FeatureConfig = LIBRISPEECH_FEATURES, batch_size: int = 16,
+                 max_seconds: float | None = 35.0, num_workers: int = 0, cache: bool = True,
+                 cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
+                         cache=cache, cache_dir=cache_dir, seed=seed)
         self.root, self.download, self.limit = root, download, limit
         self.urls = {"train": train_url, "val": val_url, "test": test_url}
 
@@ -611,11 +624,13 @@ class LibriSpeechDataModule(RecognitionDataModule):
 class SpeechCommandsDataModule(RecognitionDataModule):
     """Speech Commands keywords through torchaudio's ``SPEECHCOMMANDS``, transcribed as words (CTC on the label)."""
 
+    default_features = SPEECH_COMMANDS_FEATURES
+
     def __init__(self, root: str = "data/speechcommands", download: bool = False, limit: int | None = None,
-                 batch_size: int = 64, n_mels: int = 40, hop_ms: float = 10.0, num_workers: int = 0,
+                 features: FeatureConfig = SPEECH_COMMANDS_FEATURES, batch_size: int = 64, num_workers: int = 0,
                  cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, sample_rate=16_000, features="logmel", n_mels=n_mels, hop_ms=hop_ms,
-                         max_seconds=2.0, num_workers=num_workers, cache=cache, cache_dir=cache_dir, seed=seed)
+        super().__init__(features, batch_size=batch_size, max_seconds=2.0, num_workers=num_workers, cache=cache,
+                         cache_dir=cache_dir, seed=seed)
         self.root, self.download, self.limit = root, download, limit
 
     def utterances(self, split: str) -> list[Utterance]:

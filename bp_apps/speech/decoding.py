@@ -12,13 +12,15 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
-__all__ = ["BLANK", "DIGIT_WORDS", "TOKENS", "WORD_BOUNDARY", "BeamSearchDecoder", "cer", "decode_indices",
+__all__ = ["BLANK", "DIGIT_WORDS", "TOKENS", "WORD_BOUNDARY", "BeamSearchDecoder", "DecodingConfig", "cer",
+           "decode_indices",
            "encode_text", "greedy_decode", "normalise_transcript", "wer", "write_lexicon"]
 
 BLANK = "-"
@@ -88,6 +90,21 @@ def write_lexicon(words: Iterable[str], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How a recognizer decodes at test time besides greedy decoding: beam search of ``beam_size`` (0: none),
+    restricted to the training words when ``lexicon`` is set. Validation always decodes greedily."""
+
+    beam_size: int = 0
+    lexicon: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or self.beam_size < 0:
+            raise ValueError(f"decoding.beam_size must be an integer >= 0 (0: greedy only), got {self.beam_size!r}")
+        if not isinstance(self.lexicon, bool):
+            raise ValueError(f"decoding.lexicon must be true or false, got {self.lexicon!r}")
 
 
 class BeamSearchDecoder:

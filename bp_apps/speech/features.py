@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torchaudio.transforms as T
@@ -17,17 +18,19 @@ from torch import Tensor, nn
 
 from bp_apps.core.io import atomic_write_bytes
 
-__all__ = ["FeatureCache", "FeatureConfig", "LogMel", "SpecAugment", "TimeStretch", "feature_lengths"]
+__all__ = ["FeatureCache", "FeatureConfig", "LogMel", "SpecAugment", "SpecAugmentConfig", "TimeStretch",
+           "feature_lengths", "make_extractor"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """What turns a waveform into a model input: ``logmel`` (frames × ``n_mels``, 25 ms windows every
-    ``hop_ms``) or the raw ``waveform`` (for wav2vec 2.0)."""
+    """What turns a waveform into a model input, passed whole to the data modules (``features:`` in a config) and
+    saved as their checkpoint state: ``logmel`` (frames × ``n_mels``, ``win_ms`` windows every ``hop_ms``) or the
+    raw ``waveform`` (for wav2vec 2.0), at ``sample_rate``."""
 
-    kind: str = "logmel"
+    kind: Literal["logmel", "waveform"] = "logmel"
     sample_rate: int = 16_000
     n_mels: int = 64
     hop_ms: float = 10.0
@@ -35,9 +38,15 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("logmel", "waveform"):
-            raise ValueError(f"feature kind must be 'logmel' or 'waveform', got {self.kind!r}")
-        if self.sample_rate <= 0 or self.n_mels <= 0 or self.hop_ms <= 0 or self.win_ms < self.hop_ms:
-            raise ValueError(f"invalid feature settings {self}")
+            raise ValueError(f"features.kind must be 'logmel' or 'waveform', got {self.kind!r}")
+        for name in ("sample_rate", "n_mels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"features.{name} must be a positive integer, got {value!r}")
+        if not self.hop_ms > 0:
+            raise ValueError(f"features.hop_ms must be positive, got {self.hop_ms}")
+        if not self.win_ms >= self.hop_ms:
+            raise ValueError(f"features.win_ms must be at least hop_ms ({self.hop_ms}), got {self.win_ms}")
 
     @property
     def dim(self) -> int:
@@ -46,6 +55,31 @@ class FeatureConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SpecAugmentConfig:
+    """SpecAugment's settings, checked together: ``freq_masks`` masks of up to ``freq_width`` feature bands and
+    ``time_masks`` masks of up to ``time_width`` frames (at most ``max_time_fraction`` of the utterance) per
+    training utterance. A task's ``augment: null`` turns it off."""
+
+    freq_masks: int = 2
+    freq_width: int = 10
+    time_masks: int = 2
+    time_width: int = 20
+    max_time_fraction: float = 0.15
+
+    def __post_init__(self) -> None:
+        for name in ("freq_masks", "freq_width", "time_masks", "time_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"augment.{name} must be an integer >= 0, got {value!r}")
+        if not 0.0 <= self.max_time_fraction <= 1.0:
+            raise ValueError(f"augment.max_time_fraction must be in [0, 1], got {self.max_time_fraction}")
+
+    def build(self) -> SpecAugment:
+        """The :class:`SpecAugment` module of these settings."""
+        return SpecAugment(self.freq_masks, self.freq_width, self.time_masks, self.time_width, self.max_time_fraction)
 
 
 class LogMel(nn.Module):

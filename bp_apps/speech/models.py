@@ -1,20 +1,26 @@
-"""Speech models as plain ``nn.Module``s (no Lightning here).
+"""Speech models as plain ``nn.Module``s (no Lightning here). A task is given one of these classes (``net:`` with
+``class_path`` in a config) and calls it with the sizes only the data knows, which are therefore the first
+parameters of each class: ``input_dim`` (the feature size per frame), and ``num_classes`` for the classifiers.
 
 CTC acoustic models map padded inputs ``(B, T, F)`` and their lengths to log-probabilities ``(B, T', V)`` over
 the character vocabulary and the output lengths ``T'``:
 
-- ``conv_gru``: convolutional subsampling (×2 or ×4 in time) and a bidirectional GRU;
-- ``conformer``: the same subsampling and torchaudio's Conformer;
-- ``wav2vec2``: transformers' ``Wav2Vec2ForCTC`` on raw waveforms, built from a small config here or from a
-  pretrained name / folder (for online users).
+- :class:`ConvGRUCTC`: convolutional subsampling (×2 or ×4 in time) and a bidirectional GRU;
+- :class:`ConformerCTC`: the same subsampling and torchaudio's Conformer;
+- :class:`Wav2Vec2CTC`: transformers' ``Wav2Vec2ForCTC`` on raw waveforms (``input_dim`` 1), built from a small
+  config here or from a pretrained name / folder (for online users).
 
-``DigitClassifierNet`` classifies isolated spoken digits with a conv + BiGRU encoder and the core's hand-written
-MLP as its head, trained through the autograd bridge.
+Isolated spoken digits: :class:`DigitCNNNet` (a VGG-style 2-D CNN) or :class:`DigitGRUNet` (conv subsampling +
+BiGRU) encodes, the frames are mean- and max-pooled, and the engine's hand-written MLP is the head, trained through
+the autograd bridge.
+
+:func:`build_seeded` builds any of them with initial weights that depend on a seed only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +30,16 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from bp_apps.engine.bridge import EngineMLPHead
 from bp_apps.speech.decoding import TOKENS
 
-__all__ = ["CTC_MODELS", "ConformerCTC", "ConvGRUCTC", "ConvSubsampling", "DigitClassifierNet", "Wav2Vec2CTC",
-           "build_ctc_model"]
+__all__ = ["ConformerCTC", "ConvBlocksEncoder", "ConvGRUCTC", "ConvSubsampling", "DigitCNNNet", "DigitGRUNet",
+           "PooledDigitNet", "Wav2Vec2CTC", "build_seeded"]
 
-CTC_MODELS = ("conv_gru", "conformer", "wav2vec2")
+
+def build_seeded(factory: Callable[..., nn.Module], seed: int, *sizes: Any) -> nn.Module:
+    """``factory(*sizes)`` with initial weights that depend on ``seed`` only (drawn from a forked CPU generator,
+    so the global random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return factory(*sizes)
 
 
 class ConvSubsampling(nn.Module):
@@ -104,15 +116,25 @@ class ConformerCTC(nn.Module):
 
 
 class Wav2Vec2CTC(nn.Module):
-    """transformers' ``Wav2Vec2ForCTC`` on waveform inputs ``(B, T, 1)``: from ``pretrained`` (a hub name or a
-    ``save_pretrained`` folder; its CTC layer is rebuilt for this vocabulary) or from a small config built here."""
+    """transformers' ``Wav2Vec2ForCTC`` on waveform inputs ``(B, T, 1)`` (``input_dim`` must be 1: the data's
+    ``features.kind`` is ``waveform``): from ``pretrained`` (a hub name or a ``save_pretrained`` folder; its CTC
+    layer is rebuilt for this vocabulary), from ``hf_config`` (a ``Wav2Vec2Config`` as a dict: what a checkpoint
+    stores, so loading it never downloads), or from a small config built here of the other arguments."""
 
-    def __init__(self, vocab_size: int = len(TOKENS), pretrained: str | None = None, hidden: int = 96,
-                 layers: int = 3, heads: int = 4, ffn_dim: int = 192, conv_dim: int = 64, dropout: float = 0.1) -> None:
+    def __init__(self, input_dim: int = 1, vocab_size: int = len(TOKENS), pretrained: str | None = None,
+                 hidden: int = 96, layers: int = 3, heads: int = 4, ffn_dim: int = 192, conv_dim: int = 64,
+                 dropout: float = 0.1, hf_config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-        if pretrained:
+        if input_dim != 1:
+            raise ValueError(f"Wav2Vec2CTC reads waveforms (input_dim 1), got input_dim={input_dim}: use the data "
+                             "setting features.kind=waveform")
+        if pretrained and hf_config is not None:
+            raise ValueError("Wav2Vec2CTC: give pretrained or hf_config, not both")
+        if hf_config is not None:
+            self.model = Wav2Vec2ForCTC(Wav2Vec2Config.from_dict(dict(hf_config)))
+        elif pretrained:
             self.model = Wav2Vec2ForCTC.from_pretrained(pretrained, vocab_size=vocab_size, pad_token_id=0,
                                                         ignore_mismatched_sizes=True)
         else:
@@ -131,24 +153,6 @@ class Wav2Vec2CTC(nn.Module):
         logits = self.model(input_values=waveform, attention_mask=mask).logits
         out_lengths = self.model._get_feat_extract_output_lengths(lengths).clamp(max=logits.shape[1])
         return F.log_softmax(logits.float(), dim=-1), out_lengths.long()
-
-
-def build_ctc_model(name: str, input_dim: int, *, hidden: int = 192, layers: int = 2, subsample: int = 4,
-                    conv_channels: int = 32, dropout: float = 0.15, heads: int = 4, ffn_dim: int = 576,
-                    kernel_size: int = 15, pretrained: str | None = None, seed: int = 0) -> nn.Module:
-    """The CTC network for ``name`` (see ``CTC_MODELS``); initial weights depend on ``seed`` only."""
-    if name not in CTC_MODELS:
-        raise ValueError(f"unknown CTC model {name!r}; choose one of {', '.join(CTC_MODELS)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        if name == "conv_gru":
-            return ConvGRUCTC(input_dim, conv_channels=conv_channels, subsample=subsample, hidden=hidden,
-                              layers=layers, dropout=dropout)
-        if name == "conformer":
-            return ConformerCTC(input_dim, conv_channels=conv_channels, subsample=subsample, d_model=hidden,
-                                heads=heads, ffn_dim=ffn_dim, layers=layers, kernel_size=kernel_size, dropout=dropout)
-        return Wav2Vec2CTC(pretrained=pretrained, hidden=hidden, layers=layers, heads=heads, ffn_dim=ffn_dim,
-                           dropout=dropout)
 
 
 class ConvBlocksEncoder(nn.Module):
@@ -174,40 +178,56 @@ class ConvBlocksEncoder(nn.Module):
         return x, torch.div(lengths + 7, 8, rounding_mode="floor").clamp(min=1, max=x.shape[1])
 
 
-class DigitClassifierNet(nn.Module):
-    """Isolated-word classifier: an encoder — conv subsampling + BiGRU (``encoder="gru"``) or a VGG-style 2-D CNN
-    (``encoder="cnn"``) — mean- and max-pooled over the true frames, then the engine's MLP head (hand-written
-    forward and backward, through the autograd bridge).
+class PooledDigitNet(nn.Module):
+    """Isolated-word classifier: a subclass's encoder gives frames ``(B, T', width)`` and their lengths; they are
+    mean- and max-pooled over the true frames, and the engine's MLP (hand-written forward and backward, through the
+    autograd bridge) classifies the pooled vector.
 
     Takes ``(features (B, T, F), lengths)`` as one tuple, like a batch's input."""
 
-    def __init__(self, input_dim: int, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
-                 hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2, seed: int = 0,
-                 encoder: str = "gru") -> None:
-        super().__init__()
-        if encoder not in ("gru", "cnn"):
-            raise ValueError(f"encoder must be 'gru' or 'cnn', got {encoder!r}")
-        self.encoder = encoder
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            if encoder == "gru":
-                self.subsampling = ConvSubsampling(input_dim, hidden, conv_channels, subsample)
-                self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
-                width = 2 * hidden
-            else:
-                self.cnn = ConvBlocksEncoder(input_dim, hidden, conv_channels)
-                width = hidden
-            self.dropout = nn.Dropout(dropout)
-            self.head = EngineMLPHead(2 * width, list(head_hidden), num_classes, dropout=dropout)
+    def _add_head(self, width: int, num_classes: int, head_hidden: Sequence[int], dropout: float) -> None:
+        """The dropout and the engine MLP head on the ``2 * width`` pooled features (built after the encoder, so
+        a seed gives the same weights as before the encoders became classes)."""
+        self.dropout = nn.Dropout(dropout)
+        self.head = EngineMLPHead(2 * width, list(head_hidden), num_classes, dropout=dropout)
+
+    def encode(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
         features, lengths = inputs
-        if self.encoder == "gru":
-            x, lengths = self.subsampling(features, lengths)
-            x = _masked_gru(self.gru, x, lengths)
-        else:
-            x, lengths = self.cnn(features, lengths)
+        x, lengths = self.encode(features, lengths)
         mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).unsqueeze(-1)
         mean = (x * mask).sum(1) / mask.sum(1).clamp(min=1)
         peak = x.masked_fill(~mask, float("-inf")).amax(1)
         return self.head(self.dropout(torch.cat([mean, peak], dim=-1)))
+
+
+class DigitGRUNet(PooledDigitNet):
+    """Conv subsampling (×``subsample`` in time, ``conv_channels`` wide) + a BiGRU of ``hidden`` units, pooled,
+    under the engine MLP head (``head_hidden`` widths)."""
+
+    def __init__(self, input_dim: int, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
+                 hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2) -> None:
+        super().__init__()
+        self.subsampling = ConvSubsampling(input_dim, hidden, conv_channels, subsample)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        self._add_head(2 * hidden, num_classes, head_hidden, dropout)
+
+    def encode(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x, lengths = self.subsampling(features, lengths)
+        return _masked_gru(self.gru, x, lengths), lengths
+
+
+class DigitCNNNet(PooledDigitNet):
+    """The VGG-style 2-D CNN of :class:`ConvBlocksEncoder` (``conv_channels``, 2× and 4× as wide; frames 8×
+    longer) projected to ``hidden``, pooled, under the engine MLP head (``head_hidden`` widths)."""
+
+    def __init__(self, input_dim: int, num_classes: int = 10, conv_channels: int = 16, hidden: int = 96,
+                 head_hidden: Sequence[int] = (64,), dropout: float = 0.2) -> None:
+        super().__init__()
+        self.cnn = ConvBlocksEncoder(input_dim, hidden, conv_channels)
+        self._add_head(hidden, num_classes, head_hidden, dropout)
+
+    def encode(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cnn(features, lengths)

@@ -10,61 +10,71 @@ is enough to transcribe files. The models never read the data module: the CLI li
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
+from bp_apps.core.compose import network_factory, settings
 from bp_apps.core.datalink import saved_preprocessing
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule, check_task
 from bp_apps.speech.data import SpeechBatch
-from bp_apps.speech.decoding import DIGIT_WORDS, BeamSearchDecoder, greedy_decode, write_lexicon
-from bp_apps.speech.features import FeatureConfig, SpecAugment, TimeStretch, make_extractor
-from bp_apps.speech.models import DigitClassifierNet, Wav2Vec2CTC, build_ctc_model
+from bp_apps.speech.decoding import DIGIT_WORDS, BeamSearchDecoder, DecodingConfig, greedy_decode, write_lexicon
+from bp_apps.speech.features import FeatureConfig, SpecAugmentConfig, TimeStretch, make_extractor
+from bp_apps.speech.models import ConvGRUCTC, DigitGRUNet, Wav2Vec2CTC, build_seeded
 
-__all__ = ["RECOGNIZER_TASK", "SpeechRecognizer", "SpokenDigitClassifier", "load_speech_model", "transcribe"]
+__all__ = ["CLASSIFIER_TASK", "DIGITS_AUGMENT", "DIGITS_OPTIM", "RECOGNIZER_AUGMENT", "RECOGNIZER_DECODING",
+           "RECOGNIZER_OPTIM", "RECOGNIZER_TASK", "SpeechRecognizer", "SpokenDigitClassifier", "load_speech_model",
+           "transcribe"]
 
-HF_CONFIG_KEY = "bp_apps_hf_config"
 RECOGNIZER_TASK = "speech.SpeechRecognizer"
 CLASSIFIER_TASK = "speech.SpokenDigitClassifier"
 EXAMPLES = 8
 
+RECOGNIZER_OPTIM = OptimizerConfig(lr=2e-3, weight_decay=1e-2, scheduler="cosine", warmup_fraction=0.05,
+                                   max_grad_norm=5.0, no_decay_keys=NO_DECAY_KEYS)
+"""The recognizer's optimizer settings when a config gives none (a config's ``optim`` mapping overrides fields)."""
+RECOGNIZER_AUGMENT = SpecAugmentConfig(freq_masks=2, freq_width=10, time_masks=2, time_width=20)
+DIGITS_OPTIM = OptimizerConfig(lr=3e-3, weight_decay=1e-2, scheduler="cosine", warmup_fraction=0.05,
+                               max_grad_norm=5.0)
+"""The digit classifier's optimizer settings (weight decay on every parameter, as it was tuned)."""
+DIGITS_AUGMENT = SpecAugmentConfig(freq_masks=2, freq_width=6, time_masks=2, time_width=8)
+RECOGNIZER_DECODING = DecodingConfig(beam_size=0, lexicon=True)
+"""Greedy decoding only, unless a config asks for beam search."""
+
 
 class SpeechRecognizer(TaskModule):
-    """Character CTC speech recognizer: ``conv_gru``, ``conformer`` (on log-mel, ``input_dim`` = ``n_mels``) or
-    ``wav2vec2`` (on waveforms, ``input_dim`` = 1; ``pretrained`` names a model for online users).
+    """Character CTC speech recognizer. ``net`` is the network class, called with ``input_dim``: a class of
+    ``models.py`` (:class:`~bp_apps.speech.models.ConvGRUCTC`, the default, or ``ConformerCTC`` on log-mel;
+    ``Wav2Vec2CTC`` on waveforms, ``input_dim`` 1, with ``pretrained`` for online users), given in a config as
+    ``{class_path, init_args}``. Its initial weights depend on ``seed`` only.
 
-    SpecAugment masks the training inputs. Validation decodes greedily; test also runs beam search when
-    ``beam_size`` > 0, restricted to ``lexicon_words`` (the training words) when ``lexicon`` is set. ``bp-apps``
-    links ``input_dim`` and ``lexicon_words`` from the data module, whose ``setup`` refuses another feature size."""
+    ``augment`` (SpecAugment, None: off) masks the training inputs. Validation decodes greedily; test also runs
+    the beam search of ``decoding`` when its ``beam_size`` > 0, restricted to ``lexicon_words`` (the training
+    words) when its ``lexicon`` is set. ``bp-apps`` links ``input_dim`` and ``lexicon_words`` from the data module,
+    whose ``setup`` refuses another feature size."""
 
     task_name = RECOGNIZER_TASK
     task_title = "a speech-recognizer"
+    default_optim = RECOGNIZER_OPTIM
 
-    def __init__(self, model: Literal["conv_gru", "conformer", "wav2vec2"] = "conv_gru", input_dim: int = 64,
-                 hidden: int = 192, layers: int = 2, subsample: int = 4, conv_channels: int = 32,
-                 dropout: float = 0.15, heads: int = 4, ffn_dim: int = 576, kernel_size: int = 15,
-                 pretrained: str | None = None, spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 10,
-                 time_masks: int = 2, time_width: int = 20, lr: float = 2e-3, weight_decay: float = 1e-2,
-                 scheduler: Literal["constant", "cosine"] = "cosine", warmup_fraction: float = 0.05,
-                 max_grad_norm: float | None = 5.0, beam_size: int = 0, lexicon: bool = True, seed: int = 0,
+    def __init__(self, net: Callable[[int], nn.Module] = ConvGRUCTC, optim: OptimizerConfig = RECOGNIZER_OPTIM,
+                 augment: SpecAugmentConfig | None = RECOGNIZER_AUGMENT,
+                 decoding: DecodingConfig = RECOGNIZER_DECODING, seed: int = 0, input_dim: int = 64,
                  lexicon_words: Sequence[str] = ()) -> None:
-        super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
-                                         warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
-                                         no_decay_keys=NO_DECAY_KEYS))
+        super().__init__(optim)
         self.save_hyperparameters(ignore=["lexicon_words"])  # the data's, saved as its state
-        self.net = build_ctc_model(model, input_dim, hidden=hidden, layers=layers, subsample=subsample,
-                                   conv_channels=conv_channels, dropout=dropout, heads=heads, ffn_dim=ffn_dim,
-                                   kernel_size=kernel_size, pretrained=pretrained, seed=seed)
-        self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
+        self.augment_config = _augment(augment, RECOGNIZER_AUGMENT)
+        self.decoding = settings(DecodingConfig, decoding, "decoding", RECOGNIZER_DECODING)
+        self.net = build_seeded(network_factory(net, "net"), seed, input_dim)
+        self.augment = self.augment_config.build() if self.augment_config is not None else None
         self.metrics = torch.nn.ModuleDict({f"{stage}_{name}": metric() for stage in ("val", "test", "test_beam")
                                             for name, metric in (("wer", WordErrorRate), ("cer", CharErrorRate))})
         self.lexicon_words = list(lexicon_words)
@@ -96,7 +106,7 @@ class SpeechRecognizer(TaskModule):
             metric = self.metrics[f"{stage}_{name}"]
             metric(predictions, batch.texts)
             self.log(f"{stage}_{name}", metric, prog_bar=stage == "val", batch_size=size)
-        if stage == "test" and self.hparams.beam_size > 0:
+        if stage == "test" and self.decoding.beam_size > 0:
             beam = self._beam_decoder()(log_probs, out_lengths)
             for name in ("wer", "cer"):
                 metric = self.metrics[f"test_beam_{name}"]
@@ -107,10 +117,10 @@ class SpeechRecognizer(TaskModule):
     def _beam_decoder(self) -> BeamSearchDecoder:
         if self._beam is None:
             lexicon = None
-            if self.hparams.lexicon and self.lexicon_words:
+            if self.decoding.lexicon and self.lexicon_words:
                 root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
                 lexicon = write_lexicon(self.lexicon_words, root / "lexicon.txt")
-            self._beam = BeamSearchDecoder(self.hparams.beam_size, lexicon)
+            self._beam = BeamSearchDecoder(self.decoding.beam_size, lexicon)
         return self._beam
 
     def validation_step(self, batch: SpeechBatch, batch_idx: int) -> None:
@@ -130,37 +140,38 @@ class SpeechRecognizer(TaskModule):
         return {"test_examples": list(self.test_examples)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also store a wav2vec 2.0 network's configuration, so the checkpoint alone rebuilds it."""
+        """A wav2vec 2.0 network is saved with its transformers configuration in place of ``pretrained``
+        (``net.init_args.hf_config``), so the checkpoint alone rebuilds it and loading it never downloads."""
         super().on_save_checkpoint(checkpoint)
-        if isinstance(self.net, Wav2Vec2CTC):
-            checkpoint[HF_CONFIG_KEY] = self.net.model.config.to_dict()
-
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(self.net, Wav2Vec2CTC) and isinstance(hparams, dict) and isinstance(hparams.get("net"), Mapping):
+            saved = hparams["net"]
+            init_args = {**(saved.get("init_args") or {}), "pretrained": None,
+                         "hf_config": self.net.model.config.to_dict()}
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hparams, "net": {**saved, "init_args": init_args}}
 
 
 class SpokenDigitClassifier(ClassifierModule):
-    """Isolated spoken digits (FSDD): conv + BiGRU encoder and the engine's hand-written MLP head through the
-    autograd bridge; cross-entropy, accuracy; SpecAugment and optional speed perturbation (``time_stretch``) while
-    training. Batches are ``((features, lengths), y)``. ``bp-apps`` links ``input_dim`` and ``num_classes`` from the
-    data module, whose ``setup`` refuses other sizes.
+    """Isolated spoken digits (FSDD): cross-entropy, accuracy; SpecAugment (``augment``, None: off) and optional
+    speed perturbation (``time_stretch``) while training. ``net`` is the network class, called with
+    ``(input_dim, num_classes)``: :class:`~bp_apps.speech.models.DigitGRUNet` (conv + BiGRU, the default) or
+    ``DigitCNNNet`` (a VGG-style CNN), both with the engine's hand-written MLP head through the autograd bridge;
+    its initial weights depend on ``seed`` only. Batches are ``((features, lengths), y)``. ``bp-apps`` links
+    ``input_dim`` and ``num_classes`` from the data module, whose ``setup`` refuses other sizes.
     """
 
     task_name = CLASSIFIER_TASK
     task_title = "a spoken-digit-classifier"
+    default_optim = DIGITS_OPTIM
 
-    def __init__(self, input_dim: int = 40, num_classes: int = 10, conv_channels: int = 16, subsample: int = 2,
-                 hidden: int = 96, head_hidden: Sequence[int] = (64,), dropout: float = 0.2,
-                 spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 6, time_masks: int = 2,
-                 time_width: int = 8, time_stretch: float = 0.0, optimizer: Literal["sgd", "adam", "adamw"] = "adamw",
-                 lr: float = 3e-3, weight_decay: float = 1e-2, max_grad_norm: float | None = 5.0,
-                 label_smoothing: float = 0.05, scheduler: Literal["constant", "cosine"] = "cosine",
-                 warmup_fraction: float = 0.05, seed: int = 0, encoder: Literal["gru", "cnn"] = "gru") -> None:
-        net = DigitClassifierNet(input_dim, num_classes, conv_channels, subsample, hidden, head_hidden, dropout, seed,
-                                 encoder)
-        optim = OptimizerConfig(optimizer, lr, weight_decay=weight_decay, scheduler=scheduler,
-                                warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm)
-        super().__init__(net, num_classes, optim=optim, label_smoothing=label_smoothing)
+    def __init__(self, net: Callable[[int, int], nn.Module] = DigitGRUNet, optim: OptimizerConfig = DIGITS_OPTIM,
+                 augment: SpecAugmentConfig | None = DIGITS_AUGMENT, time_stretch: float = 0.0,
+                 label_smoothing: float = 0.05, seed: int = 0, input_dim: int = 40, num_classes: int = 10) -> None:
+        network = build_seeded(network_factory(net, "net"), seed, input_dim, num_classes)
+        super().__init__(network, num_classes, optim=optim, label_smoothing=label_smoothing)
         self.save_hyperparameters()
-        self.augment = SpecAugment(freq_masks, freq_width, time_masks, time_width) if spec_augment else None
+        self.augment_config = _augment(augment, DIGITS_AUGMENT)
+        self.augment = self.augment_config.build() if self.augment_config is not None else None
         self.stretch = TimeStretch(time_stretch)
 
     def training_step(self, batch: tuple[tuple[Tensor, Tensor], Tensor], batch_idx: int) -> Tensor:
@@ -175,10 +186,21 @@ class SpokenDigitClassifier(ClassifierModule):
         return {"test_examples": []}
 
 
+def _augment(value: SpecAugmentConfig | Mapping[str, Any] | None, default: SpecAugmentConfig
+             ) -> SpecAugmentConfig | None:
+    """``augment`` as settings: None (or false) turns SpecAugment off; a mapping overrides the task's defaults."""
+    if value is None or value is False:
+        return None
+    return settings(SpecAugmentConfig, value, "augment", default)
+
+
 def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, Any]]:
     """Load a speech checkpoint safely (``weights_only=True``): the model in eval mode and the preprocessing its
-    data module saved (feature settings, training words, class names; checkpoints written before that was the data
-    module's state are read too). Errors name the file and what is wrong with it."""
+    data module saved (feature settings, training words, class names). The network is rebuilt from the
+    checkpoint's ``net`` (``class_path`` within bp_apps, torchvision or torch.nn); a wav2vec 2.0 network from the
+    transformers configuration saved with it, never downloaded. Errors name the file and what is wrong with it;
+    checkpoints written before networks were given as classes (flat ``model``, ``hidden``, ``lr``, ...) are refused
+    (:meth:`~bp_apps.core.task.TaskModule.load`)."""
     path = Path(path)
     checkpoint = load_checkpoint_dict(path)
     task = check_task(checkpoint, (RECOGNIZER_TASK, CLASSIFIER_TASK), str(path), "a speech")
@@ -187,25 +209,7 @@ def load_speech_model(path: str | Path) -> tuple[L.LightningModule, dict[str, An
         raise ValueError(f"{path} carries no feature settings (no speech data module's state); it was saved outside "
                          "a trainer run with a speech data module")
     cls = SpeechRecognizer if task == RECOGNIZER_TASK else SpokenDigitClassifier
-    # Only the constructor's arguments: older checkpoints also hold settings since dropped (e.g. ``monitor``).
-    accepted = inspect.signature(cls).parameters
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
-    if task == RECOGNIZER_TASK:
-        pretrained = hparams.get("pretrained")
-        hparams["pretrained"] = None  # the weights come from the checkpoint: never download
-        model: L.LightningModule = SpeechRecognizer(**hparams)
-        if hparams.get("model") == "wav2vec2" and (pretrained or HF_CONFIG_KEY in checkpoint):
-            from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
-
-            model.net.model = Wav2Vec2ForCTC(Wav2Vec2Config.from_dict(checkpoint[HF_CONFIG_KEY]))
-    else:
-        model = SpokenDigitClassifier(**hparams)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"{path}: the weights (field 'state_dict') do not fit the model: {error}") from error
-    model.eval()
-    return model, preprocessing
+    return cls.load(path), preprocessing
 
 
 def transcribe(paths: Sequence[str | Path], checkpoint: str | Path, beam_size: int | None = None,

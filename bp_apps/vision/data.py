@@ -8,8 +8,10 @@ links the first three to the model), keeps class names, shape, mean and std in i
 stratified by class. Digits, MNIST, Fashion-MNIST and CIFAR-10 stay in memory as pixel tensors: their loaders
 normalize whole batches and, with ``augment``, draw a random rotation/shift/flip per sample in one vectorized
 ``grid_sample`` (no PIL round trip per image). Image folders are decoded per file with PIL and torchvision's v2
-transforms. Nothing is ever written into ``data_root`` unless ``download`` is set. Without ``data_root``, the data
-root is ``$BP_APPS_DATA``, else ``./data`` (looked up when the data is read, not at import).
+transforms. Without ``data_root``, the data root is ``$BP_APPS_DATA``, else ``./data`` (looked up when the data is
+read, not at import). MNIST, Fashion-MNIST and CIFAR-10 are fetched from their official sources (torchvision, MD5
+checked) into the data root when their files are missing there (``download``, on by default); when the files are
+present, or with ``download: false``, nothing touches the network and nothing is written into the data root.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import tarfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -233,14 +236,18 @@ class VisionDataModule(PreprocessingDataModule):
 
     ``data_root`` is where the data set lives (None: ``$BP_APPS_DATA``, else ``./data``), ``val_fraction`` of the
     training data becomes validation (chosen by ``seed``), ``augment`` turns on training-time augmentation and
-    ``download`` allows fetching missing files into the data root (the only case in which anything is written there).
+    ``download`` (the default) fetches a data set's files from its official source into the data root when they
+    are missing there (``prepare_data``, on one process; the only case in which anything is written there); with
+    ``download: false`` the network is never used.
     """
 
     SPEC: ClassVar[ImageSpec]
     MUST_MATCH = ("class_names", "input_shape", "mean", "std")
+    DOWNLOADER: ClassVar[Callable[..., object] | None] = None
+    """torchvision's data set class that fetches this data set's files (MD5-checked); None: nothing to fetch."""
 
     def __init__(self, data_root: str | None = None, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0, augment: bool = False, download: bool = False) -> None:
+                 num_workers: int = 0, augment: bool = False, download: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1:
@@ -279,6 +286,45 @@ class VisionDataModule(PreprocessingDataModule):
     def data_root_path(self) -> Path:
         """The folder the data is read from: ``data_root``, else ``$BP_APPS_DATA``, else ``./data`` (looked up now)."""
         return resolve_data_root(self.hparams.data_root)
+
+    # -- downloads --------------------------------------------------------------------------------------------
+
+    def data_folder(self) -> Path:
+        """The folder under the data root that holds this data set's files."""
+        return self.data_root_path
+
+    def missing_files(self) -> list[str]:
+        """The names of this data set's files that are not in :meth:`data_folder` (none for embedded data)."""
+        return []
+
+    def download_targets(self) -> list[Path]:
+        """What :attr:`DOWNLOADER` writes into the data root (removed again when a download fails)."""
+        return [self.data_folder()]
+
+    def prepare_data(self) -> None:
+        """With ``download``, fetch the data set's missing files with torchvision (MD5-checked; Lightning runs this
+        on one process). Nothing is fetched when every file is present. A failed download leaves nothing behind
+        and raises FileNotFoundError naming the folder."""
+        if self.DOWNLOADER is None or not self.hparams.download or not self.missing_files():
+            return
+        root, folder = self.data_root_path, self.data_folder()
+        before = {target: _tree(target) for target in self.download_targets()}
+        created = [p for p in (root, *root.parents) if not p.exists()]
+        log.info("downloading %s into %s (missing: %s)", type(self).__name__, folder.absolute(),
+                 ", ".join(self.missing_files()))
+        try:
+            self.DOWNLOADER(root=str(root), download=True)
+        except BaseException as err:
+            _remove_new_files(before, created)
+            if not isinstance(err, (OSError, RuntimeError, EOFError, tarfile.TarError, zlib.error)):
+                raise
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise FileNotFoundError(
+                f"{type(self).__name__}: the data is not in {folder.absolute()} (missing: "
+                f"{', '.join(self.missing_files())}) and downloading it from its official source failed: "
+                f"{reason[:600]}. Connect to the internet and run again (the files are MD5-checked), or put the "
+                f"files there yourself, or choose a data root that holds them: "
+                f"{data_root_hint(self.hparams.data_root)}.") from err
 
     def _collate(self, train: bool) -> Callable | None:
         """The loaders' collate function (None: PyTorch's default)."""
@@ -385,26 +431,35 @@ class DigitsImageDataModule(_InMemoryDataModule):
 
 
 class _IdxDataModule(_InMemoryDataModule):
-    """MNIST-style data from the four original IDX files in ``<data_root>/<FOLDER>/raw/`` (``.gz`` or unpacked)."""
+    """MNIST-style data from the four original IDX files in ``<data_root>/<FOLDER>/raw/`` (``.gz`` or unpacked),
+    fetched there by torchvision (MD5-checked) when they are missing and ``download`` is on."""
 
     FOLDER: ClassVar[str]
-    DOWNLOADER: ClassVar[type[torchvision.datasets.MNIST]]
 
-    def prepare_data(self) -> None:
-        """With ``download``, fetch the files with torchvision (Lightning runs this on one process only)."""
-        if self.hparams.download:
-            self.DOWNLOADER(root=str(self.data_root_path), download=True)
+    def data_folder(self) -> Path:
+        return self.data_root_path / self.FOLDER / "raw"
+
+    def download_targets(self) -> list[Path]:
+        return [self.data_root_path / self.FOLDER]
+
+    def _idx_paths(self) -> dict[str, Path | None]:
+        """Each IDX file's path in :meth:`data_folder` (``.gz`` or unpacked), None where it is missing."""
+        raw = self.data_folder()
+        return {name: next((p for p in (raw / f"{name}.gz", raw / name) if p.is_file()), None) for name in IDX_FILES}
+
+    def missing_files(self) -> list[str]:
+        return [f"{name}(.gz)" for name, path in self._idx_paths().items() if path is None]
 
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        raw = self.data_root_path / self.FOLDER / "raw"
-        paths = {name: next((p for p in (raw / f"{name}.gz", raw / name) if p.is_file()), None) for name in IDX_FILES}
-        missing = [f"{name}(.gz)" for name, path in paths.items() if path is None]
+        raw, paths = self.data_folder(), self._idx_paths()
+        missing = self.missing_files()
         if missing:
             raise FileNotFoundError(
-                f"{self.FOLDER} data not found: {', '.join(missing)} missing in {raw.absolute()}. Set "
-                f"`download: true` (--data.download=true) to fetch it with torchvision (MD5-checked) into the data "
-                f"root, or point the data root at a folder holding {self.FOLDER}/raw/ with the four IDX files (.gz "
-                f"or unpacked); {data_root_hint(self.hparams.data_root)}.")
+                f"{self.FOLDER} data not found: {', '.join(missing)} missing in {raw.absolute()}. With "
+                f"`download: true` (--data.download=true, the default) the trainer's prepare_data() fetches it with "
+                f"torchvision (MD5-checked) into the data root; or point the data root at a folder holding "
+                f"{self.FOLDER}/raw/ with the four IDX files (.gz or unpacked); "
+                f"{data_root_hint(self.hparams.data_root)}.")
         arrays = {name: read_idx(path) for name, path in paths.items()}
         return (*self._images_and_labels(arrays, paths, "train"), *self._images_and_labels(arrays, paths, "t10k"))
 
@@ -450,21 +505,27 @@ class CIFAR10DataModule(_InMemoryDataModule):
     SPEC = ImageSpec(("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
                      (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     AUGMENT = BatchAugment(max_shift=4, hflip=True)  # RandomCrop(32, padding=4) + horizontal flip
+    DOWNLOADER = torchvision.datasets.CIFAR10
 
-    def prepare_data(self) -> None:
-        """With ``download``, fetch and unpack the archive with torchvision (one process only)."""
-        if self.hparams.download:
-            torchvision.datasets.CIFAR10(root=str(self.data_root_path), download=True)
+    def data_folder(self) -> Path:
+        return self.data_root_path / "cifar-10-batches-py"
+
+    def download_targets(self) -> list[Path]:
+        return [self.data_root_path / "cifar-10-python.tar.gz", self.data_folder()]
+
+    def missing_files(self) -> list[str]:
+        return [name for name in CIFAR10_FILES if not (self.data_folder() / name).is_file()]
 
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        folder = self.data_root_path / "cifar-10-batches-py"
-        missing = [name for name in CIFAR10_FILES if not (folder / name).is_file()]
+        folder = self.data_folder()
+        missing = self.missing_files()
         if missing:
             raise FileNotFoundError(
-                f"CIFAR-10 data not found: {', '.join(missing)} missing in {folder.absolute()}. Set "
-                "`download: true` (--data.download=true) to fetch it with torchvision (MD5-checked) into the data "
-                "root, or point the data root at a folder holding cifar-10-batches-py/ (the unpacked python version "
-                f"of CIFAR-10); {data_root_hint(self.hparams.data_root)}.")
+                f"CIFAR-10 data not found: {', '.join(missing)} missing in {folder.absolute()}. With "
+                "`download: true` (--data.download=true, the default) the trainer's prepare_data() fetches it with "
+                "torchvision (MD5-checked) into the data root; or point the data root at a folder holding "
+                "cifar-10-batches-py/ (the unpacked python version of CIFAR-10); "
+                f"{data_root_hint(self.hparams.data_root)}.")
         try:
             parts = [torchvision.datasets.CIFAR10(root=str(self.data_root_path), train=train)
                      for train in (True, False)]
@@ -584,6 +645,29 @@ class ImageFolderDataModule(VisionDataModule):
         self.train_set = ImageFileDataset(train, channels, train_transform)
         self.val_set = ImageFileDataset(parts["val"], channels, self.eval_transform)
         self.test_set = ImageFileDataset(parts["test"], channels, self.eval_transform)
+
+
+def _tree(path: Path) -> set[Path] | None:
+    """``path`` and everything under it, None when it does not exist."""
+    if not path.exists():
+        return None
+    return {path, *path.rglob("*")} if path.is_dir() else {path}
+
+
+def _remove_new_files(before: dict[Path, set[Path] | None], created: Sequence[Path]) -> None:
+    """Undo a failed download: remove what is new under each target since ``before`` (from :func:`_tree`; files,
+    then the folders they leave empty) and the data-root folders the download ``created`` (innermost first)."""
+    for target, existing in before.items():
+        new = (_tree(target) or set()) - (existing or set())
+        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+    for folder in created:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _class_dirs(folder: Path) -> list[Path]:

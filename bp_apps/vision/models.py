@@ -1,46 +1,40 @@
-"""Image classifiers as plain ``nn.Module``s (no Lightning here): the engine's MLP with either
-backend, a small CNN, torchvision's ResNet-18, and a CNN whose classifier head is the engine
-MLP through the autograd bridge."""
+"""Image classifiers as plain ``nn.Module``s (no Lightning here). Every class takes ``(input_shape, num_classes)``
+first, the sizes the data gives (``ImageClassifier`` passes them; a config names the class and its own settings):
+
+- :class:`SmallCNN`: conv-BN-ReLU stages and an MLP head, either ``torch.nn`` layers or the engine's MLP through
+  the autograd bridge (``head: engine_mlp``);
+- :class:`ResNet18`: torchvision's ResNet-18, with the small-image stem for inputs under 64 px;
+- :class:`EngineImageMLP`: the engine's MLP on flattened pixels, trained by the hand-written backward (its
+  ``backend`` is ``"engine"``), and :class:`ImageMLP`, its ``torch.nn`` twin trained by autograd. Built from the
+  same random state, the two start from the same weights.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, ResNet, ResNet18_Weights
 
 from bp_apps.engine import MLP
 from bp_apps.engine.bridge import EngineMLPHead
 
-MODELS = ("mlp", "cnn", "cnn_engine_head", "resnet18")
-BACKENDS = ("engine", "autograd")
+__all__ = ["EngineImageMLP", "ImageMLP", "ResNet18", "SmallCNN", "image_shape"]
+
+
+def image_shape(input_shape: Sequence[int], network: str) -> tuple[int, int, int]:
+    """``input_shape`` as (channels, height, width); a ValueError naming ``network`` otherwise."""
+    shape = tuple(int(size) for size in input_shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"{network}: input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    return shape  # type: ignore[return-value]
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-
-
-class SmallCNN(nn.Module):
-    """Two stages of two 3×3 conv-BN-ReLU blocks, each ending in 2×2 max-pooling, then an MLP
-    classifier: about 0.2 M conv weights, sized for MNIST-like images on a CPU."""
-
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 32, hidden: Sequence[int] = (128,),
-                 dropout: float = 0.25, head: nn.Module | None = None) -> None:
-        super().__init__()
-        channels, height, width_px = input_shape
-        self.features = nn.Sequential(
-            *_conv_block(channels, width), *_conv_block(width, width), nn.MaxPool2d(2),
-            *_conv_block(width, 2 * width), *_conv_block(2 * width, 2 * width), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(dropout),
-        )
-        self.feature_dim = 2 * width * (height // 4) * (width_px // 4)
-        if self.feature_dim == 0:
-            raise ValueError(f"SmallCNN needs images of at least 4×4 pixels, got {tuple(input_shape)}")
-        self.head = head if head is not None else _torch_mlp(self.feature_dim, hidden, num_classes, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def _torch_mlp(in_features: int, hidden: Sequence[int], out_features: int, dropout: float) -> nn.Sequential:
@@ -51,61 +45,137 @@ def _torch_mlp(in_features: int, hidden: Sequence[int], out_features: int, dropo
     return nn.Sequential(*layers, nn.Linear(in_features, out_features))
 
 
-def resnet18(input_shape: Sequence[int], num_classes: int, pretrained: str | None = None) -> nn.Module:
-    """torchvision's ResNet-18. Random weights by default; ``pretrained`` names torchvision weights
-    (e.g. ``IMAGENET1K_V1``, downloaded once for online users) and the last layer is replaced.
-    For small random-weight inputs (< 64 px) the stem becomes a 3×3 stride-1 conv without
-    max-pooling, the usual CIFAR adaptation; one-channel inputs get a one-channel stem."""
-    from torchvision.models import ResNet18_Weights
-    from torchvision.models import resnet18 as tv_resnet18
+class SmallCNN(nn.Module):
+    """Two stages of two 3×3 conv-BN-ReLU blocks, each ending in 2×2 max-pooling, then dropout and an MLP head with
+    ``hidden`` widths: about 0.2 M conv weights, sized for MNIST-like images on a CPU.
 
-    channels, height, _ = input_shape
-    if pretrained:
-        model = tv_resnet18(weights=ResNet18_Weights[pretrained])
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-        if channels != 3:  # average the RGB filters into the requested channel count
-            weight = model.conv1.weight.detach().mean(1, keepdim=True).repeat(1, channels, 1, 1)
-            model.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
-            model.conv1.weight.data.copy_(weight)
-        return model
-    model = tv_resnet18(weights=None, num_classes=num_classes)
-    if height < 64:
-        model.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-    elif channels != 3:
-        model.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
-    return model
+    ``head``: ``torch`` (``nn.Linear`` layers, ReLU and ``dropout`` after each hidden one) or ``engine_mlp`` (the
+    engine's hand-written MLP through the autograd bridge, trained together with the convolutions by a torch
+    optimizer; ``norm`` — ``layer`` or ``batch`` — normalises its hidden layers).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 32, hidden: Sequence[int] = (128,),
+                 dropout: float = 0.25, head: Literal["torch", "engine_mlp"] = "torch",
+                 norm: Literal["layer", "batch"] | None = None) -> None:
+        super().__init__()
+        channels, height, width_px = image_shape(input_shape, "SmallCNN")
+        if head not in ("torch", "engine_mlp"):
+            raise ValueError(f"SmallCNN: head must be 'torch' or 'engine_mlp', got {head!r}")
+        if norm is not None and head != "engine_mlp":
+            raise ValueError(f"SmallCNN: norm normalises the engine MLP head (head='engine_mlp'), not head={head!r}")
+        if width < 1:
+            raise ValueError(f"SmallCNN: width must be at least 1, got {width}")
+        self.features = nn.Sequential(
+            *_conv_block(channels, width), *_conv_block(width, width), nn.MaxPool2d(2),
+            *_conv_block(width, 2 * width), *_conv_block(2 * width, 2 * width), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(dropout),
+        )
+        self.feature_dim = 2 * width * (height // 4) * (width_px // 4)
+        if self.feature_dim == 0:
+            raise ValueError(f"SmallCNN needs images of at least 4×4 pixels, got {tuple(input_shape)}")
+        if head == "engine_mlp":
+            self.head: nn.Module = EngineMLPHead(self.feature_dim, list(hidden), num_classes, dropout=dropout,
+                                                 norm=norm)
+        else:
+            self.head = _torch_mlp(self.feature_dim, hidden, num_classes, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
 
 
-def build_engine_mlp(in_features: int, hidden: Sequence[int], num_classes: int, activation: str, dropout: float,
-                     norm: str | None, seed: int) -> MLP:
-    """An engine MLP whose weights depend on ``seed`` alone; the caller's RNG is left untouched (the
-    MLP is built on the CPU, so only the CPU generator is seeded)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        return MLP(in_features, hidden, num_classes, activation=activation, dropout=dropout, norm=norm)
+class ResNet18(ResNet):
+    """torchvision's ResNet-18 for ``num_classes`` classes. Random weights by default; ``pretrained`` names
+    torchvision weights (e.g. ``IMAGENET1K_V1``, downloaded once and hash-checked, for online users) and the last
+    layer is replaced.
+
+    ``small_stem``: a 3×3 stride-1 first convolution without max-pooling (the usual CIFAR adaptation); None
+    chooses it for random weights and images under 64 px. Inputs of other than 3 channels get a first convolution
+    of that many channels (with pretrained weights: the RGB filters averaged).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, pretrained: str | None = None,
+                 small_stem: bool | None = None) -> None:
+        channels = image_shape(input_shape, "ResNet18")[0]
+        weights = None
+        if pretrained:
+            try:
+                weights = ResNet18_Weights[pretrained]
+            except KeyError:
+                names = ", ".join(w.name for w in ResNet18_Weights)
+                raise ValueError(f"ResNet18: unknown pretrained weights {pretrained!r}; choose one of "
+                                 f"{names}") from None
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes if weights is None else 1000)
+        if weights is not None:
+            self.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
+            self.fc = nn.Linear(self.fc.in_features, num_classes)
+        self.small_stem = self.uses_small_stem(input_shape, pretrained, small_stem)
+        if self.small_stem:
+            self.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        elif channels != 3:
+            stem = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+            if weights is not None:  # average the RGB filters into the requested channel count
+                stem.weight.data.copy_(self.conv1.weight.detach().mean(1, keepdim=True).repeat(1, channels, 1, 1))
+            self.conv1 = stem
+
+    @staticmethod
+    def uses_small_stem(input_shape: Sequence[int], pretrained: str | None, small_stem: bool | None) -> bool:
+        """Whether the network for these arguments has the small-image stem (see the class)."""
+        return bool(small_stem) if small_stem is not None else (not pretrained and int(input_shape[1]) < 64)
+
+    @classmethod
+    def offline_args(cls, init_args: dict[str, Any], input_shape: Sequence[int]) -> dict[str, Any]:
+        """``init_args`` of a saved network rebuilt without downloading (the weights come from the checkpoint):
+        ``pretrained`` dropped, the stem it had pinned."""
+        stem = cls.uses_small_stem(input_shape, init_args.get("pretrained"), init_args.get("small_stem"))
+        return {**init_args, "pretrained": None, "small_stem": stem}
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (128,),
-                dropout: float = 0.25, backend: str = "autograd", norm: str | None = None, width: int = 32,
-                pretrained: str | None = None, seed: int = 0) -> nn.Module:
-    """The network for ``name`` (see ``MODELS``). Weights depend on ``seed`` only; for ``mlp`` the
-    engine backend gets the engine MLP and the autograd backend its twin with the same weights.
-    ``norm`` (``layer`` or ``batch``) goes into the engine MLP of ``mlp`` and ``cnn_engine_head``."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if len(input_shape) != 3 or min(input_shape) <= 0:
-        raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
-    if name == "mlp":
-        engine = build_engine_mlp(math.prod(input_shape), hidden, num_classes, "relu", dropout, norm, seed)
-        return engine if backend == "engine" else engine.to_autograd()
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        if name == "resnet18":
-            return resnet18(input_shape, num_classes, pretrained)
-        cnn = SmallCNN(input_shape, num_classes, width=width, hidden=hidden, dropout=dropout)
-        if name == "cnn_engine_head":
-            cnn.head = EngineMLPHead(cnn.feature_dim, list(hidden), num_classes, dropout=dropout, norm=norm)
-        return cnn
+class EngineImageMLP(MLP):
+    """The engine's MLP on flattened pixels: ``C·H·W`` inputs → ``hidden`` (activation, optional ``norm`` and
+    ``dropout`` after each) → ``num_classes``. Trained by its hand-written backward, never by autograd
+    (``backend = "engine"``, as for every engine layer); :meth:`to_autograd` gives the :class:`ImageMLP` twin."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,),
+                 dropout: float = 0.25, norm: Literal["layer", "batch"] | None = None,
+                 activation: str = "relu") -> None:
+        shape = image_shape(input_shape, type(self).__name__)
+        super().__init__(math.prod(shape), hidden, num_classes, activation=activation, dropout=dropout, norm=norm)
+        self.input_shape = shape
+        self._batch_shape: torch.Size | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of images (B, C, H, W) (or already flattened (B, C·H·W))."""
+        self._batch_shape = x.shape
+        return super().forward(x.flatten(1))
+
+    def backward(self, grad_output: Tensor) -> Tensor | None:
+        """Gradients of the last :meth:`forward`; dL/dx (with ``input_grad``) in the shape of its input."""
+        grad = super().backward(grad_output)
+        return grad if grad is None or self._batch_shape is None else grad.reshape(self._batch_shape)
+
+    def to_autograd(self) -> ImageMLP:
+        """The :class:`ImageMLP` with copies of these weights (same dtype and device)."""
+        with torch.random.fork_rng(devices=[]):  # building the twin must not move the caller's RNG
+            twin = ImageMLP(self.input_shape, self.out_features, self.hidden, self.dropout, self.norm, self.activation)
+        for index, module in enumerate(MLP.to_autograd(self)):
+            twin[index] = module
+        twin.train(self.training)
+        return twin
+
+
+class ImageMLP(nn.Sequential):
+    """:class:`EngineImageMLP`'s twin in ``torch.nn`` layers (trained by autograd): built from the same random
+    state, it has the same initial weights, so the two backends can be compared step by step. Its modules are
+    numbered as the engine MLP's ``layers``."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,),
+                 dropout: float = 0.25, norm: Literal["layer", "batch"] | None = None,
+                 activation: str = "relu") -> None:
+        engine = EngineImageMLP(input_shape, num_classes, hidden, dropout, norm, activation)
+        super().__init__(*MLP.to_autograd(engine))
+        self.input_shape = engine.input_shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of images (B, C, H, W) (or already flattened (B, C·H·W))."""
+        return super().forward(x.flatten(1))

@@ -8,67 +8,59 @@ links what it needs, and the data module's state in the checkpoint is what ``pre
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from bp_apps.core.compose import network_factory
 from bp_apps.core.datalink import saved_preprocessing
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import OptimizerConfig, check_task
-from bp_apps.vision.models import build_model
+from bp_apps.vision.models import ResNet18, SmallCNN
 
-RENAMED = {"manual": "engine", "cnn_manual_head": "cnn_engine_head"}  # earlier names of the engine's options
+DEFAULT_OPTIM = OptimizerConfig(name="adamw", lr=1e-3, momentum=0.9, weight_decay=1e-4, scheduler="cosine",
+                                warmup_fraction=0.0, max_grad_norm=None, nonfinite="raise")
+"""The image classifier's optimizer settings when a config gives none (a config's ``optim`` overrides fields)."""
 
 
 class ImageClassifier(ClassifierModule):
     """Cross-entropy image classifier with top-1/top-5 accuracy and a confusion matrix at test time.
 
-    ``model`` is one of ``mlp`` (the engine MLP on flattened pixels; ``backend`` engine or
-    autograd), ``cnn``, ``cnn_engine_head`` (the CNN with the engine MLP head through the
-    bridge) and ``resnet18`` (``pretrained`` names torchvision weights for online users).
-    ``norm`` (``layer`` or ``batch``) normalises the hidden layers of the engine MLP of ``mlp`` and ``cnn_engine_head``.
-    ``num_classes``, ``input_shape`` and ``class_names`` (which label the confusion matrix) come from the data
-    module: ``bp-apps`` links them, and the data module's ``setup`` refuses a model built for other sizes.
+    ``net`` is the network's class (``class_path`` and ``init_args`` in a config; any class of
+    :mod:`bp_apps.vision.models` or another ``nn.Module`` whose first two arguments are ``input_shape`` and
+    ``num_classes``); the task calls it with the data's sizes. Its backend is the network's: an engine network
+    (:class:`~bp_apps.vision.models.EngineImageMLP`) trains by the hand-written backward, any other by autograd.
+    Initial weights depend on ``seed`` only. ``optim`` holds the optimizer settings (:data:`DEFAULT_OPTIM` for
+    those a config leaves out). ``num_classes``, ``input_shape`` and ``class_names`` (which label the confusion
+    matrix) come from the data module: ``bp-apps`` links them, and the data module's ``setup`` refuses a model
+    built for other sizes.
     """
 
     task_name = "vision.ImageClassifier"
     task_title = "an image-classification"
+    default_optim = DEFAULT_OPTIM
 
-    def __init__(self, model: Literal["mlp", "cnn", "cnn_engine_head", "resnet18"] = "cnn", num_classes: int = 10,
-                 input_shape: Sequence[int] = (1, 28, 28), hidden: Sequence[int] = (128,), dropout: float = 0.25,
-                 width: int = 32, backend: Literal["engine", "autograd"] = "autograd",
-                 norm: Literal["layer", "batch"] | None = None,
-                 optimizer: Literal["sgd", "adam", "adamw"] = "adamw", lr: float = 1e-3, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, max_grad_norm: float | None = None, label_smoothing: float = 0.0,
-                 nonfinite: Literal["raise", "skip"] = "raise", scheduler: Literal["constant", "cosine"] = "cosine",
-                 warmup_fraction: float = 0.0, pretrained: str | None = None, seed: int = 0,
+    def __init__(self, net: Callable[[Sequence[int], int], nn.Module] = SmallCNN,
+                 optim: OptimizerConfig = DEFAULT_OPTIM, label_smoothing: float = 0.0, seed: int = 0,
+                 num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28),
                  class_names: Sequence[str] | None = None) -> None:
-        for name, value in (("model", model), ("backend", backend)):
-            if value in RENAMED:
-                raise ValueError(f"{name}={value!r} is now called {RENAMED[value]!r}; a checkpoint saved before the "
-                                 f"rename loads with ImageClassifier.load(path, {name}={RENAMED[value]!r})")
-        if backend == "engine" and model != "mlp":
-            raise ValueError(f"backend='engine' applies to model='mlp' only (got model={model!r}); "
-                             "'cnn_engine_head' already trains its head by the engine through the bridge")
-        if norm is not None and model not in ("mlp", "cnn_engine_head"):
-            raise ValueError(f"norm applies to the engine MLP of model='mlp' or 'cnn_engine_head', not {model!r}")
-        net = build_model(model, tuple(input_shape), num_classes, hidden=hidden, dropout=dropout, backend=backend,
-                          norm=norm, width=width, pretrained=pretrained, seed=seed)
-        optim = OptimizerConfig(optimizer, lr, momentum, weight_decay, scheduler, warmup_fraction, max_grad_norm,
-                                nonfinite)
-        super().__init__(net, num_classes, optim=optim, label_smoothing=label_smoothing)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        factory = network_factory(net, "net")
+        with torch.random.fork_rng(devices=[]):  # the weights depend on the seed only; the caller's RNG stays
+            torch.random.default_generator.manual_seed(seed)
+            network = factory(tuple(input_shape), num_classes)
+        super().__init__(network, num_classes, optim=optim, label_smoothing=label_smoothing)
         self.save_hyperparameters(ignore=["class_names"])  # the data's, saved as its state
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.flatten = model == "mlp"
         self.confusion = MulticlassConfusionMatrix(num_classes=num_classes)
-
-    def prepare_input(self, x: Tensor) -> Tensor:
-        return x.flatten(1) if self.flatten else x
 
     # -- test-time confusion matrix ------------------------------------------------------------------
 
@@ -90,7 +82,12 @@ class ImageClassifier(ClassifierModule):
 
     @classmethod
     def load_overrides(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        return {"pretrained": None}  # the weights come from the checkpoint: never download
+        """The weights come from the checkpoint: a pretrained ResNet18 is rebuilt without downloading any."""
+        net = hparams.get("net")
+        if not (isinstance(net, Mapping) and net.get("class_path") == f"{ResNet18.__module__}.ResNet18"):
+            return {}
+        init_args = dict(net.get("init_args") or {})
+        return {"net": {**net, "init_args": ResNet18.offline_args(init_args, hparams.get("input_shape", (3, 32, 32)))}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of other tasks or of another class count before any weight is loaded."""

@@ -4,32 +4,45 @@ Raw files -> :mod:`formats` readers (validated :class:`TaggedSentence` records) 
 built from the training split -> length-bucketed batches of word ids, character ids, the
 predicate indicator and tag ids. The raw tokens travel with each batch so sub-word models can
 tokenize them their own way.
+
+The vocabulary (words, characters, labels, whether the records mark a predicate) is a JSON file the data module
+builds in ``prepare_data`` (and, when asked with ``tokenizer_vocab_size``, a sub-word tokenizer trained on the
+training words). Their paths (``vocab_file``, ``tokenizer_file``) are known right after ``__init__``: a digest of
+the data's identity and the vocabulary settings under ``default_cache_dir()/labeling``. ``bp-apps`` links them to
+the model's arguments of the same names; the model reads them, the data module never hands it objects.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import sys
+import sysconfig
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from bp_apps.core.datalink import PreprocessingDataModule
 from bp_apps.core.distributed import shard_by_process
-from bp_apps.core.io import data_file
+from bp_apps.core.io import atomic_write_text, data_file, default_cache_dir, resolve_data_root
 from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.core.samplers import BucketBatchSampler
 from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, predicate_class
 
 __all__ = ["PAD", "UNK", "HFLabelingDataModule", "LabelingDataModule", "LabelingVocab",
-           "PunctuationDataModule", "collate_sentences", "label_inventory", "normalize_word"]
+           "PunctuationDataModule", "collate_sentences", "label_inventory", "normalize_word", "read_vocab_file"]
 
 PAD, UNK = "<pad>", "<unk>"
+VOCAB_FORMAT = 1
+"""The version of the vocabulary file's layout (part of its path's digest: a new layout is a new file)."""
 MAX_WORD_CHARS = 20
 _DIGITS = re.compile(r"\d")
 
@@ -113,6 +126,32 @@ def label_inventory(tags: set[str]) -> list[str]:
     return (["O"] if "O" in tags else []) + sorted(tags - {"O"})
 
 
+def read_vocab_file(path: str | Path) -> tuple[LabelingVocab, bool]:
+    """The vocabulary and whether the data marks predicates, from a file :class:`LabelingDataModule` built
+    (``vocab_file``); a missing or malformed file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary file {str(path)!r} does not exist: the labeling data module builds it "
+                                "in prepare_data (trainer.fit/validate/test do that before setup)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LabelingVocab.from_dict(data), bool(data["has_predicates"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a labeling vocabulary file ({type(error).__name__}: {error})") from None
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def collate_sentences(sentences: Sequence[TaggedSentence], vocab: LabelingVocab) -> dict[str, Any]:
     """A padded batch: ``words`` [B, T], ``chars`` [B, T, C], ``predicate`` [B, T] (1 on the predicate
     token; all 0 without one), ``predicate_class`` [B] (the predicate's coarse POS class, see
@@ -156,17 +195,20 @@ class _Collate:
         return collate_sentences(sentences, self.vocab)
 
 
-class LabelingDataModule(L.LightningDataModule):
+class LabelingDataModule(PreprocessingDataModule):
     """Labeled sentences from files (JSONL or CoNLL columns; relative paths are under ``data_root``, by default
     ``$BP_APPS_DATA``, else ``./data``).
 
-    The vocabulary comes from the training file. Validation and test tags must belong to the
-    training label set (an error names the file and line otherwise). Training sentences longer
+    The vocabulary comes from the training file; ``prepare_data`` writes it to ``vocab_file`` (and, with
+    ``tokenizer_vocab_size``, a WordPiece tokenizer trained on the training words to ``tokenizer_file``, for
+    ``TransformerTagger``). The files are rebuilt when the training data changes. Validation and test tags must
+    belong to the training label set (an error names the file and line otherwise). Training sentences longer
     than ``max_train_tokens`` are left out with a warning (evaluation keeps every sentence).
     Without ``val_file``, ``val_fraction`` of the training records (every k-th, deterministic)
     is held out. ``limit_*`` keep only the first N records (quick runs and tests). ``labels`` fixes
     the label inventory (otherwise: every tag of the training file). ``group_predicates`` batches
     the SRL predicate instances of one sentence together (what a shared sentence encoder needs).
+    ``setup`` refuses an attached model built for another vocabulary.
     """
 
     def __init__(self, train_file: str | None = None, val_file: str | None = None, test_file: str | None = None,
@@ -176,7 +218,8 @@ class LabelingDataModule(L.LightningDataModule):
                  min_word_freq: int = 2, max_words: int | None = None, max_train_tokens: int | None = 150,
                  val_fraction: float = 0.1, limit_train: int | None = None, limit_val: int | None = None,
                  limit_test: int | None = None, labels: list[str] | None = None, seed: int = 0,
-                 num_workers: int = 0, group_predicates: bool = True) -> None:
+                 num_workers: int = 0, group_predicates: bool = True, tokenizer_vocab_size: int | None = None
+                 ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
@@ -184,6 +227,10 @@ class LabelingDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if max_train_tokens is not None and max_train_tokens < 1:
             raise ValueError(f"max_train_tokens must be >= 1 or null, got {max_train_tokens}")
+        if min_word_freq < 1:
+            raise ValueError(f"min_word_freq must be >= 1, got {min_word_freq}")
+        if tokenizer_vocab_size is not None and tokenizer_vocab_size < 16:
+            raise ValueError(f"tokenizer_vocab_size must be >= 16 or null, got {tokenizer_vocab_size}")
         self.save_hyperparameters()
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.data_root = data_root
@@ -192,8 +239,80 @@ class LabelingDataModule(L.LightningDataModule):
         self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.labels, self.group_predicates = labels, group_predicates
+        self.tokenizer_vocab_size = tokenizer_vocab_size
         self.vocab: LabelingVocab | None = None
         self.splits: dict[str, list[TaggedSentence]] = {}
+        self._has_predicates: bool | None = None
+
+    # -- the files the model reads ------------------------------------------------------------
+
+    def data_identity(self) -> dict[str, Any]:
+        """What names this data without reading it (the files and how they are read); subclasses name theirs."""
+        h = self.hparams
+        root = resolve_data_root(self.data_root).absolute()
+        return {"source": "files", "root": str(root), "train_file": self.train_file, "val_file": self.val_file,
+                "format": h.format, "tokens_field": h.tokens_field, "tags_field": h.tags_field,
+                "predicate_field": h.predicate_field, "token_column": h.token_column, "tag_column": h.tag_column}
+
+    def vocab_settings(self) -> dict[str, Any]:
+        """The settings that shape the vocabulary (with :meth:`data_identity`, the vocabulary file's name)."""
+        return {"format_version": VOCAB_FORMAT, "class": type(self).__qualname__, "min_word_freq": self.min_word_freq,
+                "max_words": self.max_words, "max_train_tokens": self.max_train_tokens,
+                "val_fraction": self.val_fraction if self.val_file is None else None,
+                "limit_train": self.limits["train"], "labels": self.labels}
+
+    def input_fingerprint(self) -> dict[str, Any]:
+        """The contents the vocabulary was built from (the training file's digest); a changed fingerprint makes
+        ``prepare_data`` rebuild the files."""
+        if self.train_file is None:
+            raise ValueError("LabelingDataModule needs train_file (a .jsonl or CoNLL file)")
+        return {"train": _file_digest(data_file(self.train_file, self.data_root))}
+
+    @property
+    def vocab_file(self) -> str:
+        """Where ``prepare_data`` writes the vocabulary (JSON): known without reading any data."""
+        key = _digest({"data": self.data_identity(), "vocab": self.vocab_settings()})
+        return str(default_cache_dir() / "labeling" / f"vocab-{key}.json")
+
+    @property
+    def tokenizer_file(self) -> str | None:
+        """Where ``prepare_data`` writes the sub-word tokenizer (``tokenizers`` JSON) trained on the training words,
+        or None without ``tokenizer_vocab_size``."""
+        if self.tokenizer_vocab_size is None:
+            return None
+        key = _digest({"data": self.data_identity(), "vocab": self.vocab_settings(),
+                       "tokenizer": {"kind": "wordpiece", "vocab_size": self.tokenizer_vocab_size, "lowercase": True}})
+        return str(default_cache_dir() / "labeling" / f"tokenizer-{key}.json")
+
+    def prepare_data(self) -> None:
+        """Build the vocabulary file (and the tokenizer file when asked) unless they are current: a file is
+        rebuilt when missing, unreadable, or built from other training data."""
+        vocab_path, inputs = Path(self.vocab_file), self.input_fingerprint()
+        vocab_path.parent.mkdir(parents=True, exist_ok=True)
+        train: list[TaggedSentence] | None = None
+        try:
+            current = json.loads(vocab_path.read_text(encoding="utf-8")).get("inputs")
+        except (OSError, ValueError, AttributeError):
+            current = None
+        rebuilt = current != inputs
+        if rebuilt:
+            splits, labels = self._prepared_splits(warn=False)
+            train = splits["train"]
+            vocab = LabelingVocab.build(train, self.min_word_freq, self.max_words, labels)
+            content = {**vocab.to_dict(), "has_predicates": any(s.predicate is not None for s in train),
+                       "inputs": inputs, "data": self.data_identity(), "settings": self.vocab_settings()}
+            atomic_write_text(vocab_path, json.dumps(content, ensure_ascii=False))
+        if self.tokenizer_file is None:
+            return
+        tokenizer_path = Path(self.tokenizer_file)
+        if (rebuilt or not tokenizer_path.is_file()
+                or tokenizer_path.stat().st_mtime_ns < vocab_path.stat().st_mtime_ns):  # older than the vocabulary
+            from bp_apps.text.tokenization import tokenizer_to_json, train_tokenizer
+
+            if train is None:
+                train = self._prepared_splits(warn=False)[0]["train"]
+            tokenizer = train_tokenizer((" ".join(s.tokens) for s in train), self.tokenizer_vocab_size)
+            atomic_write_text(tokenizer_path, tokenizer_to_json(tokenizer))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -214,11 +333,8 @@ class LabelingDataModule(L.LightningDataModule):
             splits["test"] = self._read(self.test_file)
         return splits
 
-    # -- set-up -----------------------------------------------------------------------------
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def _prepared_splits(self, warn: bool = True) -> tuple[dict[str, list[TaggedSentence]], list[str]]:
+        """The splits as used (held out, limited, long training sentences left out) and the label inventory."""
         splits = self.load_splits()
         # The label inventory is the whole training file's, even when only part of it is used.
         tags = {t for s in splits["train"] if s.tags is not None for t in s.tags}
@@ -228,26 +344,65 @@ class LabelingDataModule(L.LightningDataModule):
         for name, limit in self.limits.items():
             if limit is not None and name in splits:
                 splits[name] = splits[name][:limit]
+        left_out = ""
         if self.max_train_tokens is not None:
             kept = [s for s in splits["train"] if len(s.tokens) <= self.max_train_tokens]
             if len(kept) < len(splits["train"]):
-                warnings.warn(f"left out {len(splits['train']) - len(kept)} training sentences longer than "
-                              f"max_train_tokens={self.max_train_tokens}", stacklevel=2)
+                left_out = (f"left out {len(splits['train']) - len(kept)} training sentences longer than "
+                            f"max_train_tokens={self.max_train_tokens}")
+                if warn and kept:
+                    warnings.warn(left_out, stacklevel=3)
             splits["train"] = kept
         if not splits["train"]:
-            raise LabelingDataError("no training sentences left")
+            raise LabelingDataError(f"no training sentences left{f' ({left_out})' if left_out else ''}")
         if any(s.tags is None for s in splits["train"]):
             raise LabelingDataError("training sentences need tags")
+        return splits, labels
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the vocabulary file (built here first when ``prepare_data`` has not run, as with a data module
+        used by hand), refuse an attached model of another vocabulary, and read the splits."""
         if self.vocab is None:
-            self.vocab = LabelingVocab.build(splits["train"], self.min_word_freq, self.max_words, labels)
+            if not Path(self.vocab_file).is_file():
+                self.prepare_data()
+            self.vocab, self._has_predicates = read_vocab_file(self.vocab_file)
+        self.check_model()
+        if self.splits:
+            return
+        splits, _ = self._prepared_splits()
         for name in ("val", "test"):
             if name in splits:
                 check_known_tags(splits[name], self.vocab.labels)
         self.splits = splits
 
+    def check_model(self) -> None:
+        """Refuse an attached model whose vocabulary (built, or the file it was given) is not this data's."""
+        super().check_model()
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is None or self.vocab is None:
+            return
+        built = getattr(model, "vocab", None)
+        given = getattr(model, "hparams", {}).get("vocab_file")
+        if isinstance(built, LabelingVocab):
+            differs = built.to_dict() != self.vocab.to_dict()
+        elif given and Path(given) != Path(self.vocab_file):
+            try:
+                differs = read_vocab_file(given)[0].to_dict() != self.vocab.to_dict()
+            except (OSError, ValueError):
+                differs = True
+        else:
+            return
+        if differs:
+            raise ValueError("the model was built for another vocabulary or label set than this data gives: build "
+                             f"it with vocab_file={self.vocab_file!r} (the data module's vocab_file; bp-apps links "
+                             "it), or evaluate with the data the model was trained on")
+
     @property
     def has_predicates(self) -> bool:
-        return any(s.predicate is not None for s in self.splits.get("train", ()))
+        """Whether the training records mark a predicate (known once the vocabulary is read in ``setup``)."""
+        return bool(self._has_predicates)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.splits:
@@ -280,12 +435,20 @@ class LabelingDataModule(L.LightningDataModule):
             self.setup()
         return self._loader("test" if "test" in self.splits else "val", train=False)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"vocab": self.vocab.to_dict()} if self.vocab is not None else {}
+    # -- checkpoint state -----------------------------------------------------------------------
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "vocab" in state:
-            self.vocab = LabelingVocab.from_dict(state["vocab"])
+    def preprocessing(self) -> dict[str, Any]:
+        """The vocabulary (once read) as plain lists: saved in the checkpoint with the data module's state."""
+        if self.vocab is None:
+            return {}
+        return {"vocab": self.vocab.to_dict(), "has_predicates": self.has_predicates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint (resumed, or tested with ``ckpt_path``) trained on another vocabulary."""
+        saved = state_dict.get("vocab")
+        if saved is not None and self.vocab is not None and saved != self.vocab.to_dict():
+            raise ValueError("the checkpoint was trained on another vocabulary or label set than this data gives; "
+                             "use the data settings it was trained with")
 
 
 def _hold_out(sentences: list[TaggedSentence], fraction: float) -> tuple[list[TaggedSentence], list[TaggedSentence]]:
@@ -305,14 +468,24 @@ class PunctuationDataModule(LabelingDataModule):
     def __init__(self, max_tokens: int = 48, max_docstrings: int | None = None, batch_size: int = 32,
                  eval_batch_size: int = 128, min_word_freq: int = 2, val_fraction: float = 0.1,
                  limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
-                 seed: int = 0, num_workers: int = 0) -> None:
+                 seed: int = 0, num_workers: int = 0, tokenizer_vocab_size: int | None = None) -> None:
         from bp_apps.text.labeling.punctuation import PUNCT_TAGS
 
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, min_word_freq=min_word_freq,
                          max_train_tokens=None, val_fraction=val_fraction, limit_train=limit_train,
                          limit_val=limit_val, limit_test=limit_test, labels=list(PUNCT_TAGS), seed=seed,
-                         num_workers=num_workers)
+                         num_workers=num_workers, tokenizer_vocab_size=tokenizer_vocab_size)
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         self.max_tokens, self.max_docstrings = max_tokens, max_docstrings
+
+    def data_identity(self) -> dict[str, Any]:
+        """The installed standard library (its Python version and folder) and how it is cut into examples."""
+        return {"source": "stdlib_docstrings", "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"],
+                "max_tokens": self.max_tokens, "max_docstrings": self.max_docstrings}
+
+    def input_fingerprint(self) -> dict[str, Any]:
+        return {}  # the identity (Python version and library folder) names the docstrings
 
     def load_splits(self) -> dict[str, list[TaggedSentence]]:
         from bp_apps.text.corpus import stdlib_docstrings
@@ -335,13 +508,21 @@ class HFLabelingDataModule(LabelingDataModule):
                  test_split: str | None = "test", batch_size: int = 32, eval_batch_size: int = 128,
                  min_word_freq: int = 2, max_train_tokens: int | None = 150, limit_train: int | None = None,
                  limit_val: int | None = None, limit_test: int | None = None, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, tokenizer_vocab_size: int | None = None) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, min_word_freq=min_word_freq,
                          max_train_tokens=max_train_tokens, limit_train=limit_train, limit_val=limit_val,
-                         limit_test=limit_test, seed=seed, num_workers=num_workers)
+                         limit_test=limit_test, seed=seed, num_workers=num_workers,
+                         tokenizer_vocab_size=tokenizer_vocab_size)
         self.name, self.config_name = name, config_name
         self.columns = {"tokens_column": tokens_column, "tags_column": tags_column}
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+
+    def data_identity(self) -> dict[str, Any]:
+        return {"source": "huggingface", "name": self.name, "config_name": self.config_name, **self.columns,
+                "train_split": self.split_names["train"], "val_split": self.split_names["val"]}
+
+    def input_fingerprint(self) -> dict[str, Any]:
+        return {}  # a named data set: its identity names it
 
     def load_splits(self) -> dict[str, list[TaggedSentence]]:
         return {key: load_hf(self.name, split, config_name=self.config_name, **self.columns)

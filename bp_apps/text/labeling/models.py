@@ -1,17 +1,26 @@
 """Taggers: plain ``nn.Module``s mapping a batch (see :func:`data.collate_sentences`) to word-level
 emission scores ``[B, T, num_labels]``. The task adds the loss (softmax or CRF) and decoding.
 
-- :class:`BiLSTMTagger`: word embeddings + a character CNN (+ a predicate indicator for SRL), a
-  bidirectional LSTM, and a linear head or the core's hand-written MLP through the bridge.
-- :class:`TransformerTagger`: a transformers ``AutoModelForTokenClassification`` (built from a
-  config, or pretrained by name or directory) on sub-words; each word is scored at its first
-  sub-word, and the predicate is marked with token type 1.
+Every tagger is built as ``Tagger(num_words, num_chars, num_labels, predicates, **settings)``: the first four are
+what the data's vocabulary file says (word, character and label counts; whether the records mark a predicate), the
+settings come from the config (``net: {class_path: ..., init_args: {...}}``). A tagger that needs more than the
+vocabulary to be rebuilt (a tokenizer, a pretrained model's config) returns it from ``build_state()``; the task keeps
+it in the checkpoint as plain data and passes it back as keyword arguments when loading.
+
+- :class:`BiLSTMTagger`: word embeddings + a character CNN (+ predicate features for SRL), a
+  bidirectional LSTM, and a linear head or the engine's hand-written MLP through the bridge.
+- :class:`TransformerTagger`: a BERT encoder built from its sizes, on the sub-word tokenizer the data module
+  trained on the training words (its ``tokenizer_file``).
+- :class:`PretrainedTagger`: a transformers ``AutoModelForTokenClassification`` by hub name or directory, with its
+  own tokenizer.
+
+Both transformer taggers score each word at its first sub-word and mark the predicate with token type 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +29,7 @@ from bp_apps.engine.bridge import EngineMLPHead
 from bp_apps.text.labeling.records import PREDICATE_CLASSES
 from bp_apps.text.labeling.rnn import run_lstm
 
-__all__ = ["BiLSTMTagger", "CharCNN", "TransformerTagger"]
+__all__ = ["BiLSTMTagger", "CharCNN", "PretrainedTagger", "SubwordTagger", "TransformerTagger"]
 
 
 class CharCNN(nn.Module):
@@ -44,7 +53,8 @@ class CharCNN(nn.Module):
 class BiLSTMTagger(nn.Module):
     """Embeddings (word + character CNN + predicate indicator) -> BiLSTM -> per-word scores.
 
-    ``predicate_dim`` > 0 makes the tagger predicate-aware (semantic role labeling): every word gets
+    ``predicates`` (the data marks a predicate: semantic role labeling) with ``predicate_dim`` > 0 makes the tagger
+    predicate-aware: every word gets
     an embedding of "is this the predicate", of its signed distance to the predicate (clipped to
     ``max_distance``) and the predicate's own word embedding. While training, ``word_dropout`` of
     the words are read as unknown (so the unknown-word embedding is learned for rare words).
@@ -62,14 +72,35 @@ class BiLSTMTagger(nn.Module):
     layers (``predicate_hidden`` wide, default ``hidden``) read those states with the predicate
     features (indicator, distance, and the shared state at the predicate, projected to
     ``word_dim``) once per predicate instance.
+
+    Without ``predicates`` (punctuation, NER) the predicate settings (``predicate_dim``, ``shared_layers``,
+    ``predicate_pos_dim``) are not used, so one config fits data with and without predicates.
     """
 
-    def __init__(self, num_words: int, num_chars: int, num_labels: int, word_dim: int = 100, char_dim: int = 30,
-                 char_channels: int = 50, predicate_dim: int = 0, hidden: int = 200, layers: int = 2,
-                 dropout: float = 0.33, head: str = "linear", head_hidden: int = 128, max_distance: int = 20,
-                 word_dropout: float = 0.0, shared_layers: int = 0, predicate_hidden: int | None = None,
-                 predicate_pos_dim: int = 0, predicate_pos_dropout: float = 0.1) -> None:
+    def __init__(self, num_words: int, num_chars: int, num_labels: int, predicates: bool, word_dim: int = 100,
+                 char_dim: int = 30, char_channels: int = 50, predicate_dim: int = 16, hidden: int = 200,
+                 layers: int = 2, dropout: float = 0.33, head: Literal["linear", "engine_mlp"] = "linear",
+                 head_hidden: int = 128, max_distance: int = 20, word_dropout: float = 0.0, shared_layers: int = 0,
+                 predicate_hidden: int | None = None, predicate_pos_dim: int = 0,
+                 predicate_pos_dropout: float = 0.1) -> None:
         super().__init__()
+        if min(num_words, num_chars, num_labels) < 1:
+            raise ValueError(f"the vocabulary sizes must be positive, got num_words={num_words}, "
+                             f"num_chars={num_chars}, num_labels={num_labels}")
+        for name, value in (("word_dim", word_dim), ("hidden", hidden), ("layers", layers)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, value in (("char_dim", char_dim), ("char_channels", char_channels), ("predicate_dim", predicate_dim),
+                            ("predicate_pos_dim", predicate_pos_dim), ("head_hidden", head_hidden)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in (("dropout", dropout), ("word_dropout", word_dropout),
+                            ("predicate_pos_dropout", predicate_pos_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not predicates:  # no predicate in the data: a plain tagger
+            predicate_dim = shared_layers = predicate_pos_dim = 0
+        self.predicates = bool(predicates)
         if head not in ("linear", "engine_mlp"):
             raise ValueError(f"head must be 'linear' or 'engine_mlp' (formerly 'manual_mlp'), got {head!r}")
         if shared_layers and (predicate_dim <= 0 or not 0 < shared_layers < layers):
@@ -166,21 +197,34 @@ class BiLSTMTagger(nn.Module):
         return self.head(self.dropout(out))
 
 
-class TransformerTagger(nn.Module):
+class SubwordTagger(nn.Module):
     """A transformers token-classification model, scored per word at the word's first sub-word.
 
     ``model`` is the ``AutoModelForTokenClassification``; ``tokenizer`` a fast tokenizer (for
-    ``word_ids``). Words past ``max_subwords`` get zero scores (the task warns about them).
+    ``word_ids``). Words past ``max_subwords`` get zero scores (prediction labels long sentences in windows).
+    The predicate (``mark_predicate``) is marked with token type 1.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_subwords: int = 256, mark_predicate: bool = False
                  ) -> None:
         super().__init__()
+        if max_subwords < 8:
+            raise ValueError(f"max_subwords must be >= 8, got {max_subwords}")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"{type(tokenizer).__name__}: sub-word label alignment needs a fast tokenizer")
         if mark_predicate and getattr(model.config, "type_vocab_size", 0) < 2:
             raise ValueError(f"{type(model).__name__} has no token type embeddings to mark the predicate with; "
                              "use a BERT-family encoder (type_vocab_size >= 2) for semantic role labeling")
         self.model, self.tokenizer = model, tokenizer
         self.max_subwords, self.mark_predicate = max_subwords, mark_predicate
+
+    def build_state(self) -> dict[str, Any]:
+        """What rebuilds this tagger without any file or download (plain data, kept in the checkpoint): the
+        tokenizer as JSON and its special tokens."""
+        from bp_apps.text.tokenization import tokenizer_to_json
+
+        return {"tokenizer": tokenizer_to_json(self.tokenizer),
+                "special_tokens": {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}}
 
     def encode(self, tokens: Sequence[Sequence[str]], predicates: Sequence[int | None]) -> tuple[dict, Tensor]:
         """Sub-word inputs and, per sentence, each word's first sub-word position (-1 when cut off)."""
@@ -209,3 +253,71 @@ class TransformerTagger(nn.Module):
         first = first.to(device)
         gathered = logits.gather(1, first.clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return gathered.masked_fill((first < 0).unsqueeze(-1), 0.0)
+
+
+class TransformerTagger(SubwordTagger):
+    """A BERT encoder built from its sizes (fresh weights) on the sub-word tokenizer trained on the training words.
+
+    ``tokenizer`` is that tokenizer as JSON (the data module's ``tokenizer_file``, which it builds when given a
+    ``tokenizer_vocab_size``; the task reads the file, or the checkpoint, and passes its text here).
+    """
+
+    def __init__(self, num_words: int, num_chars: int, num_labels: int, predicates: bool,
+                 tokenizer: str | None = None, special_tokens: dict[str, str] | None = None, hidden: int = 256,
+                 layers: int = 4, heads: int = 4, max_subwords: int = 256, dropout: float = 0.1) -> None:
+        from transformers import AutoModelForTokenClassification, BertConfig
+
+        from bp_apps.text.tokenization import tokenizer_from_json
+
+        if not tokenizer:
+            raise ValueError("TransformerTagger needs the sub-word tokenizer trained on the training words: give the "
+                             "data module a tokenizer_vocab_size (--data.tokenizer_vocab_size=8000); its "
+                             "tokenizer_file is linked to the model's (by hand: "
+                             "TokenLabeler(tokenizer_file=data.tokenizer_file))")
+        for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if hidden % heads:
+            raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        tok = tokenizer_from_json(tokenizer, special_tokens)
+        config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=4 * hidden,
+                            max_position_embeddings=max(512, max_subwords), num_labels=num_labels,
+                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        super().__init__(AutoModelForTokenClassification.from_config(config), tok, max_subwords,
+                         mark_predicate=predicates)
+
+
+class PretrainedTagger(SubwordTagger):
+    """A pretrained transformers encoder (``name``: a hub name or a local ``save_pretrained`` directory) with a new
+    token-classification head for ``num_labels``, on its own fast tokenizer.
+
+    When the task rebuilds it from a checkpoint it passes ``tokenizer`` (JSON), ``special_tokens`` and ``config``
+    (the model's config as a dict): the architecture is then built from them, nothing is downloaded, and ``name``
+    need not exist any more.
+    """
+
+    def __init__(self, num_words: int, num_chars: int, num_labels: int, predicates: bool, name: str = "",
+                 max_subwords: int = 256, tokenizer: str | None = None, special_tokens: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+        from bp_apps.text.tokenization import tokenizer_from_json
+
+        if config is not None and tokenizer:  # from a checkpoint: no download
+            tok = tokenizer_from_json(tokenizer, special_tokens)
+            model = AutoModelForTokenClassification.from_config(AutoConfig.for_model(**config))
+        else:
+            if not name:
+                raise ValueError("PretrainedTagger needs name: a hub name or a local directory")
+            tok = AutoTokenizer.from_pretrained(name)
+            if not tok.is_fast:
+                raise ValueError(f"{name}: sub-word label alignment needs a fast tokenizer")
+            model = AutoModelForTokenClassification.from_pretrained(name, num_labels=num_labels,
+                                                                    ignore_mismatched_sizes=True)
+        super().__init__(model, tok, max_subwords, mark_predicate=predicates)
+
+    def build_state(self) -> dict[str, Any]:
+        return {**super().build_state(), "config": self.model.config.to_dict()}

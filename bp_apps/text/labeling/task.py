@@ -1,160 +1,123 @@
 """The token-labeling LightningModule: semantic role labeling, punctuation restoration, NER.
 
-The tagger (:mod:`models`) gives per-word scores; the loss is a CRF's negative log-likelihood
-or per-token cross-entropy, and decoding (CRF Viterbi, or Viterbi over the softmax scores)
+The tagger (``net``, a class from :mod:`models` given by ``class_path``) gives per-word scores; the loss is a CRF's
+negative log-likelihood or per-token cross-entropy, and decoding (CRF Viterbi, or Viterbi over the softmax scores)
 never produces an invalid BIO sequence. BIO label sets are scored by spans with CoNLL
 conventions (``exclude_labels=[V]`` for SRL); other label sets (punctuation ``MARK|CASE``
-tags) per token. The vocabulary, the label set and, for transformers, the tokenizer and the
-model config travel in the checkpoint as plain data, so loading needs no pickle.
+tags) per token. The network is built from the data module's vocabulary file (``vocab_file``; and, for
+``TransformerTagger``, its ``tokenizer_file``), both linked by ``bp-apps``. The vocabulary, the label set and what
+the tagger needs to be rebuilt (a tokenizer, a pretrained model's config) travel in the checkpoint as plain data, so
+loading needs neither those files nor pickle.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from bp_apps.core.io import atomic_write_text, default_cache_dir
+from bp_apps.core.compose import network_factory
+from bp_apps.core.io import atomic_write_text
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.labeling.crf import CRF, constrained_decode
-from bp_apps.text.labeling.data import LabelingVocab, collate_sentences
+from bp_apps.text.labeling.data import LabelingVocab, collate_sentences, read_vocab_file
 from bp_apps.text.labeling.metrics import span_scores, token_scores
-from bp_apps.text.labeling.models import BiLSTMTagger, TransformerTagger
+from bp_apps.text.labeling.models import BiLSTMTagger
 from bp_apps.text.labeling.records import TaggedSentence, make_sentence
 
-__all__ = ["TASK_NAME", "TokenLabeler", "label_sentences", "load_labeler", "spans_of", "tokenize_text"]
+__all__ = ["DEFAULT_OPTIM", "TASK_NAME", "TokenLabeler", "label_sentences", "load_labeler", "spans_of",
+           "tokenize_text"]
 
 TASK_NAME, STATE_KEY = "text.TokenLabeler", "bp_apps_labeling"
+DEFAULT_OPTIM = OptimizerConfig(lr=2e-3, weight_decay=0.0, scheduler="cosine", warmup_fraction=0.05,
+                                max_grad_norm=5.0, no_decay_keys=NO_DECAY_KEYS)
+"""The labeler's optimizer settings when a config gives none (a config's ``optim`` mapping overrides fields)."""
 
 
 class TokenLabeler(TaskModule):
-    """Token labeling with a BiLSTM (word + character CNN + predicate indicator) or a transformer
-    encoder (``transformer``: built from the sizes here with a tokenizer trained on the training
-    words; ``pretrained``: ``pretrained_name``, a hub name or a local directory).
+    """Token labeling with a tagger network and an optional CRF.
 
-    The network is built once the data module's vocabulary is known (``setup``), or from the
-    checkpoint when loading. ``head='engine_mlp'`` puts the engine's hand-written MLP on the BiLSTM.
-    ``shared_layers`` (SRL, BiLSTM): that many of the ``layers`` read each sentence once for all of
-    its predicates; the rest (``predicate_hidden`` wide) read it per predicate instance.
-    ``predicate_pos_dim`` > 0 (SRL, BiLSTM) embeds the predicate's coarse POS class (the data's
-    ``predicate_pos``; unknown when a record has none).
+    ``net`` is the tagger's class with its settings (``class_path`` / ``init_args`` in a config;
+    :class:`~bp_apps.text.labeling.models.BiLSTMTagger` by default, or ``TransformerTagger``, ``PretrainedTagger``);
+    the labeler calls it as ``net(num_words, num_chars, num_labels, predicates)`` with the sizes of the vocabulary
+    file (``vocab_file``, the data module's; ``bp-apps`` links it). A ``TransformerTagger`` also gets the tokenizer
+    of ``tokenizer_file`` (the data module builds one when given ``tokenizer_vocab_size``). The network is built in
+    ``setup``, when the files exist, or from the checkpoint when loading. ``optim`` is the
+    :class:`~bp_apps.core.task.OptimizerConfig` group (defaults: :data:`DEFAULT_OPTIM`).
     ``val_f1`` (the figure to monitor) is span F1 (without ``exclude_labels``) for BIO tags, otherwise the
     micro F1 of the tags' first ``|`` field (the punctuation mark) over tokens that carry one.
     """
 
     task_name = TASK_NAME
     task_title = "a token-labeling"
+    default_optim = DEFAULT_OPTIM
 
-    def __init__(self, model: Literal["bilstm", "transformer", "pretrained"] = "bilstm", crf: bool = True,
-                 word_dim: int = 100, char_dim: int = 30, char_channels: int = 50, predicate_dim: int = 16,
-                 hidden: int = 200, layers: int = 2, dropout: float = 0.33, word_dropout: float = 0.0,
-                 head: Literal["linear", "engine_mlp"] = "linear", head_hidden: int = 128,
-                 transformer_hidden: int = 256, transformer_layers: int = 4, transformer_heads: int = 4,
-                 tokenizer_vocab_size: int = 8000, pretrained_name: str | None = None, max_subwords: int = 256,
-                 exclude_labels: Sequence[str] = (), lr: float = 2e-3, weight_decay: float = 0.0,
-                 warmup_fraction: float = 0.05, scheduler: Literal["constant", "cosine"] = "cosine",
-                 max_grad_norm: float | None = 5.0, label_smoothing: float = 0.0, shared_layers: int = 0,
-                 predicate_hidden: int | None = None, predicate_pos_dim: int = 0) -> None:
-        super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
-                                         warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
-                                         no_decay_keys=NO_DECAY_KEYS))
-        if model not in ("bilstm", "transformer", "pretrained"):
-            raise ValueError(f"model must be 'bilstm', 'transformer' or 'pretrained', got {model!r}")
-        if model == "pretrained" and not pretrained_name:
-            raise ValueError("model='pretrained' needs pretrained_name (a hub name or a local directory)")
-        if head == "engine_mlp" and model != "bilstm":
-            raise ValueError("head='engine_mlp' is available for model='bilstm' only")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if predicate_pos_dim < 0:
-            raise ValueError(f"predicate_pos_dim must be >= 0, got {predicate_pos_dim}")
+    def __init__(self, net: Callable[[int, int, int, bool], nn.Module] = BiLSTMTagger, crf: bool = True,
+                 optim: OptimizerConfig = DEFAULT_OPTIM, label_smoothing: float = 0.0,
+                 exclude_labels: Sequence[str] = (), vocab_file: str | None = None,
+                 tokenizer_file: str | None = None) -> None:
+        super().__init__(optim)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if label_smoothing and crf:
+            raise ValueError("label_smoothing applies to the per-token cross-entropy: set crf=false to use it")
+        self.net_factory = network_factory(net, "net")
         self.save_hyperparameters()
         self.vocab: LabelingVocab | None = None
-        self.net: torch.nn.Module | None = None
+        self.has_predicates = False
+        self.net: nn.Module | None = None
         self.crf: CRF | None = None
-        self.extra_state: dict[str, Any] = {}  # tokenizer / transformer config, saved with the checkpoint
+        self.net_state: dict[str, Any] = {}  # what rebuilds the network (tokenizer, config), saved with the checkpoint
         self._outputs: dict[str, tuple[list, list]] = {}
         self.test_report: dict[str, Any] = {}
 
     # -- building ---------------------------------------------------------------------------
 
-    def build(self, vocab: LabelingVocab, has_predicates: bool, extra_state: dict[str, Any] | None = None,
-              train_tokens: Sequence[Sequence[str]] = ()) -> None:
-        """Create the network for ``vocab`` (fresh weights, or the shapes a checkpoint needs)."""
-        h = self.hparams
-        self.vocab, num_labels = vocab, len(vocab.labels)
-        self.extra_state = dict(extra_state or {})
-        self.extra_state.setdefault("has_predicates", has_predicates)
-        has_predicates = self.extra_state["has_predicates"]
-        if h.model == "bilstm":
-            self.net = BiLSTMTagger(len(vocab.words), len(vocab.chars), num_labels, h.word_dim, h.char_dim,
-                                    h.char_channels, h.predicate_dim if has_predicates else 0, h.hidden, h.layers,
-                                    h.dropout, h.head, h.head_hidden, word_dropout=h.word_dropout,
-                                    shared_layers=h.shared_layers if has_predicates else 0,
-                                    predicate_hidden=h.predicate_hidden,
-                                    predicate_pos_dim=h.get("predicate_pos_dim", 0) if has_predicates else 0)
-        else:
-            self.net = self._build_transformer(num_labels, has_predicates, train_tokens)
-        self.crf = CRF(vocab.labels) if h.crf else None
+    def build(self, vocab: LabelingVocab, has_predicates: bool, net_state: dict[str, Any] | None = None) -> None:
+        """Create the network for ``vocab`` (fresh weights, or the shapes a checkpoint needs). ``net_state`` is
+        passed to the network class as keyword arguments (a tokenizer's JSON, a pretrained model's config)."""
+        net_state = dict(net_state or {})
+        if net_state:
+            accepted = inspect.signature(self.net_factory).parameters
+            extra = sorted(set(net_state) - set(accepted))
+            if extra and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+                name = getattr(self.net_factory, "func", self.net_factory)
+                raise ValueError(f"net: {getattr(name, '__name__', name)} takes no {', '.join(extra)}; a tokenizer "
+                                 "file is for TransformerTagger (drop the data's tokenizer_vocab_size otherwise)")
+        self.vocab, self.has_predicates = vocab, bool(has_predicates)
+        self.net = self.net_factory(len(vocab.words), len(vocab.chars), len(vocab.labels), self.has_predicates,
+                                    **net_state)
+        build_state = getattr(self.net, "build_state", None)
+        self.net_state = build_state() if callable(build_state) else {}
+        self.crf = CRF(vocab.labels) if self.hparams.crf else None
         if self._trainer is not None:
             self.to(self.device)
 
-    def _build_transformer(self, num_labels: int, has_predicates: bool, train_tokens: Sequence[Sequence[str]]
-                           ) -> TransformerTagger:
-        from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer, BertConfig
-
-        from bp_apps.text.tokenization import tokenizer_from_json, tokenizer_to_json, train_tokenizer
-
-        h, state = self.hparams, self.extra_state
-        if "tokenizer" in state:  # from a checkpoint: no download, no training
-            tokenizer = tokenizer_from_json(state["tokenizer"], state.get("special_tokens"))
-            config = AutoConfig.for_model(**state["config"])
-            model = AutoModelForTokenClassification.from_config(config)
-        elif h.model == "pretrained":
-            tokenizer = AutoTokenizer.from_pretrained(h.pretrained_name)
-            if not tokenizer.is_fast:
-                raise ValueError(f"{h.pretrained_name}: sub-word label alignment needs a fast tokenizer")
-            model = AutoModelForTokenClassification.from_pretrained(h.pretrained_name, num_labels=num_labels,
-                                                                    ignore_mismatched_sizes=True)
-        else:
-            if not train_tokens:
-                raise ValueError("model='transformer' trains its tokenizer on the training words; none were given")
-            tokenizer = train_tokenizer((" ".join(t) for t in train_tokens), h.tokenizer_vocab_size,
-                                        cache_dir=default_cache_dir() / "tokenizers")
-            config = BertConfig(vocab_size=len(tokenizer), hidden_size=h.transformer_hidden,
-                                num_hidden_layers=h.transformer_layers, num_attention_heads=h.transformer_heads,
-                                intermediate_size=4 * h.transformer_hidden,
-                                max_position_embeddings=max(512, h.max_subwords),
-                                num_labels=num_labels, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-            model = AutoModelForTokenClassification.from_config(config)
-        state["tokenizer"] = tokenizer_to_json(tokenizer)
-        state["special_tokens"] = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        state["config"] = model.config.to_dict()
-        return TransformerTagger(model, tokenizer, h.max_subwords, mark_predicate=has_predicates)
-
     def setup(self, stage: str) -> None:
-        """Build the network from the data module's vocabulary (unless a checkpoint already did)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "vocab"):
-            if self.net is None:
-                raise ValueError("TokenLabeler needs a labeling data module (with a vocabulary) or a checkpoint")
-            return
-        datamodule.setup(stage)
+        """Build the network from the vocabulary file (and tokenizer file), unless a checkpoint already did."""
         if self.net is None:
-            self.build(datamodule.vocab, datamodule.has_predicates,
-                       train_tokens=[s.tokens for s in datamodule.splits["train"]])
-        elif datamodule.vocab.to_dict() != self.vocab.to_dict():  # type: ignore[union-attr]
-            raise ValueError("the data's vocabulary or label set differs from the model's; evaluate with the data "
-                             "the model was trained on")
+            h = self.hparams
+            if not h.vocab_file:
+                raise ValueError("TokenLabeler needs vocab_file: the labeling data module's vocab_file (bp-apps "
+                                 "links it; by hand: TokenLabeler(vocab_file=data.vocab_file)), or a checkpoint")
+            vocab, has_predicates = read_vocab_file(h.vocab_file)
+            net_state = {}
+            if h.tokenizer_file:
+                path = Path(h.tokenizer_file)
+                if not path.is_file():
+                    raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist: the labeling data module "
+                                            "builds it in prepare_data when given tokenizer_vocab_size")
+                net_state["tokenizer"] = path.read_text(encoding="utf-8")
+            self.build(vocab, has_predicates, net_state)
+        super().setup(stage)
 
     # -- forward, loss, decoding ------------------------------------------------------------
 
@@ -250,17 +213,22 @@ class TokenLabeler(TaskModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[STATE_KEY] = {"vocab": self.vocab.to_dict() if self.vocab else None, **self.extra_state}
+        checkpoint[STATE_KEY] = {"vocab": self.vocab.to_dict() if self.vocab else None,
+                                 "has_predicates": self.has_predicates, "net_state": self.net_state}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse other tasks' checkpoints; build the network the checkpoint's weights need."""
         super().on_load_checkpoint(checkpoint)
-        state = dict(checkpoint[STATE_KEY])
-        vocab = LabelingVocab.from_dict(state.pop("vocab"))
+        state = checkpoint.get(STATE_KEY) or {}
+        if not state.get("vocab") or "net_state" not in state:
+            raise ValueError("the checkpoint has no labeling vocabulary in the layout of this version (field "
+                             f"{STATE_KEY!r}); it was written by an earlier bp_apps: retrain")
+        vocab = LabelingVocab.from_dict(state["vocab"])
         if self.net is None:
-            self.build(vocab, state.get("has_predicates", False), state)
+            self.build(vocab, state.get("has_predicates", False), state["net_state"])
         elif vocab.to_dict() != self.vocab.to_dict():  # type: ignore[union-attr]
-            raise ValueError("the checkpoint's vocabulary or label set differs from the data module's")
+            raise ValueError("the checkpoint's vocabulary or label set differs from the data's (vocab_file); use "
+                             "the data settings it was trained with")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -295,8 +263,8 @@ def label_sentences(module: TokenLabeler, sentences: Sequence[TaggedSentence], b
     half the transformer's sub-word budget; unlimited for the BiLSTM) are labelled in consecutive
     windows, with a warning."""
     assert module.vocab is not None
-    if max_window is None and module.hparams.model != "bilstm":
-        max_window = module.hparams.max_subwords // 2
+    if max_window is None and getattr(module.net, "max_subwords", None):
+        max_window = module.net.max_subwords // 2  # type: ignore[union-attr]
     pieces: list[tuple[int, TaggedSentence]] = []
     for i, sentence in enumerate(sentences):
         n = len(sentence.tokens)
@@ -367,7 +335,7 @@ def label_text(module: TokenLabeler, text: str, predicate: str | None = None, pr
     index = resolve_predicate(tokens, predicate)
     if predicate_pos is not None and index is None:
         raise ValueError("--predicate-pos needs --predicate")
-    if module.extra_state.get("has_predicates") and index is None:
+    if module.has_predicates and index is None:
         raise ValueError("this is a semantic role labeling model: give the predicate (--predicate INDEX|WORD)")
     sentence = make_sentence(tokens, predicate=index, where="text", predicate_pos=predicate_pos)
     tags = label_sentences(module, [sentence])[0]

@@ -2,7 +2,8 @@
 
 Files (JSON Lines or CSV/TSV with a header row) -> :func:`read_records` (validated :class:`SummaryRecord`
 objects whose ``where`` is ``file:line``) -> a tokenizer (pretrained by name, or trained here on the training
-split) -> padded batches from :func:`encode_batch`. Decisions, shared by every reader:
+split), which the data module writes to its ``tokenizer_file`` in ``prepare_data`` (the model reads the same file)
+-> padded batches from :func:`encode_batch`. Decisions, shared by every reader:
 
 - Text is cleaned with :func:`clean_text` (runs of spaces and tabs become one space; line breaks are kept, one
   per line, because they separate dialogue turns and e-mail lines).
@@ -18,25 +19,30 @@ split) -> padded batches from :func:`encode_batch`. Decisions, shared by every r
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import platform
 import re
+import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from bp_apps.core.distributed import shard_by_process
-from bp_apps.core.io import data_file, default_cache_dir, utf8_lines
+from bp_apps.core.io import atomic_write_text, data_file, default_cache_dir, resolve_data_root, utf8_lines
 from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.core.samplers import BucketBatchSampler
 from bp_apps.text.corpus import stdlib_docstrings, summary_pairs
-from bp_apps.text.tokenization import train_tokenizer
+from bp_apps.text.tokenization import tokenizer_from_json, tokenizer_to_json, train_tokenizer
 
 __all__ = [
     "CSV_DELIMITERS",
@@ -50,9 +56,12 @@ __all__ = [
     "SummaryRecord",
     "clean_text",
     "encode_batch",
+    "load_tokenizer_file",
     "read_records",
     "records_from_hf",
+    "save_tokenizer_file",
     "target_ids",
+    "tokenizer_state",
 ]
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -69,6 +78,7 @@ HF_FIELDS = {
     "billsum": ("text", "summary"),
 }
 _SHOWN = 5  # line (or row) numbers listed in the "skipped blank records" warning
+TOKENIZER_FORMAT = "bp_apps.summarization.tokenizer/1"  # the "format" entry of a tokenizer file
 _SPACES = re.compile(r"\s+")
 
 
@@ -259,6 +269,55 @@ def records_from_hf(rows: Iterable[Mapping[str, Any]], source_field: str = "docu
     return _finish(records, skipped, where, "row(s)")
 
 
+# ---------------------------------------------------------------- tokenizer files
+
+
+def tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """A fast tokenizer as plain data: ``tokenizer`` (its whole definition as one JSON string) and
+    ``special_tokens`` (its special-token map); :func:`tokenizer_from_json` rebuilds it. What a tokenizer file and
+    a summarization checkpoint hold."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"a tokenizer file needs a fast tokenizer (tokenizers JSON), got {type(tokenizer).__name__}")
+    backend = Tokenizer.from_str(tokenizer_to_json(tokenizer))
+    backend.no_truncation()  # set by each call with truncation=True / padding=True: not part of the tokenizer
+    backend.no_padding()
+    return {"tokenizer": backend.to_str(),
+            "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}}
+
+
+def save_tokenizer_file(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> Path:
+    """Write ``tokenizer`` (:func:`tokenizer_state`) to ``path`` as one JSON file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps({"format": TOKENIZER_FORMAT, **tokenizer_state(tokenizer)}) + "\n")
+
+
+def load_tokenizer_file(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`save_tokenizer_file` wrote to ``path``; a missing or unreadable file is a
+    ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist: the data module writes it in "
+                                "prepare_data()")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or state.get("format") != TOKENIZER_FORMAT:
+            raise ValueError(f"not a {TOKENIZER_FORMAT} file")
+        return tokenizer_from_json(state["tokenizer"], state.get("special_tokens"))
+    except Exception as error:  # JSON, a missing entry, or a tokenizer the tokenizers library refuses
+        raise ValueError(f"{path}: not a readable tokenizer file ({error})") from error
+
+
+def _file_identity(path: Path) -> list[Any]:
+    """A data file as part of a tokenizer's identity: its absolute path, size and modification time (None for
+    a file that is not there yet; reading it later says what is missing)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return [str(path.absolute()), None]
+    return [str(path.absolute()), stat.st_size, stat.st_mtime_ns]
+
+
 # ---------------------------------------------------------------- batches
 
 
@@ -346,10 +405,16 @@ class SummarizationDataModule(L.LightningDataModule):
     testing uses the validation split. ``eval_target_field`` reads the validation and test files' references from
     other fields (AESLC: ``references``, its three annotator subject lines); default ``target_field``. ``limit_*``
     keep the first N records; the character-length filters then leave out training records (with a warning),
-    never evaluation ones. The tokenizer is ``AutoTokenizer.from_pretrained(tokenizer_name)`` or, without a name,
-    trained on the training sources and references (``lowercase`` applies to that one); a tokenizer assigned to
-    :attr:`tokenizer` before :meth:`setup` (e.g. restored from a checkpoint) is kept. Training batches are
-    length-bucketed and shuffled anew for each epoch (seed + epoch); evaluation batches keep the file order.
+    never evaluation ones. Training batches are length-bucketed and shuffled anew for each epoch (seed + epoch);
+    evaluation batches keep the file order.
+
+    The tokenizer is ``AutoTokenizer.from_pretrained(tokenizer_name)`` or, without a name, trained on the training
+    sources and references (``lowercase`` applies to that one). :meth:`prepare_data` writes it once to
+    :attr:`tokenizer_file` (a path under the cache folder derived from the training data's identity and the
+    tokenizer settings, known right after ``__init__``); :meth:`setup` and the batches read that file, and so does
+    the Summarizer: ``bp-apps`` links ``tokenizer_file``, ``max_source_tokens`` and ``max_target_tokens`` to the
+    model's arguments of the same names (a Trainer built by hand passes them). :meth:`setup` refuses an attached
+    model that already has another tokenizer (e.g. loaded from a checkpoint trained on other data settings).
     """
 
     def __init__(self, train_file: str | None = None, val_file: str | None = None, test_file: str | None = None,
@@ -384,9 +449,57 @@ class SummarizationDataModule(L.LightningDataModule):
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
-        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None  # read from tokenizer_file by setup()
         self.splits: dict[str, list[SummaryRecord]] = {}
         self._truncation = _TruncationLog()
+
+    # -- the tokenizer file -----------------------------------------------------------------
+
+    def data_identity(self) -> dict[str, Any]:
+        """What decides the training texts a tokenizer is trained on (files by path, size and modification
+        time; subclasses their own sources), without reading them."""
+        root = resolve_data_root(self.data_root)
+        train = None if self.train_file is None else _file_identity(root / Path(self.train_file).expanduser())
+        return {"train_file": train, "format": self.format, "source_field": self.source_field,
+                "target_field": self.target_field,
+                "val_fraction": self.val_fraction if self.val_file is None else None}
+
+    def tokenizer_identity(self) -> dict[str, Any]:
+        """The data identity and tokenizer settings that :attr:`tokenizer_file`'s name is derived from."""
+        if self.tokenizer_name is not None:
+            name = Path(self.tokenizer_name).expanduser()
+            return {"pretrained": _file_identity(name / "tokenizer.json") if name.is_dir() else self.tokenizer_name}
+        return {"class": type(self).__qualname__, "data": self.data_identity(), "limit_train": self.limits["train"],
+                "min_source_chars": self.min_source_chars, "max_source_chars": self.max_source_chars,
+                "min_target_chars": self.min_target_chars, "kind": self.tokenizer_kind,
+                "vocab_size": self.tokenizer_vocab_size, "lowercase": self.lowercase}
+
+    @cached_property
+    def tokenizer_file(self) -> str:
+        """Where :meth:`prepare_data` writes the tokenizer (JSON, :func:`save_tokenizer_file`): the same path for
+        the same data and tokenizer settings, so it is built once."""
+        key = json.dumps(self.tokenizer_identity(), sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        kind = "pretrained" if self.tokenizer_name is not None else self.tokenizer_kind
+        return str(default_cache_dir() / "tokenizers" / f"summarization-{kind}-{digest}.json")
+
+    def prepare_data(self) -> None:
+        """Write :attr:`tokenizer_file` unless it is there and readable: the pretrained tokenizer's definition, or
+        one trained on the training split (read here, after the limits and length filters)."""
+        path = Path(self.tokenizer_file)
+        if path.is_file():
+            try:
+                load_tokenizer_file(path)
+                return
+            except ValueError:
+                pass  # a damaged file: build it again
+        if self.tokenizer_name is not None:
+            tokenizer = self._pretrained_tokenizer()
+        else:
+            if not self.splits:
+                self.splits = self._read_splits()
+            tokenizer = self._train_tokenizer(self.splits["train"])
+        save_tokenizer_file(path, tokenizer)
 
     @property
     def truncated_sources(self) -> int:
@@ -419,9 +532,24 @@ class SummarizationDataModule(L.LightningDataModule):
                 and len(record.references[0]) >= self.min_target_chars)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the splits, apply the limits and the training filters, and build the tokenizer (once)."""
-        if self.splits:
-            return
+        """Read the tokenizer file (written first when :meth:`prepare_data` has not run) and the splits (applying
+        the limits and the training filters), once; refuse an attached model with another tokenizer."""
+        if self.tokenizer is None:
+            self.prepare_data()  # nothing to do when it ran (the file is there and readable)
+            self.tokenizer = load_tokenizer_file(self.tokenizer_file)
+        if not self.splits:
+            self.splits = self._read_splits()
+        self._check_model()
+
+    def _check_model(self) -> None:
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        theirs = getattr(model, "tokenizer", None)
+        if theirs is not None and tokenizer_state(theirs) != tokenizer_state(self.tokenizer):
+            raise ValueError(f"the model's tokenizer (from its checkpoint) is not this data's ({self.tokenizer_file}): "
+                             "its ids would mean other tokens; use the data and tokenizer settings the checkpoint "
+                             "was trained with")
+
+    def _read_splits(self) -> dict[str, list[SummaryRecord]]:
         splits = self.load_splits()
         if "val" not in splits:
             splits["train"], splits["val"] = _hold_out(splits["train"], self.val_fraction)
@@ -436,15 +564,17 @@ class SummarizationDataModule(L.LightningDataModule):
         splits["train"] = kept
         if not splits["train"]:
             raise SummarizationDataError("no training records left after the limits and length filters")
-        if self.tokenizer is None:
-            self.tokenizer = self._build_tokenizer(splits["train"])
-        self.splits = splits
+        return splits
 
-    def _build_tokenizer(self, records: list[SummaryRecord]) -> PreTrainedTokenizerBase:
-        if self.tokenizer_name is not None:
-            from transformers import AutoTokenizer
+    def _pretrained_tokenizer(self) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(self.tokenizer_name)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        if not tokenizer.is_fast:
+            raise ValueError(f"tokenizer_name={self.tokenizer_name!r}: a tokenizer file needs a fast tokenizer")
+        return tokenizer
+
+    def _train_tokenizer(self, records: list[SummaryRecord]) -> PreTrainedTokenizerBase:
         texts = [r.source for r in records] + [text for r in records for text in r.references]
         return train_tokenizer(texts, self.tokenizer_vocab_size, kind=self.tokenizer_kind, lowercase=self.lowercase,
                                cache_dir=default_cache_dir() / "tokenizers")
@@ -504,6 +634,11 @@ class EmbeddedSummarizationDataModule(SummarizationDataModule):
                          num_workers=num_workers)
         self.max_pairs, self.min_words = max_pairs, min_words
 
+    def data_identity(self) -> dict[str, Any]:
+        """The installed standard library (its folder and the Python version) and the pair settings."""
+        return {"stdlib": sysconfig.get_paths()["stdlib"], "python": platform.python_version(),
+                "max_pairs": self.max_pairs, "min_words": self.min_words, "val_fraction": self.val_fraction}
+
     def load_splits(self) -> dict[str, list[SummaryRecord]]:
         step = max(3, round(1 / self.val_fraction))
         splits: dict[str, list[SummaryRecord]] = {"train": [], "val": [], "test": []}
@@ -547,6 +682,11 @@ class HFSummarizationDataModule(SummarizationDataModule):
                          eval_batch_size=eval_batch_size, seed=seed, num_workers=num_workers)
         self.name, self.config_name = name, config_name
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+
+    def data_identity(self) -> dict[str, Any]:
+        """The data set, its configuration, the training split and the fields."""
+        return {"name": self.name, "config_name": self.config_name, "train_split": self.split_names["train"],
+                "source_field": self.source_field, "target_field": self.target_field}
 
     def load_splits(self) -> dict[str, list[SummaryRecord]]:
         try:

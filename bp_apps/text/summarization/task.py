@@ -1,10 +1,11 @@
 """The summarization LightningModule: a sequence-to-sequence model trained with teacher forcing and a
 label-smoothed cross-entropy, evaluated by beam-search (or minimum Bayes risk) generation and ROUGE.
 
-The network (:mod:`models`) is a T5 or BART built from the sizes here with the data module's tokenizer, or a
-pretrained model (``pretrained_name``) whose tokenizer then replaces the data module's. The tokenizer (as JSON)
-and the model config travel in the checkpoint as plain data, so loading needs neither a download nor pickle;
-next to the best checkpoint, ``hf_best/`` holds the same model in ``save_pretrained`` form.
+The network (``net``, a class of :mod:`models`: a T5 or BART built from sizes, or a pretrained model) is built
+for the tokenizer the data module wrote to its ``tokenizer_file``; decoding settings are one
+:class:`GenerationSettings` group. The tokenizer (as JSON) and the model config travel in the checkpoint as
+plain data, so loading needs neither a download nor pickle; next to the best checkpoint, ``hf_best/`` holds the
+same model in ``save_pretrained`` form.
 """
 
 from __future__ import annotations
@@ -15,37 +16,34 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bp_apps.core.callbacks import best_checkpoint_callback
+from bp_apps.core.compose import network_factory, settings
 from bp_apps.core.io import atomic_write_text
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
+from bp_apps.text.summarization.data import load_tokenizer_file, tokenizer_state
 from bp_apps.text.summarization.mbr import mbr_select
+from bp_apps.text.summarization.models import Seq2SeqNet, T5Net
 from bp_apps.text.summarization.rouge import rouge_scores
+from bp_apps.text.tokenization import tokenizer_from_json
 
-__all__ = ["TASK_NAME", "HFBestExport", "Summarizer", "export_pretrained", "load_summarizer", "summarize"]
+__all__ = ["DEFAULT_GENERATION", "DEFAULT_OPTIM", "TASK_NAME", "GenerationSettings", "HFBestExport", "Summarizer",
+           "export_pretrained", "load_summarizer", "summarize"]
 
 TASK_NAME, STATE_KEY = "text.Summarizer", "bp_apps_summarization"
 DEFAULT_MAX_SOURCE_TOKENS = 512
 NOT_BUILT = "the network is not built yet: fit with a summarization data module or load a checkpoint"
 MBR_SEED = 0  # the sampling seed of MBR decoding (the global random state is left as it was)
-MBR_KEYS = ("mbr_samples", "mbr_epsilon")
-
-
-def check_mbr_settings(samples: int, epsilon: float) -> None:
-    """Refuse MBR settings generation cannot use."""
-    if samples < 0:
-        raise ValueError(f"mbr_samples must be >= 0 (0: beam search alone), got {samples}")
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"mbr_epsilon must be in [0, 1) (0: no cutoff), got {epsilon}")
 
 
 def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
@@ -112,68 +110,107 @@ class HFBestExport(L.Callback):
             self._export(trainer, pl_module, "")
 
 
-class Summarizer(TaskModule):
-    """Abstractive summarization with a T5 or BART encoder-decoder: built from the sizes here (``arch``, with the
-    data module's tokenizer) or pretrained (``pretrained_name``: a hub name or a local ``save_pretrained``
-    directory; its tokenizer then replaces the data module's, so give the data module the same
-    ``tokenizer_name`` to spare it training one first).
+@dataclass
+class GenerationSettings:
+    """How validation, test and :func:`summarize` decode, checked together.
 
-    Validation and test generate with beam search (``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``,
-    ``repetition_penalty`` (> 1 lowers tokens already generated), ``max_new_tokens``, ``min_new_tokens``) and log
-    ROUGE-1/2/L/Lsum F1: with several references per example the best one counts, and ``*_refmean`` logs the mean
-    over them too (how ROUGE-1.5.5 scores several references by default; with one reference both are the same).
+    Beam search with ``num_beams`` beams, ``length_penalty``, ``no_repeat_ngram_size`` (0: off),
+    ``repetition_penalty`` (> 1 lowers tokens already generated; 1: none), and between ``min_new_tokens`` and
+    ``max_new_tokens`` new tokens. ``mbr_samples`` > 0 turns on minimum Bayes risk decoding
+    (:mod:`bp_apps.text.summarization.mbr`): the beams' hypotheses and ``mbr_samples`` epsilon samples (tokens
+    below probability ``mbr_epsilon`` cut, the same length and repetition settings) are the candidates."""
+
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 32
+    min_new_tokens: int = 1
+    mbr_samples: int = 0
+    mbr_epsilon: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be positive (1.0: none), got {self.repetition_penalty}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
+                             f"{self.min_new_tokens} and {self.max_new_tokens}")
+        if self.mbr_samples < 0:
+            raise ValueError(f"mbr_samples must be >= 0 (0: beam search alone), got {self.mbr_samples}")
+        if not 0.0 <= self.mbr_epsilon < 1.0:
+            raise ValueError(f"mbr_epsilon must be in [0, 1) (0: no cutoff), got {self.mbr_epsilon}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The ``generate`` arguments of beam search (without the MBR settings)."""
+        kwargs = {"num_beams": self.num_beams, "length_penalty": self.length_penalty,
+                  "no_repeat_ngram_size": self.no_repeat_ngram_size, "max_new_tokens": self.max_new_tokens,
+                  "min_new_tokens": self.min_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.num_beams == 1:  # a beam-search setting: greedy decoding would warn about it
+            kwargs.pop("length_penalty")
+        return kwargs
+
+    def mbr(self) -> dict[str, Any]:
+        return {"mbr_samples": self.mbr_samples, "mbr_epsilon": self.mbr_epsilon}
+
+
+DEFAULT_GENERATION = GenerationSettings()
+DEFAULT_OPTIM = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.01, scheduler="cosine", warmup_fraction=0.05,
+                                max_grad_norm=1.0, no_decay_keys=NO_DECAY_KEYS)
+"""The Summarizer's optimizer settings when a config gives none (a config's ``optim`` mapping overrides fields)."""
+
+NetFromTokenizer = Callable[[int, int, int, int, int], nn.Module]
+"""A network class called with the tokenizer's ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id`` and the
+``max_positions`` the data and generation need (:mod:`bp_apps.text.summarization.models`)."""
+
+
+class Summarizer(TaskModule):
+    """Abstractive summarization with an encoder-decoder ``net`` (:mod:`~bp_apps.text.summarization.models`:
+    ``T5Net``, ``BartNet``, ``BartCopyNet`` (a BART whose decoder can copy source tokens) built from their sizes,
+    or ``PretrainedNet`` by hub name or ``save_pretrained`` directory), given as a class (``class_path`` and
+    ``init_args`` in a config) that is called with what the tokenizer gives.
+
+    The tokenizer is the data module's ``tokenizer_file`` (``bp-apps`` links it, and ``max_source_tokens`` /
+    ``max_target_tokens``, from the data module; a Trainer built by hand passes ``tokenizer_file=dm.tokenizer_file``):
+    :meth:`setup` reads it and builds the network. The tokenizer (as JSON) and the model config travel in the
+    checkpoint as plain data, so loading needs neither the file nor a download nor pickle; next to the best
+    checkpoint, ``hf_best/`` holds the same model in ``save_pretrained`` form.
+
+    Training minimises a label-smoothed (``label_smoothing``) cross-entropy with ``optim``
+    (:class:`~bp_apps.core.task.OptimizerConfig`, defaults :data:`DEFAULT_OPTIM`). Validation and test decode
+    with ``generation`` (:class:`GenerationSettings`: beam search, or minimum Bayes risk decoding seeded with
+    :data:`MBR_SEED` so a source's summary does not change from run to run) and log ROUGE-1/2/L/Lsum F1: with
+    several references per example the best one counts, and ``*_refmean`` logs the mean over them too (how
+    ROUGE-1.5.5 scores several references by default; with one reference both are the same).
     ``val_generate_limit`` caps how many validation examples are generated per epoch (all are scored for the
     loss). The first ``sample_generations`` generations of each evaluation are printed and kept in
     :attr:`samples`; testing writes every generation to ``predictions.jsonl`` in the log directory.
-
-    ``mbr_samples`` > 0 turns on minimum Bayes risk decoding (:mod:`bp_apps.text.summarization.mbr`): the beam
-    search's ``num_beams`` hypotheses and ``mbr_samples`` epsilon samples (tokens below probability
-    ``mbr_epsilon`` cut, the same length and repetition settings, seeded with :data:`MBR_SEED` so a source's
-    summary does not change from run to run) are the candidates, and the one with the highest ROUGE-1 against
-    the others is the summary.
-
-    ``copy_mechanism`` (``arch='bart'``) lets the decoder copy source tokens: its output distribution mixes the
-    vocabulary softmax with an attention over the source (:mod:`bp_apps.text.summarization.copy`).
     """
 
     task_name = TASK_NAME
     task_title = "a summarization"
+    default_optim = DEFAULT_OPTIM
 
-    def __init__(self, arch: Literal["t5", "bart"] = "t5", pretrained_name: str | None = None, d_model: int = 256,
-                 layers: int = 3, heads: int = 4, ff: int = 1024, dropout: float = 0.1, label_smoothing: float = 0.1,
-                 lr: float = 1e-3, weight_decay: float = 0.01, warmup_fraction: float = 0.05,
-                 scheduler: Literal["constant", "cosine"] = "cosine", max_grad_norm: float | None = 1.0,
-                 num_beams: int = 4, length_penalty: float = 1.0, no_repeat_ngram_size: int = 3,
-                 max_new_tokens: int = 32, min_new_tokens: int = 1, val_generate_limit: int | None = None,
-                 sample_generations: int = 3, copy_mechanism: bool = False, repetition_penalty: float = 1.0,
-                 mbr_samples: int = 0, mbr_epsilon: float = 0.02) -> None:
-        super().__init__(OptimizerConfig(lr=lr, weight_decay=weight_decay, scheduler=scheduler,
-                                         warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
-                                         no_decay_keys=NO_DECAY_KEYS))
-        if arch not in ("t5", "bart"):
-            raise ValueError(f"arch must be 't5' or 'bart', got {arch!r}")
-        if copy_mechanism and (arch != "bart" or pretrained_name):
-            raise ValueError("copy_mechanism needs arch='bart' and a model built from scratch (no pretrained_name)")
-        if scheduler not in ("constant", "cosine"):
-            raise ValueError(f"scheduler must be 'constant' or 'cosine', got {scheduler!r}")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    def __init__(self, net: NetFromTokenizer = T5Net, optim: OptimizerConfig = DEFAULT_OPTIM,
+                 generation: GenerationSettings = DEFAULT_GENERATION, label_smoothing: float = 0.1,
+                 val_generate_limit: int | None = None, sample_generations: int = 3,
+                 tokenizer_file: str | None = None, max_source_tokens: int | None = None,
+                 max_target_tokens: int | None = None) -> None:
+        super().__init__(optim)
+        self.generation = settings(GenerationSettings, generation, "generation", DEFAULT_GENERATION)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        if repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be positive (1.0: none), got {repetition_penalty}")
-        check_mbr_settings(mbr_samples, mbr_epsilon)
-        if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
-            raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
-                             f"{min_new_tokens} and {max_new_tokens}")
         if val_generate_limit is not None and val_generate_limit < 1:
             raise ValueError(f"val_generate_limit must be >= 1 or None, got {val_generate_limit}")
+        optim, generation = self.optim, self.generation  # the whole groups are saved, not only the fields given
         self.save_hyperparameters()
-        self.model: PreTrainedModel | None = None
+        self.net_factory = network_factory(net, "net")
+        self.net: Seq2SeqNet | None = None  # built in setup() from the tokenizer file, or from a checkpoint
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.net_state: dict[str, Any] = {}  # tokenizer JSON, special tokens, model config: saved with the checkpoint
         self.samples: dict[str, list[dict[str, Any]]] = {}
@@ -182,69 +219,49 @@ class Summarizer(TaskModule):
     # -- building ---------------------------------------------------------------------------
 
     @property
+    def model(self) -> PreTrainedModel | None:
+        """The transformers encoder-decoder inside :attr:`net` (None before it is built)."""
+        return None if self.net is None else self.net.model
+
+    @property
     def max_source_tokens(self) -> int:
         """The source length (in tokens) the model was trained with: longer inputs are truncated."""
-        return self.net_state.get("max_source_tokens") or DEFAULT_MAX_SOURCE_TOKENS
+        return self.hparams.get("max_source_tokens") or DEFAULT_MAX_SOURCE_TOKENS
 
-    def _attach(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_source_tokens: int | None
-                ) -> None:
-        from bp_apps.text.tokenization import tokenizer_to_json
-
-        self.model, self.tokenizer = model.train(self.training), tokenizer  # from_pretrained returns eval mode
-        self.net_state = {"tokenizer": tokenizer_to_json(tokenizer),
-                          "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items()
-                                             if isinstance(v, str)},
-                          "config": model.config.to_dict(), "max_source_tokens": max_source_tokens}
+    def _attach(self, net: Seq2SeqNet, tokenizer: PreTrainedTokenizerBase) -> None:
+        net.model.train(self.training)  # from_pretrained returns eval mode
+        self.net, self.tokenizer = net, tokenizer
+        self.net_state = {**tokenizer_state(tokenizer), "config": net.model.config.to_dict()}
         if self._trainer is not None:
             self.to(self.device)
 
-    def build(self, tokenizer: PreTrainedTokenizerBase, max_source_tokens: int | None = None,
-              max_target_tokens: int | None = None) -> None:
-        """Create a fresh network for ``tokenizer`` (its [CLS]/BOS starts the decoder, its [SEP]/EOS ends it)."""
-        from bp_apps.text.summarization.models import build_seq2seq
-
+    def build(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Create the network for ``tokenizer`` with :attr:`net_factory` (its [CLS]/BOS starts the decoder, its
+        [SEP]/EOS ends it); its learned positions cover the data's and the generation's lengths."""
         h = self.hparams
         bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        if None in (bos, eos, tokenizer.pad_token_id):
-            raise ValueError("the tokenizer needs a pad token, a start token ([CLS] or BOS) and an end token "
-                             "([SEP] or EOS)")
-        positions = max(DEFAULT_MAX_SOURCE_TOKENS, max_source_tokens or 0, max_target_tokens or 0,
-                        h.max_new_tokens + 2)
-        model = build_seq2seq(h.arch, len(tokenizer), tokenizer.pad_token_id, eos, bos, d_model=h.d_model,
-                              layers=h.layers, heads=h.heads, ff=h.ff, dropout=h.dropout, max_positions=positions,
-                              copy=h.copy_mechanism)
-        self._attach(model, tokenizer, max_source_tokens)
+        positions = max(DEFAULT_MAX_SOURCE_TOKENS, h.get("max_source_tokens") or 0, h.get("max_target_tokens") or 0,
+                        self.generation.max_new_tokens + 2)
+        net = self.net_factory(len(tokenizer), tokenizer.pad_token_id, bos, eos, positions)
+        if not isinstance(net, Seq2SeqNet):
+            raise ValueError(f"net: {type(net).__name__} is not a Seq2SeqNet (bp_apps.text.summarization.models)")
+        self._attach(net, tokenizer)
 
     def _build_from_state(self, state: dict[str, Any]) -> None:
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-        import bp_apps.text.summarization.models  # noqa: F401  (registers the copy model's config type)
-        from bp_apps.text.tokenization import tokenizer_from_json
-
         tokenizer = tokenizer_from_json(state["tokenizer"], state.get("special_tokens"))
-        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(**state["config"]))
-        self._attach(model, tokenizer, state.get("max_source_tokens"))
+        self._attach(Seq2SeqNet.from_config(state["config"]), tokenizer)
 
     def setup(self, stage: str) -> None:
-        """Build the network from the data module's tokenizer, or load the pretrained one (unless a checkpoint
-        already built it); the data module then encodes with the model's tokenizer."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "tokenizer"):
-            if self.model is None:
-                raise ValueError("Summarizer needs a data module with a tokenizer, or a checkpoint")
+        """Read the tokenizer file and build the network (unless a checkpoint already built it)."""
+        super().setup(stage)
+        if self.net is not None:
             return
-        if self.model is None:
-            source_len = getattr(datamodule, "max_source_tokens", None)
-            if self.hparams.pretrained_name:
-                from bp_apps.text.summarization.models import load_pretrained_seq2seq
-
-                self._attach(*load_pretrained_seq2seq(self.hparams.pretrained_name), source_len)
-            elif datamodule.tokenizer is None:
-                raise ValueError("the data module has no tokenizer after setup()")
-            else:
-                self.build(datamodule.tokenizer, source_len, getattr(datamodule, "max_target_tokens", None))
-        datamodule.tokenizer = self.tokenizer
+        if not self.hparams.get("tokenizer_file"):
+            raise ValueError("Summarizer needs tokenizer_file (the data module's tokenizer_file: bp-apps links it; "
+                             "a Trainer built by hand passes tokenizer_file=dm.tokenizer_file), or a "
+                             "checkpoint")
+        self.build(load_tokenizer_file(self.hparams.tokenizer_file))
 
     # -- forward, loss, generation ----------------------------------------------------------
 
@@ -261,32 +278,26 @@ class Summarizer(TaskModule):
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
                                label_smoothing=self.hparams.label_smoothing)
 
+    def generation_settings(self, **overrides: Any) -> GenerationSettings:
+        """:attr:`generation` with ``overrides`` (fields of :class:`GenerationSettings`; checked, unknown names
+        refused)."""
+        return settings(GenerationSettings, overrides, "generation", self.generation) if overrides else self.generation
+
     def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
-        """The ``generate`` settings from the hyperparameters, updated with ``overrides``."""
-        h = self.hparams
-        kwargs = {"num_beams": h.num_beams, "length_penalty": h.length_penalty,
-                  "no_repeat_ngram_size": h.no_repeat_ngram_size, "max_new_tokens": h.max_new_tokens,
-                  "min_new_tokens": h.min_new_tokens, "repetition_penalty": h.get("repetition_penalty", 1.0),
-                  **overrides}
-        if kwargs["num_beams"] == 1:  # a beam-search setting: greedy decoding would warn about it
-            kwargs.pop("length_penalty")
-        return kwargs
+        """The ``generate`` settings of beam search, updated with ``overrides``."""
+        return self.generation_settings(**overrides).generate_kwargs()
 
     def mbr_settings(self, **overrides: Any) -> dict[str, Any]:
-        """The MBR decoding settings (``mbr_samples`` 0: off) from the hyperparameters, updated with ``overrides``."""
-        h = self.hparams
-        settings = {"mbr_samples": h.get("mbr_samples", 0), "mbr_epsilon": h.get("mbr_epsilon", 0.02), **overrides}
-        check_mbr_settings(settings["mbr_samples"], settings["mbr_epsilon"])
-        return settings
+        """The MBR decoding settings (``mbr_samples`` 0: off), updated with ``overrides``."""
+        return self.generation_settings(**overrides).mbr()
 
     def _decode(self, ids: Tensor) -> list[str]:
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def _settings(self, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The MBR settings and the ``generate`` settings, from the hyperparameters updated with ``overrides``."""
-        mbr = {k: v for k, v in overrides.items() if k in MBR_KEYS}
-        rest = {k: v for k, v in overrides.items() if k not in MBR_KEYS}
-        return self.mbr_settings(**mbr), self.generation_kwargs(**rest)
+        """The MBR settings and the ``generate`` settings, from :attr:`generation` updated with ``overrides``."""
+        chosen = self.generation_settings(**overrides)
+        return chosen.mbr(), chosen.generate_kwargs()
 
     @torch.no_grad()
     def generate_candidates(self, input_ids: Tensor, attention_mask: Tensor, **overrides: Any) -> list[list[str]]:
@@ -408,15 +419,20 @@ class Summarizer(TaskModule):
         checkpoint[STATE_KEY] = dict(self.net_state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse other tasks' checkpoints; build the network and tokenizer the checkpoint's weights need."""
+        """Refuse other tasks' checkpoints, and one whose tokenizer is not the tokenizer file this module was
+        built from (the data would encode with other ids); build the network the checkpoint's weights need."""
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint[STATE_KEY]
-        same = self.model is not None and all(self.net_state.get(k) == state.get(k) for k in ("tokenizer", "config"))
-        if not same:
-            self._build_from_state(state)
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is not None and hasattr(datamodule, "tokenizer"):
-                datamodule.tokenizer = self.tokenizer
+        state = checkpoint.get(STATE_KEY)
+        if not isinstance(state, dict) or not {"tokenizer", "config"} <= state.keys():
+            raise ValueError(f"the checkpoint has no summarization network (field {STATE_KEY!r})")
+        if self.net is not None:
+            if tokenizer_state(self.tokenizer) != {k: state.get(k) for k in ("tokenizer", "special_tokens")}:
+                raise ValueError(f"the checkpoint's tokenizer is not the data's ({self.hparams.get('tokenizer_file')})"
+                                 ": its ids would mean other tokens; use the data and tokenizer settings the "
+                                 "checkpoint was trained with")
+            if self.net_state.get("config") == state["config"]:
+                return
+        self._build_from_state(state)
 
 
 def format_sample(sample: dict[str, Any], stage: str, width: int = 300) -> str:
@@ -437,8 +453,9 @@ def load_summarizer(path: str | Path) -> Summarizer:
 
 def summarize(module: Summarizer, texts: Sequence[str], batch_size: int = 16, max_source_tokens: int | None = None,
               **generation: Any) -> list[str]:
-    """Summaries of ``texts`` (``generation`` overrides the module's ``generate`` settings). Texts longer than
-    ``max_source_tokens`` (default: the training source length) are truncated, with one warning."""
+    """Summaries of ``texts``; ``generation`` overrides fields of the module's :class:`GenerationSettings`
+    (``num_beams=1``, ``mbr_samples=0`` ...; checked like the group). Texts longer than ``max_source_tokens``
+    (default: the training source length) are truncated, with one warning."""
     if module.model is None or module.tokenizer is None:
         raise RuntimeError(NOT_BUILT)
     if batch_size < 1:
