@@ -90,7 +90,7 @@ def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 def _lightning(argv: Sequence[str]) -> int:
     import lightning as L
-    from lightning.pytorch.cli import LightningArgumentParser
+    from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 
     import bp_apps.core.distributed  # noqa: F401  (registers the `ddp_engine` strategy name)
     from bp_apps.core.datalink import LINKED
@@ -129,8 +129,16 @@ def _lightning(argv: Sequence[str]) -> int:
             best = getattr(best_checkpoint_callback(self.trainer), "best_model_path", "") or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
+    class SaveConfigToLogs(SaveConfigCallback):
+        """``config.yaml`` into the logger's folder; a run without a logger writes none (Lightning's would land in
+        the current folder)."""
+
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            if trainer.loggers:
+                super().setup(trainer, pl_module, stage)
+
     BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-              args=list(argv), save_config_kwargs={"overwrite": True})
+              args=list(argv), save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True})
     return 0
 
 

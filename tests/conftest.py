@@ -24,3 +24,12 @@ def _restore_torch_rng():
     """Tests that seed torch leave the global RNG as they found it."""
     with torch.random.fork_rng(devices=[]):
         yield
+
+
+@pytest.fixture
+def session_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``$BP_APPS_CACHE`` in this test session's temporary folder: caches built by one test serve the next ones
+    (of this worker), and nothing is written to the user's cache."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("BP_APPS_CACHE", str(cache))
+    return cache

@@ -86,12 +86,14 @@ def test_last_checkpoint_is_current_after_an_epoch_without_a_new_best(tmp_path: 
     assert best_state["best_model_path"] == str(checkpoints / "best-epoch=0.ckpt")
 
 
-def test_no_metrics_json_in_the_current_folder_without_a_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_no_report_in_the_current_folder_without_a_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(DIGITS), "--trainer.max_epochs=1", "--trainer.logger=false", *QUICK]) == 0
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # the run did happen, here
     assert not list(tmp_path.rglob("metrics.json")) and "metrics written" not in capsys.readouterr().out
+    # the test after fit ran too, and its report (the confusion matrix) went nowhere: only the checkpoints are here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 
 def test_task_callbacks_give_the_configs_set() -> None:

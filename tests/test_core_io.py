@@ -14,7 +14,7 @@ class DataError(ValueError):
 def test_jsonl_objects_yield_each_object_with_its_line_and_skip_blank_lines(tmp_path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n  \n{"b": [2]}\n')
-    assert list(jsonl_objects(path)) == [(f"{path}:1", {"a": 1}), (f"{path}:4", {"b": [2]})]
+    assert list(jsonl_objects(path)) == [(1, {"a": 1}), (4, {"b": [2]})]
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -54,3 +54,15 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path) ->
         tmp.write_bytes(b"half")
         raise RuntimeError("disk full")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
+
+
+def test_read_json_file_names_a_missing_or_unreadable_file(tmp_path) -> None:
+    from bp_apps.core.io import read_json_file
+
+    with pytest.raises(FileNotFoundError, match=r"vocabulary file '.*v.json' does not exist: build it first"):
+        read_json_file(tmp_path / "v.json", "vocabulary file", "build it first")
+    (tmp_path / "v.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"v.json: not a readable vocabulary file"):
+        read_json_file(tmp_path / "v.json", "vocabulary file")
+    (tmp_path / "v.json").write_text('{"words": []}')
+    assert read_json_file(tmp_path / "v.json", "vocabulary file") == {"words": []}

@@ -15,6 +15,8 @@ from bp_apps.text.labeling.data import LabelingDataModule
 from bp_apps.text.summarization.data import SummarizationDataModule
 from bp_apps.vision.data import CIFAR10DataModule, FashionMNISTDataModule, ImageFolderDataModule, MNISTDataModule
 
+pytestmark = pytest.mark.usefixtures("session_cache")  # vocabulary files go to a test cache
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -196,7 +196,7 @@ def test_manifest_reading_normalises_and_errors_name_file_and_line(tmp_path: Pat
     (u,) = read_manifest(path)
     assert u.text == "hello world two" and u.parts == (str(tmp_path / "a.wav"),)
     bad = write_manifest(tmp_path, ['{"audio": "a.wav", "text": "ok"}', "{not json"])
-    with pytest.raises(ValueError, match=r"m.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not valid JSON"):
         read_manifest(bad)
     strict = write_manifest(tmp_path, ['{"audio": "a.wav", "text": "ok"}', '{"audio": "a.wav", "text": "30 °C"}'])
     with pytest.raises(ValueError, match=r"m.jsonl:2: character '°'"):

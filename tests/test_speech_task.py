@@ -32,9 +32,7 @@ FSDD = ROOT.parent / "shared" / "data" / "fsdd"
 WORDS = {"ab": 300.0, "ba": 700.0, "abba": 500.0}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))

@@ -17,9 +17,7 @@ CONFIGS = ROOT / "configs" / "text"
 PROPBANK = ROOT.parent / "shared" / "data" / "labeling" / "propbank_ewt"
 
 
-@pytest.fixture(autouse=True)
-def _docstring_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("session_cache")
 
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))

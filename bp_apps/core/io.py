@@ -83,20 +83,44 @@ def utf8_lines(path: Path, error: type[ValueError] = ValueError) -> Iterator[tup
 
 
 
-def jsonl_objects(path: Path, error: type[ValueError] = ValueError) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``("path:line", object)`` for each non-blank line of a JSON Lines file (strict UTF-8); a line that is not
+def jsonl_objects(path: Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON Lines file (strict UTF-8); a line that is not
     a JSON object raises ``error`` naming ``path:line``."""
     for lineno, line in utf8_lines(path, error):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise error(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            raise error(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(record, dict):
-            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, record
+            raise error(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__} "
+                        "(JSON Lines: one object per line)")
+        yield lineno, record
+
+
+def format_from_suffix(path: Path, formats: Mapping[str, Iterable[str]], error: type[ValueError] = ValueError) -> str:
+    """The format whose suffixes (``formats``: name -> suffixes) include ``path``'s, or ``error`` naming the file,
+    its suffix and every accepted one."""
+    suffix = path.suffix.lower()
+    for name, suffixes in formats.items():
+        if suffix in suffixes:
+            return name
+    accepted = ", ".join(f"{name} ({', '.join(suffixes)})" for name, suffixes in formats.items())
+    names = ", ".join(repr(name) for name in formats)
+    raise error(f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; accepted: {accepted}, "
+                f"or pass format= one of {names}")
+
+def read_json_file(path: Path | str, what: str, missing_hint: str = "") -> Any:
+    """The JSON value in ``path``. A missing file is a FileNotFoundError naming it as ``what`` (and how it is
+    made: ``missing_hint``); a file that is not UTF-8 JSON is a ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist" + (f": {missing_hint}" if missing_hint else ""))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable {what} ({error})") from None
 
 def data_path(name: str, data_root: str | None) -> Path:
     """``name`` under ``data_root`` (unless absolute); a ``data_root`` that is not a directory is an error."""

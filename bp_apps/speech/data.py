@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bp_apps.core.compose import settings
 from bp_apps.core.datalink import PreprocessingDataModule
-from bp_apps.core.io import default_cache_dir, default_data_root, utf8_lines
+from bp_apps.core.io import default_cache_dir, default_data_root, jsonl_objects
 from bp_apps.core.resume import resumable_loader
 from bp_apps.speech.audio import load_audio, normalise_level
 from bp_apps.speech.decoding import DIGIT_WORDS, encode_text, normalise_transcript
@@ -539,16 +539,9 @@ def read_manifest(path: str | Path, strict_text: bool = False) -> list[Utterance
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     out = []
-    for number, line in utf8_lines(path):  # invalid UTF-8: an error naming the file and line
-        if not line.strip():
-            continue
+    for number, record in jsonl_objects(path):  # bad UTF-8 or JSON: an error naming the file and line
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("audio"), str) \
-                or not isinstance(record.get("text"), str):
+        if not isinstance(record.get("audio"), str) or not isinstance(record.get("text"), str):
             raise ValueError(f"{where}: each line needs string fields 'audio' and 'text'")
         text = normalise_transcript(record["text"], strict=strict_text, source=where)
         if not text:

@@ -10,6 +10,7 @@ is enough to transcribe files. The models never read the data module: the CLI li
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
+from bp_apps.core.callbacks import report_dir
 from bp_apps.core.compose import network_factory, settings
 from bp_apps.core.datalink import saved_preprocessing
 from bp_apps.core.io import load_checkpoint_dict
@@ -118,7 +120,10 @@ class SpeechRecognizer(TaskModule):
         if self._beam is None:
             lexicon = None
             if self.decoding.lexicon and self.lexicon_words:
-                root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+                root = report_dir(self.trainer)
+                if root is None:  # no logger: a temporary folder, never the current one
+                    self._lexicon_dir = tempfile.TemporaryDirectory(prefix="bp_apps-lexicon-")
+                    root = Path(self._lexicon_dir.name)
                 lexicon = write_lexicon(self.lexicon_words, root / "lexicon.txt")
             self._beam = BeamSearchDecoder(self.decoding.beam_size, lexicon)
         return self._beam

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from bp_apps.core.callbacks import report_dir
 from bp_apps.core.compose import network_factory
 from bp_apps.core.datalink import saved_preprocessing
 from bp_apps.core.io import load_checkpoint_dict
@@ -72,9 +73,9 @@ class ImageClassifier(ClassifierModule):
     def on_test_epoch_end(self) -> None:
         matrix = self.confusion.compute().cpu()
         self.confusion.reset()
-        log_dir = self.trainer.log_dir  # a broadcast: every process must ask, not only rank 0
-        if self.trainer.is_global_zero:
-            path = Path(log_dir or self.trainer.default_root_dir) / "confusion_matrix.png"
+        folder = report_dir(self.trainer)  # None without a logger: no report, never into the current folder
+        if folder is not None and self.trainer.is_global_zero:
+            path = folder / "confusion_matrix.png"
             save_confusion_matrix(matrix, self.class_names, path)
             print(f"confusion matrix written to {path}")
 

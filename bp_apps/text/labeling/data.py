@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from bp_apps.core.datalink import PreprocessingDataModule
 from bp_apps.core.distributed import shard_by_process
-from bp_apps.core.io import atomic_write_text, data_file, default_cache_dir, resolve_data_root
+from bp_apps.core.io import atomic_write_text, data_file, default_cache_dir, read_json_file, resolve_data_root
 from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.core.samplers import BucketBatchSampler
 from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
@@ -129,14 +129,11 @@ def label_inventory(tags: set[str]) -> list[str]:
 def read_vocab_file(path: str | Path) -> tuple[LabelingVocab, bool]:
     """The vocabulary and whether the data marks predicates, from a file :class:`LabelingDataModule` built
     (``vocab_file``); a missing or malformed file is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"vocabulary file {str(path)!r} does not exist: the labeling data module builds it "
-                                "in prepare_data (trainer.fit/validate/test do that before setup)")
+    data = read_json_file(path, "vocabulary file", "the labeling data module builds it in prepare_data "
+                          "(trainer.fit/validate/test do that before setup)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         return LabelingVocab.from_dict(data), bool(data["has_predicates"])
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not a labeling vocabulary file ({type(error).__name__}: {error})") from None
 
 

@@ -7,14 +7,13 @@ every data problem is a :class:`LabelingDataError` whose message starts with tha
 from __future__ import annotations
 
 import itertools
-import json
 import numbers
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bp_apps.core.io import utf8_lines
+from bp_apps.core.io import format_from_suffix, jsonl_objects, utf8_lines
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, make_sentence
 
 __all__ = [
@@ -64,17 +63,8 @@ def read_jsonl(path: Path | str, *, tokens_field: str = "tokens", tags_field: st
     path = Path(path)
     sentences: list[TaggedSentence] = []
     empty: list[int] = []
-    for lineno, line in utf8_lines(path, LabelingDataError):
-        if not line.strip():
-            continue
+    for lineno, record in jsonl_objects(path, LabelingDataError):
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LabelingDataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise LabelingDataError(
-                f"{where}: expected a JSON object, got {type(record).__name__} (JSON Lines: one object per line)")
         if tokens_field not in record:
             raise LabelingDataError(f"{where}: missing field {tokens_field!r}")
         tags = record.get(tags_field)
@@ -158,16 +148,7 @@ def read_labeled_file(path: Path | str, format: str = "auto", *, tokens_field: s
     """
     path = Path(path)
     if format == "auto":
-        suffix = path.suffix.lower()
-        if suffix in JSONL_SUFFIXES:
-            format = "jsonl"
-        elif suffix in CONLL_SUFFIXES:
-            format = "conll"
-        else:
-            raise LabelingDataError(
-                f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; accepted: "
-                f"jsonl ({', '.join(JSONL_SUFFIXES)}) and conll ({', '.join(CONLL_SUFFIXES)}), "
-                "or pass format='jsonl' or format='conll'")
+        format = format_from_suffix(path, {"jsonl": JSONL_SUFFIXES, "conll": CONLL_SUFFIXES}, LabelingDataError)
     if format == "jsonl":
         return read_jsonl(path, tokens_field=tokens_field, tags_field=tags_field, predicate_field=predicate_field,
                           id_field=id_field, require_tags=require_tags)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bp_apps.core.callbacks import report_dir
 from bp_apps.core.compose import network_factory
 from bp_apps.core.io import atomic_write_text
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
@@ -194,9 +195,9 @@ class TokenLabeler(TaskModule):
 
     def on_test_epoch_end(self) -> None:
         self.test_report = self._log_scores("test")
-        log_dir = self.trainer.log_dir  # a broadcast: every process must ask, not only rank 0
-        if self.trainer.is_global_zero and log_dir:
-            path = Path(log_dir) / "label_report.md"
+        folder = report_dir(self.trainer)  # None without a logger: no report, never into the current folder
+        if folder is not None and self.trainer.is_global_zero:
+            path = folder / "label_report.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, format_report(self.test_report))
 

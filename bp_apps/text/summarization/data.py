@@ -38,7 +38,16 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from bp_apps.core.distributed import shard_by_process
-from bp_apps.core.io import atomic_write_text, data_file, default_cache_dir, resolve_data_root, utf8_lines
+from bp_apps.core.io import (
+    atomic_write_text,
+    data_file,
+    default_cache_dir,
+    format_from_suffix,
+    jsonl_objects,
+    read_json_file,
+    resolve_data_root,
+    utf8_lines,
+)
 from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.core.samplers import BucketBatchSampler
 from bp_apps.text.corpus import stdlib_docstrings, summary_pairs
@@ -168,22 +177,6 @@ def _finish(records: list[SummaryRecord], skipped: list[int], source: str, unit:
         raise SummarizationDataError(f"{source}: no usable records (the file is empty or every record is blank)")
     return records
 
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for each non-blank line of a JSON Lines file."""
-    for lineno, line in utf8_lines(path, SummarizationDataError):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SummarizationDataError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise SummarizationDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__} "
-                                         "(JSON Lines: one object per line)")
-        yield lineno, row
-
-
 def _csv_rows(path: Path, delimiter: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """``(first line number, row)`` for each non-blank row after the header row, which must name ``required``."""
     reader = csv.reader((text + "\n" for _, text in utf8_lines(path, SummarizationDataError)), delimiter=delimiter)
@@ -225,17 +218,10 @@ def read_records(path: Path | str, *, source_field: str = "source", target_field
         raise FileNotFoundError(f"summarization data file {str(path)!r} does not exist (or is not a file)")
     targets = _target_fields(target_field)
     if format == "auto":
-        suffix = path.suffix.lower()
-        if suffix in JSONL_SUFFIXES:
-            format = "jsonl"
-        elif suffix in CSV_DELIMITERS:
-            format = "csv" if suffix == ".csv" else "tsv"
-        else:
-            raise SummarizationDataError(
-                f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; accepted: jsonl "
-                f"({', '.join(JSONL_SUFFIXES)}), csv (.csv) and tsv (.tsv), or pass format='jsonl', 'csv' or 'tsv'")
+        format = format_from_suffix(path, {"jsonl": JSONL_SUFFIXES, "csv": (".csv",), "tsv": (".tsv",)},
+                                    SummarizationDataError)
     if format == "jsonl":
-        rows: Iterator[tuple[int, Mapping[str, Any]]] = _jsonl_rows(path)
+        rows: Iterator[tuple[int, Mapping[str, Any]]] = jsonl_objects(path, SummarizationDataError)
     elif format in ("csv", "tsv"):
         required = [source_field, *(targets if require_target else ())]
         rows = _csv_rows(path, CSV_DELIMITERS[f".{format}"], required)
@@ -295,12 +281,8 @@ def save_tokenizer_file(path: str | Path, tokenizer: PreTrainedTokenizerBase) ->
 def load_tokenizer_file(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer :func:`save_tokenizer_file` wrote to ``path``; a missing or unreadable file is a
     ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist: the data module writes it in "
-                                "prepare_data()")
+    state = read_json_file(path, "tokenizer file", "the data module writes it in prepare_data()")
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(state, dict) or state.get("format") != TOKENIZER_FORMAT:
             raise ValueError(f"not a {TOKENIZER_FORMAT} file")
         return tokenizer_from_json(state["tokenizer"], state.get("special_tokens"))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bp_apps.core.callbacks import best_checkpoint_callback
+from bp_apps.core.callbacks import best_checkpoint_callback, report_dir
 from bp_apps.core.compose import network_factory, settings
 from bp_apps.core.io import atomic_write_text
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
@@ -400,9 +400,9 @@ class Summarizer(TaskModule):
 
     def on_test_epoch_end(self) -> None:
         records = self._finish("test")
-        log_dir = self.trainer.log_dir  # a broadcast: every process asks
-        if self.trainer.is_global_zero and log_dir:
-            path = Path(log_dir) / "predictions.jsonl"
+        folder = report_dir(self.trainer)  # None without a logger: no file, never into the current folder
+        if folder is not None and self.trainer.is_global_zero:
+            path = folder / "predictions.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
