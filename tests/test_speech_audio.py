@@ -91,6 +91,13 @@ def test_chunking_covers_the_waveform() -> None:
     assert [len(p) for p in pieces] == [10, 10, 5] and torch.equal(torch.cat(pieces), torch.arange(25.0))
 
 
+def test_a_short_last_piece_joins_the_one_before() -> None:
+    pieces = chunk_waveform(torch.arange(21.0), sample_rate=1, seconds=10, min_tail_seconds=2)
+    assert [len(p) for p in pieces] == [10, 11] and torch.equal(torch.cat(pieces), torch.arange(21.0))
+    assert [len(p) for p in chunk_waveform(torch.arange(22.0), 1, 10, min_tail_seconds=2)] == [10, 10, 2]
+    assert [len(p) for p in chunk_waveform(torch.arange(10.5), 1, 10, min_tail_seconds=2)] == [11]
+
+
 def test_log_mel_shape_and_per_utterance_normalisation() -> None:
     config = FeatureConfig(sample_rate=16_000, n_mels=40)
     features = LogMel(config)(torch.from_numpy(tone(1.0, 16_000)) + 0.01 * torch.randn(16_000))

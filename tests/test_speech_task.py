@@ -220,6 +220,17 @@ def test_long_audio_is_transcribed_in_chunks(ctc_run: dict, tmp_path: Path) -> N
     assert isinstance(result["text"], str)
 
 
+@pytest.mark.parametrize("seconds", [20.01, 20.016, 0.004, 0.015])
+def test_audio_of_any_length_transcribes(ctc_run: dict, tmp_path: Path, seconds: float) -> None:
+    """A 20.01 s file (cut at 20 s, leaving 80 samples) and files shorter than one STFT window (16 ms at 8 kHz)."""
+    rate = 8000
+    t = np.arange(int(seconds * rate)) / rate
+    path = tmp_path / "odd.wav"
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
+    (result,) = transcribe([path], ctc_run["metrics"]["best_checkpoint"])
+    assert result["path"] == str(path) and isinstance(result["text"], str)
+
+
 SMALL_NETS = {
     "conv_gru": partial(ConvGRUCTC, hidden=32, layers=1, conv_channels=4),
     "conformer": partial(ConformerCTC, d_model=32, layers=1, heads=2, ffn_dim=32, conv_channels=4, kernel_size=3),

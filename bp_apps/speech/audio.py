@@ -92,13 +92,19 @@ def save_audio(path: str | Path, waveform: Tensor | np.ndarray, sample_rate: int
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def chunk_waveform(waveform: Tensor, sample_rate: int, seconds: float, overlap_seconds: float = 0.0) -> list[Tensor]:
+def chunk_waveform(waveform: Tensor, sample_rate: int, seconds: float, overlap_seconds: float = 0.0,
+                   min_tail_seconds: float = 0.0) -> list[Tensor]:
     """Split ``(frames,)`` into pieces of at most ``seconds`` (the last one shorter), so long recordings can be
-    transcribed piece by piece. Pieces are stepped by ``seconds - overlap_seconds``."""
+    transcribed piece by piece. Pieces are stepped by ``seconds - overlap_seconds``. A last piece shorter than
+    ``min_tail_seconds`` is joined to the one before (which is then that much longer than ``seconds``): a sliver
+    of a few samples holds no word and is too short for a spectrogram."""
     size = int(seconds * sample_rate)
     step = size - int(overlap_seconds * sample_rate)
     if size <= 0 or step <= 0:
         raise ValueError(f"chunk length {seconds} s must be positive and longer than the overlap {overlap_seconds} s")
     if waveform.numel() <= size:
         return [waveform]
-    return [waveform[start:start + size] for start in range(0, waveform.numel() - (size - step), step)]
+    starts = list(range(0, waveform.numel() - (size - step), step))
+    if len(starts) > 1 and waveform.numel() - starts[-1] < min_tail_seconds * sample_rate:
+        starts.pop()
+    return [waveform[start:start + size] for start in starts[:-1]] + [waveform[starts[-1]:]]

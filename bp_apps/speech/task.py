@@ -39,6 +39,9 @@ __all__ = ["CLASSIFIER_TASK", "DIGITS_AUGMENT", "DIGITS_OPTIM", "RECOGNIZER_AUGM
 RECOGNIZER_TASK = "speech.SpeechRecognizer"
 CLASSIFIER_TASK = "speech.SpokenDigitClassifier"
 EXAMPLES = 8
+MIN_PIECE_SECONDS = 0.1
+"""The shortest audio ``transcribe`` hands a model: shorter files are padded with silence, shorter last pieces of
+a long file are joined to the piece before."""
 
 RECOGNIZER_OPTIM = OptimizerConfig(lr=2e-3, weight_decay=1e-2, scheduler="cosine", warmup_fraction=0.05,
                                    max_grad_norm=5.0, no_decay_keys=NO_DECAY_KEYS)
@@ -222,7 +225,9 @@ def transcribe(paths: Sequence[str | Path], checkpoint: str | Path, beam_size: i
     """Transcribe audio files of any sample rate and channel count with a speech checkpoint.
 
     Documented handling: silent files give an empty transcript; files longer than ``chunk_seconds`` are cut into
-    pieces transcribed one by one and joined; unreadable or empty files raise ValueError naming the file. With a
+    pieces transcribed one by one and joined (a last piece under :data:`MIN_PIECE_SECONDS` joins the one before);
+    audio shorter than :data:`MIN_PIECE_SECONDS` is padded with silence to that length (so short a sound rarely
+    holds a word: expect an empty or one-word transcript); unreadable or empty files raise ValueError naming it. With a
     digit-classifier checkpoint the transcript is the predicted digit word. ``beam_size`` > 1 uses beam search,
     restricted to the training words when the checkpoint holds them."""
     from bp_apps.speech.audio import SILENCE_PEAK, chunk_waveform, load_audio
@@ -244,7 +249,10 @@ def transcribe(paths: Sequence[str | Path], checkpoint: str | Path, beam_size: i
             results.append({"path": str(path), "text": ""})
             continue
         pieces = []
-        for chunk in chunk_waveform(waveform, config.sample_rate, chunk_seconds):
+        for chunk in chunk_waveform(waveform, config.sample_rate, chunk_seconds, min_tail_seconds=MIN_PIECE_SECONDS):
+            shortfall = int(MIN_PIECE_SECONDS * config.sample_rate) - chunk.numel()
+            if shortfall > 0:  # the spectrogram's window needs more samples than a few milliseconds give
+                chunk = torch.nn.functional.pad(chunk, (0, shortfall))
             features = extract(chunk).unsqueeze(0)
             lengths = torch.tensor([features.shape[1]])
             with torch.no_grad():
