@@ -217,6 +217,19 @@ def _run_predict_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output_file(out: Path | None, **inputs: Path | None) -> None:
+    """Refuse, before any work, an ``--out`` that is a folder or one of the command's ``inputs`` (option name ->
+    path): writing it would replace an input."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the JSONL file to write")
+    for option, path in inputs.items():
+        if path is not None and out.exists() and Path(path).exists() and out.resolve() == Path(path).resolve():
+            raise ValueError(f"--out {out} is the input given as --{option}: writing it would replace the input; "
+                             "choose another path")
+
+
 def _emit_jsonl(records: list[dict], out: Path | None) -> int:
     """One JSON record per line: printed, or written (atomically) to ``out``."""
     from bp_apps.core.io import write_jsonl
@@ -234,6 +247,7 @@ def _run_label(args: argparse.Namespace) -> int:
     from bp_apps.text.labeling.formats import read_labeled_file
     from bp_apps.text.labeling.task import format_labeled, label_sentences, label_text, load_labeler
 
+    check_output_file(args.out, file=args.file, ckpt=args.ckpt)
     module = load_labeler(args.ckpt)
     if args.file is None:
         if args.text is None:
@@ -253,6 +267,7 @@ def _run_summarize(args: argparse.Namespace) -> int:
     from bp_apps.text.summarization.data import read_records
     from bp_apps.text.summarization.task import load_summarizer, summarize
 
+    check_output_file(args.out, file=args.file, ckpt=args.ckpt)
     module = load_summarizer(args.ckpt)
     generation = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens),
                                     ("mbr_samples", args.mbr_samples)) if v is not None}
@@ -346,6 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+"""What a command reports in one line with exit status 2: bad data or settings (ValueError, a missing file), a
+file that cannot be written (a full disk, a read-only folder), training that diverged (the non-finite guard)."""
+
+
+def describe_error(error: BaseException) -> str:
+    """The message for ``error``; a failed write names the path and says that the files already there are as
+    they were (every file is written under a temporary name, then renamed)."""
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename:
+        return (f"could not write {error.filename}: {error.strerror or error}; files already there are unchanged "
+                "(each is written under a temporary name, then renamed)")
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # The memory profiler of `compare` makes torch's C++ logger warn about blocks allocated before
     # it started; that is expected, so only errors are shown (set before torch is imported).
@@ -354,8 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         try:
             return _lightning(argv)
-        except (ValueError, FileNotFoundError, NotADirectoryError) as error:  # bad data or settings: say which
-            print(f"bp-apps {argv[0]}: error: {error}", file=sys.stderr)
+        except USER_ERRORS as error:  # bad data or settings, a full disk: say which
+            print(f"bp-apps {argv[0]}: error: {describe_error(error)}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
     try:
@@ -376,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "transcribe":
             return _run_transcribe(args)
         return _run_bench(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"bp-apps {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"bp-apps {args.command}: error: {describe_error(error)}", file=sys.stderr)
         return 2
 
 

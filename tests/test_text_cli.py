@@ -104,6 +104,8 @@ def test_summarize_demo_and_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert json.loads(capsys.readouterr().out)["summary"] == expected
     assert main(["summarize", text, "--ckpt", ckpt, "--mbr-samples", "-1"]) == 2
     assert "mbr_samples must be >= 0" in capsys.readouterr().err
+    assert main(["summarize", text, "--ckpt", ckpt, "--beams", "0"]) == 2
+    assert "num_beams" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not PROPBANK.is_dir(), reason="needs ../shared/data/labeling/propbank_ewt (the real SRL data)")

@@ -26,7 +26,10 @@ def atomic_output(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
     given the permissions the umask allows a new file (``mkstemp`` alone would leave 0600) and renamed to ``path``,
     so readers see the old file or the new one, never half. On an error it is removed and ``path`` is untouched."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as error:  # a read-only or missing folder: name the file that was to be written
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -35,6 +38,11 @@ def atomic_output(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno is not None and error.filename in (None, str(tmp), tmp):  # a full disk: name the file
+            raise type(error)(error.errno, error.strerror, str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
