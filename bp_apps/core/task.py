@@ -282,10 +282,33 @@ class TaskModule(L.LightningModule):
             raise ValueError(f"{path}: its hyperparameters (field 'hyper_parameters') name arguments {cls.__name__} "
                              f"no longer takes ({', '.join(unknown)}): it was written by an earlier bp_apps; "
                              "retrain, or load its state_dict into a model built with the current arguments")
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{path}: field 'state_dict' is not a mapping of tensors")
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: weight {name!r} holds NaN or infinite values; the model would predict "
+                                 "nothing meaningful (was it saved after training diverged?)")
         overrides = {**cls.load_overrides(hparams), **overrides, "_instantiator": None}
+        check_model_size(cls, {**hparams, **overrides}, sum(t.numel() for t in state.values()), path)
         try:
             module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
         except (KeyError, RuntimeError) as error:
             raise ValueError(f"{path}: the weights (field 'state_dict') do not fit the model: {error}") from error
         return module.eval()
+
+
+def check_model_size(cls: type[TaskModule], hparams: dict[str, Any], saved: int, path: Path) -> None:
+    """Refuse hyperparameters that describe a far larger model than the weights the checkpoint holds (``saved``
+    elements), before any memory is allocated: the model is first built on the ``meta`` device, which allocates
+    nothing. A model that cannot be built there is not checked (loading then compares shapes)."""
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            described = sum(t.numel() for t in cls(**kwargs).state_dict().values())
+    except Exception:
+        return
+    if described > 2 * saved + 1_000_000:
+        raise ValueError(f"{path}: its hyperparameters describe a model of {described:,} weights but the checkpoint "
+                         f"holds {saved:,}: refusing to build it (a damaged or crafted checkpoint)")
 

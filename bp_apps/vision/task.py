@@ -146,7 +146,11 @@ def load_image_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, 
     if preprocessing is None:
         raise ValueError(f"{path} carries no preprocessing (no image data module's state: it was saved outside a "
                          "trainer run with a data module)")
-    return ImageClassifier.load(path), preprocessing
+    model = ImageClassifier.load(path)
+    if len(preprocessing["class_names"]) != model.num_classes:
+        raise ValueError(f"{path}: the data module's state names {len(preprocessing['class_names'])} classes but the "
+                         f"model predicts {model.num_classes}")
+    return model, preprocessing
 
 
 def predict_images(paths: Sequence[str | Path], checkpoint: str | Path, top_k: int = 5) -> list[dict[str, Any]]:
