@@ -18,15 +18,15 @@ def test_core_bench_report_shape():
     assert report["matmul_gflops"] > 0
     assert [(r["batch"], r["hidden"]) for r in report["results"]] == [(8, 16), (16, 32)]
     for r in report["results"]:
-        assert {"batch", "hidden", "manual_ms", "autograd_ms", "manual_gflops"} <= set(r)
-        assert r["manual_ms"] > 0 and r["autograd_ms"] > 0
+        assert {"batch", "hidden", "engine_ms", "autograd_ms", "engine_gflops"} <= set(r)
+        assert r["engine_ms"] > 0 and r["autograd_ms"] > 0
     assert "matmul_gflops" in report["results"][1] and "matmul_gflops" not in report["results"][0]
     assert "| 16 | 32 |" in format_core_table(report)
 
 
 def test_bench_size_leaves_both_models_training_equally():
     result = bench_size(4, 8, repeats=2, warmup=1)
-    assert result["speedup"] == pytest.approx(result["autograd_ms"] / result["manual_ms"])
+    assert result["speedup"] == pytest.approx(result["autograd_ms"] / result["engine_ms"])
 
 
 def test_time_to_accuracy():
@@ -37,12 +37,12 @@ def test_time_to_accuracy():
 def test_digits_bench_small_recipe():
     report = run_digits_bench(seeds=[0], recipe=DigitsRecipe(hidden=(32,), epochs=3))
     run = report["runs"][0]
-    assert 0.8 < run["manual_test_accuracy"] <= 1.0
+    assert 0.8 < run["engine_test_accuracy"] <= 1.0
     assert 0.5 < run["sklearn_test_accuracy"] <= 1.0
-    assert run["manual_seconds_to_common"] <= run["manual_train_seconds"]
-    ratio = run["sklearn_seconds_to_common"] / run["manual_seconds_to_common"]
+    assert run["engine_seconds_to_common"] <= run["engine_train_seconds"]
+    ratio = run["sklearn_seconds_to_common"] / run["engine_seconds_to_common"]
     assert run["speedup_to_common_accuracy"] == pytest.approx(ratio)
-    if run["manual_test_accuracy"] >= run["sklearn_test_accuracy"]:
-        assert run["speedup_full_training"] == pytest.approx(run["sklearn_train_seconds"] / run["manual_train_seconds"])
+    if run["engine_test_accuracy"] >= run["sklearn_test_accuracy"]:
+        assert run["speedup_full_training"] == pytest.approx(run["sklearn_train_seconds"] / run["engine_train_seconds"])
     else:
         assert run["speedup_full_training"] is None

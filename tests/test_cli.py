@@ -20,7 +20,7 @@ def test_demo_prints_table_and_writes_files(tmp_path, capsys):
     assert (tmp_path / "demo" / "compare.md").exists()
     assert (tmp_path / "demo" / "compare.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "demo.json").read_text())
-    assert report["backends"]["manual"]["test_accuracy"] > 0.95
+    assert report["backends"]["engine"]["test_accuracy"] > 0.95
     assert report["max_loss_trajectory_diff"] <= 1e-4
 
 
@@ -46,7 +46,7 @@ def test_bench_core_json(tmp_path):
     assert report["matmul_gflops"] > 0
     assert [(r["batch"], r["hidden"]) for r in report["results"]] == [(4, 8), (8, 16)]
     for r in report["results"]:
-        assert {"batch", "hidden", "manual_ms", "autograd_ms", "manual_gflops"} <= set(r)
+        assert {"batch", "hidden", "engine_ms", "autograd_ms", "engine_gflops"} <= set(r)
 
 
 def test_bench_bad_sizes(capsys):

@@ -17,9 +17,9 @@ def test_one_epoch_loss_trajectories_match_in_float32(one_epoch_report):
     assert report["config"]["dtype"] == "float32"
     assert report["steps"] == 43  # ceil(1347 / 32) batches of the 75 % training split
     assert report["max_loss_trajectory_diff"] <= 1e-5
-    manual, autograd = report["loss_curves"]["manual"], report["loss_curves"]["autograd"]
-    assert sum(manual[-5:]) < 0.9 * sum(manual[:5]), "one epoch of training must lower the loss"
-    assert max(abs(a - b) for a, b in zip(manual, autograd)) == report["max_loss_trajectory_diff"]
+    engine, autograd = report["loss_curves"]["engine"], report["loss_curves"]["autograd"]
+    assert sum(engine[-5:]) < 0.9 * sum(engine[:5]), "one epoch of training must lower the loss"
+    assert max(abs(a - b) for a, b in zip(engine, autograd)) == report["max_loss_trajectory_diff"]
 
 
 def test_report_holds_the_documented_fields(one_epoch_report):
@@ -27,13 +27,13 @@ def test_report_holds_the_documented_fields(one_epoch_report):
     assert report["max_grad_rel_error"] <= 1e-10
     assert set(report["grad_rel_error_per_parameter"]) == {f"layers.{i}.{p}" for i in (0, 2, 4)
                                                             for p in ("weight", "bias")}
-    for name in ("manual", "autograd"):
+    for name in ("engine", "autograd"):
         metrics = report["backends"][name]
         assert 0.5 < metrics["test_accuracy"] <= 1.0
         assert metrics["ms_per_step"] > 0
         # at least the weights (64·128 + 128·128 + 128·10 + biases, float32) must be counted
         assert metrics["peak_memory_mb"] > 4 * 26_122 / 2**20
-    assert report["backends"]["manual"]["test_accuracy"] == pytest.approx(
+    assert report["backends"]["engine"]["test_accuracy"] == pytest.approx(
         report["backends"]["autograd"]["test_accuracy"], abs=1 / 450 + 1e-9)
 
 
@@ -43,7 +43,7 @@ def test_write_report_files(one_epoch_report, tmp_path):
     assert "| test accuracy |" in paths["markdown"].read_text()
     data = json.loads(paths["json"].read_text())
     assert {"max_grad_rel_error", "max_loss_trajectory_diff", "backends"} <= set(data)
-    assert {"test_accuracy", "ms_per_step", "peak_memory_mb"} <= set(data["backends"]["manual"])
+    assert {"test_accuracy", "ms_per_step", "peak_memory_mb"} <= set(data["backends"]["engine"])
     assert not list(tmp_path.rglob("*.tmp*")), "no temporary files left behind"
     assert format_markdown(one_epoch_report).splitlines()[0].startswith("MLP 64-128-128-10")
 

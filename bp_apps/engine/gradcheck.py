@@ -257,7 +257,7 @@ def mlp_gradient_errors(mlp: MLP, x: Tensor, y: Tensor, loss: str | EngineLoss =
             prediction = mlp.forward(x)
         loss_fn.forward(prediction, y)
         mlp.backward(loss_fn.backward())
-        manual = {name: grad.clone() for name, _, grad in mlp.param_grads()}
+        engine = {name: grad.clone() for name, _, grad in mlp.param_grads()}
         with torch.enable_grad():
             output_ref = _reference_forward(reference, mlp, x.detach())
             reference_loss(loss_fn)(output_ref, y).backward()
@@ -268,4 +268,4 @@ def mlp_gradient_errors(mlp: MLP, x: Tensor, y: Tensor, loss: str | EngineLoss =
             grad.copy_(before)
         mlp.restore_state(saved_before)
     ref_params = dict(reference.named_parameters())
-    return {name: relative_error(grad, ref_params[_reference_name(mlp, name)].grad) for name, grad in manual.items()}
+    return {name: relative_error(grad, ref_params[_reference_name(mlp, name)].grad) for name, grad in engine.items()}

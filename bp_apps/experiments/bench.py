@@ -50,23 +50,23 @@ def bench_size(batch: int, hidden: int, *, in_features: int = 784, classes: int 
     """Median milliseconds per step for both backends at one (batch, hidden) size and, with
     ``matmul_size``, two references timed in the same loop: a square ``torch.mm`` of that size,
     and the step's own eight matrix products alone (their shapes are less efficient than a
-    square; the gap between that and the manual step is everything that is not a matmul).
+    square; the gap between that and the engine step is everything that is not a matmul).
     The references are left out otherwise: between small steps they would evict the steps'
     data from cache."""
     dev = torch.device(device)
     torch.manual_seed(seed)
-    manual = MLP(in_features, [hidden, hidden], classes, reuse_buffers=True, device=dev)
-    twin = manual.to_autograd()
+    engine = MLP(in_features, [hidden, hidden], classes, reuse_buffers=True, device=dev)
+    twin = engine.to_autograd()
     x = torch.randn(batch, in_features, device=dev)
     y = torch.randint(0, classes, (batch,), device=dev)
-    loss_fn, manual_opt = SoftmaxCrossEntropy(), SGD(manual.parameters(), lr=0.01)
+    loss_fn, engine_opt = SoftmaxCrossEntropy(), SGD(engine.parameters(), lr=0.01)
     torch_opt = torch.optim.SGD(twin.parameters(), lr=0.01)
     size = matmul_size or 1
     a, b = torch.randn(size, size, device=dev), torch.randn(size, size, device=dev)
     out = torch.empty(size, size, device=dev)
 
-    def manual_step() -> None:
-        train_step(manual, loss_fn, manual_opt, x, y, nonfinite="ignore")
+    def engine_step() -> None:
+        train_step(engine, loss_fn, engine_opt, x, y, nonfinite="ignore")
 
     def autograd_step() -> None:
         torch_opt.zero_grad(set_to_none=True)
@@ -90,14 +90,14 @@ def bench_size(batch: int, hidden: int, *, in_features: int = 784, classes: int 
             if i:
                 torch.mm(acts[i + 1], weights[i], out=input_grads[i - 1])
 
-    timed = {"manual": manual_step, "autograd": autograd_step}
+    timed = {"engine": engine_step, "autograd": autograd_step}
     if matmul_size:
         timed["matmul"], timed["step_matmuls"] = matmul, step_matmuls
     for _ in range(warmup):
         for fn in timed.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in timed}
-    while len(times["manual"]) < repeats:
+    while len(times["engine"]) < repeats:
         for name, fn in timed.items():
             block = [_timed(fn, dev) for _ in range(block_size + 1)]
             times[name].extend(block[1:])
@@ -105,9 +105,9 @@ def bench_size(batch: int, hidden: int, *, in_features: int = 784, classes: int 
     flops = step_matmul_flops(batch, [in_features, hidden, hidden, classes])
     result = {
         "batch": batch, "hidden": hidden,
-        "manual_ms": median["manual"] * 1e3, "autograd_ms": median["autograd"] * 1e3,
-        "speedup": median["autograd"] / median["manual"],
-        "manual_gflops": flops / median["manual"] / 1e9,
+        "engine_ms": median["engine"] * 1e3, "autograd_ms": median["autograd"] * 1e3,
+        "speedup": median["autograd"] / median["engine"],
+        "engine_gflops": flops / median["engine"] / 1e9,
         "autograd_gflops": flops / median["autograd"] / 1e9,
     }
     if matmul_size:
@@ -131,9 +131,9 @@ def run_core_bench(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, repeats: in
     return {
         "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "matmul_gflops": largest["matmul_gflops"],
-        "matmul_fraction_at_largest": largest["manual_gflops"] / largest["matmul_gflops"],
+        "matmul_fraction_at_largest": largest["engine_gflops"] / largest["matmul_gflops"],
         "step_matmul_gflops": largest["step_matmul_gflops"],
-        "step_matmul_fraction_at_largest": largest["manual_gflops"] / largest["step_matmul_gflops"],
+        "step_matmul_fraction_at_largest": largest["engine_gflops"] / largest["step_matmul_gflops"],
         "results": results,
     }
 
@@ -142,13 +142,13 @@ def format_core_table(report: dict) -> str:
     """A Markdown table of a ``run_core_bench`` report."""
     lines = [f"device {report['device']}, {report['threads']} threads, torch {report['torch']}; "
              f"torch.mm {report['matmul_gflops']:.1f} GFLOP/s (square); the largest step's own matmuls alone "
-             f"{report['step_matmul_gflops']:.1f} GFLOP/s, of which the manual step reaches "
+             f"{report['step_matmul_gflops']:.1f} GFLOP/s, of which the engine step reaches "
              f"{100 * report['step_matmul_fraction_at_largest']:.0f}%",
              "",
-             "| batch | hidden | manual ms | autograd ms | speed-up | manual GFLOP/s | % of torch.mm |",
+             "| batch | hidden | engine ms | autograd ms | speed-up | engine GFLOP/s | % of torch.mm |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        lines.append(f"| {r['batch']} | {r['hidden']} | {r['manual_ms']:.3f} | {r['autograd_ms']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['manual_gflops']:.1f} | "
-                     f"{100 * r['manual_gflops'] / report['matmul_gflops']:.0f}% |")
+        lines.append(f"| {r['batch']} | {r['hidden']} | {r['engine_ms']:.3f} | {r['autograd_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['engine_gflops']:.1f} | "
+                     f"{100 * r['engine_gflops'] / report['matmul_gflops']:.0f}% |")
     return "\n".join(lines)

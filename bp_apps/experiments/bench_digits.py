@@ -4,7 +4,7 @@ Both train on the same standardised split, one epoch at a time, with the test ac
 after every epoch (evaluation time is not counted). Two speed ratios per seed:
 
 - full training: scikit-learn's training time until its own stopping rule (as ``fit`` does)
-  over the manual recipe's whole training time, counted only when the manual MLP ends at
+  over the engine recipe's whole training time, counted only when the engine MLP ends at
   least as accurate;
 - time to the same accuracy: the training time each needs to first reach the lower of the
   two best accuracies (an oracle stopping point for both).
@@ -117,19 +117,19 @@ def run_digits_bench(seeds: Iterable[int] = range(3), recipe: DigitsRecipe | Non
     data = load_digits_split(standardize=True)
     runs = []
     for seed in seeds:
-        manual_s, manual_acc = train_manual(data, recipe, seed)
+        engine_s, engine_acc = train_manual(data, recipe, seed)
         sk_s, sk_acc = train_sklearn(data, recipe.hidden, seed)
-        target = min(max(manual_acc), max(sk_acc))
-        t_manual, t_sklearn = time_to_accuracy(manual_s, manual_acc, target), time_to_accuracy(sk_s, sk_acc, target)
-        runs.append({"seed": seed, "manual_test_accuracy": manual_acc[-1], "manual_train_seconds": manual_s[-1],
+        target = min(max(engine_acc), max(sk_acc))
+        t_manual, t_sklearn = time_to_accuracy(engine_s, engine_acc, target), time_to_accuracy(sk_s, sk_acc, target)
+        runs.append({"seed": seed, "engine_test_accuracy": engine_acc[-1], "engine_train_seconds": engine_s[-1],
                      "sklearn_test_accuracy": sk_acc[-1], "sklearn_train_seconds": sk_s[-1],
                      "sklearn_epochs": len(sk_acc), "common_accuracy": target,
-                     "manual_seconds_to_common": t_manual, "sklearn_seconds_to_common": t_sklearn,
+                     "engine_seconds_to_common": t_manual, "sklearn_seconds_to_common": t_sklearn,
                      "speedup_to_common_accuracy": t_sklearn / t_manual,
-                     "speedup_full_training": sk_s[-1] / manual_s[-1] if manual_acc[-1] >= sk_acc[-1] else None})
+                     "speedup_full_training": sk_s[-1] / engine_s[-1] if engine_acc[-1] >= sk_acc[-1] else None})
     return {
         "recipe": asdict(recipe),
-        "manual_test_accuracy_mean": statistics.mean(r["manual_test_accuracy"] for r in runs),
+        "engine_test_accuracy_mean": statistics.mean(r["engine_test_accuracy"] for r in runs),
         "sklearn_test_accuracy_mean": statistics.mean(r["sklearn_test_accuracy"] for r in runs),
         "speedup_to_common_accuracy_median": statistics.median(r["speedup_to_common_accuracy"] for r in runs),
         "speedup_full_training_median": statistics.median(
@@ -140,16 +140,16 @@ def run_digits_bench(seeds: Iterable[int] = range(3), recipe: DigitsRecipe | Non
 
 def format_digits_table(report: dict) -> str:
     """A Markdown table of a ``run_digits_bench`` report."""
-    lines = ["| seed | manual acc | manual s | sklearn acc | sklearn s | full-training ratio | common acc | "
-             "manual s to it | sklearn s to it | ratio to it |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| seed | engine acc | engine s | sklearn acc | sklearn s | full-training ratio | common acc | "
+             "engine s to it | sklearn s to it | ratio to it |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         full = "—" if r["speedup_full_training"] is None else f"{r['speedup_full_training']:.2f}x"
-        lines.append(f"| {r['seed']} | {r['manual_test_accuracy']:.4f} | {r['manual_train_seconds']:.2f} | "
+        lines.append(f"| {r['seed']} | {r['engine_test_accuracy']:.4f} | {r['engine_train_seconds']:.2f} | "
                      f"{r['sklearn_test_accuracy']:.4f} | {r['sklearn_train_seconds']:.2f} | {full} | "
-                     f"{r['common_accuracy']:.4f} | {r['manual_seconds_to_common']:.2f} | "
+                     f"{r['common_accuracy']:.4f} | {r['engine_seconds_to_common']:.2f} | "
                      f"{r['sklearn_seconds_to_common']:.2f} | {r['speedup_to_common_accuracy']:.2f}x |")
-    lines += ["", f"manual MLP mean test accuracy {report['manual_test_accuracy_mean']:.4f}, scikit-learn "
-              f"{report['sklearn_test_accuracy_mean']:.4f}. Median speed ratios (scikit-learn time / manual time): "
+    lines += ["", f"engine MLP mean test accuracy {report['engine_test_accuracy_mean']:.4f}, scikit-learn "
+              f"{report['sklearn_test_accuracy_mean']:.4f}. Median speed ratios (scikit-learn time / engine time): "
               f"full training {report['speedup_full_training_median']:.2f}x, "
               f"to the common accuracy {report['speedup_to_common_accuracy_median']:.2f}x."]
     return "\n".join(lines)

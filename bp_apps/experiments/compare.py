@@ -116,20 +116,20 @@ def run_comparison(config: CompareConfig) -> dict:
     x_test, y_test = data.x_test.to(device, dtype), data.y_test.to(device)
 
     torch.manual_seed(config.seed)
-    manual = MLP(data.num_features, config.hidden, data.num_classes, activation=config.activation,
+    engine = MLP(data.num_features, config.hidden, data.num_classes, activation=config.activation,
                  reuse_buffers=True, device=device, dtype=dtype)
-    twin = manual.to_autograd()
+    twin = engine.to_autograd()
 
     first_batch = batch_order(len(y_train), config.batch_size, config.seed)[0]
-    grad_errors = mlp_gradient_errors(copy.deepcopy(manual).double(), x_train[first_batch].double(),
+    grad_errors = mlp_gradient_errors(copy.deepcopy(engine).double(), x_train[first_batch].double(),
                                       y_train[first_batch])
 
     loss_fn = SoftmaxCrossEntropy()
-    manual_opt = build_optimizer(config.optimizer, manual.parameters(), **config.optimizer_kwargs())
+    engine_opt = build_optimizer(config.optimizer, engine.parameters(), **config.optimizer_kwargs())
     torch_opt = TORCH_OPTIMIZERS[config.optimizer](twin.parameters(), **config.optimizer_kwargs())
 
-    def manual_step(x: Tensor, y: Tensor) -> Tensor:
-        return train_step(manual, loss_fn, manual_opt, x, y)[0]
+    def engine_step(x: Tensor, y: Tensor) -> Tensor:
+        return train_step(engine, loss_fn, engine_opt, x, y)[0]
 
     def autograd_step(x: Tensor, y: Tensor) -> Tensor:
         torch_opt.zero_grad(set_to_none=True)
@@ -138,12 +138,12 @@ def run_comparison(config: CompareConfig) -> dict:
         torch_opt.step()
         return loss.detach()
 
-    losses: dict[str, list[float]] = {"manual": [], "autograd": []}
-    seconds: dict[str, list[float]] = {"manual": [], "autograd": []}
+    losses: dict[str, list[float]] = {"engine": [], "autograd": []}
+    seconds: dict[str, list[float]] = {"engine": [], "autograd": []}
     for epoch in range(config.epochs):
         for index in batch_order(len(y_train), config.batch_size, config.seed, epoch):
             x, y = x_train[index], y_train[index]
-            for name, step in (("manual", manual_step), ("autograd", autograd_step)):
+            for name, step in (("engine", engine_step), ("autograd", autograd_step)):
                 synchronize(device)
                 start = time.perf_counter()
                 loss = step(x, y)
@@ -151,23 +151,23 @@ def run_comparison(config: CompareConfig) -> dict:
                 seconds[name].append(time.perf_counter() - start)
                 losses[name].append(loss.item())
 
-    manual.eval()
+    engine.eval()
     twin.eval()
     backends = {name: {"test_accuracy": accuracy(predict, x_test, y_test),
                        "ms_per_step": 1e3 * statistics.median(seconds[name])}
-                for name, predict in (("manual", manual.forward), ("autograd", twin))}
-    manual.train()
+                for name, predict in (("engine", engine.forward), ("autograd", twin))}
+    engine.train()
     twin.train()
     # Measured after the accuracy, on one extra step, so it cannot change what is reported above.
-    persistent = {"manual": [*manual.parameters(), *manual.gradients(), *manual.workspaces(),
-                             *_optimizer_tensors(manual_opt)],
+    persistent = {"engine": [*engine.parameters(), *engine.gradients(), *engine.workspaces(),
+                             *_optimizer_tensors(engine_opt)],
                   "autograd": [*twin.parameters(), *_optimizer_tensors(torch_opt)]}
     sample_x, sample_y = x_train[first_batch], y_train[first_batch]
-    for name, step in (("manual", manual_step), ("autograd", autograd_step)):
+    for name, step in (("engine", engine_step), ("autograd", autograd_step)):
         backends[name]["peak_memory_mb"] = peak_step_memory_mb(lambda s=step: s(sample_x, sample_y),
                                                                persistent[name], device)
 
-    diffs = [abs(a - b) for a, b in zip(losses["manual"], losses["autograd"], strict=True)]
+    diffs = [abs(a - b) for a, b in zip(losses["engine"], losses["autograd"], strict=True)]
     return {
         "config": asdict(config),
         "max_grad_rel_error": max(grad_errors.values()),
@@ -188,19 +188,19 @@ def _optimizer_tensors(optimizer: object) -> list[Tensor]:
 
 def format_markdown(report: dict) -> str:
     """The report as a Markdown table with a line on the setup."""
-    cfg, man, auto = report["config"], report["backends"]["manual"], report["backends"]["autograd"]
+    cfg, man, auto = report["config"], report["backends"]["engine"], report["backends"]["autograd"]
     lines = [
         f"MLP 64-{'-'.join(map(str, cfg['hidden']))}-10 ({cfg['activation']}), {cfg['optimizer']} lr {cfg['lr']}, "
         f"batch {cfg['batch_size']}, {cfg['epochs']} epochs ({report['steps']} steps), {cfg['dtype']} on "
         f"{cfg['device']}, seed {cfg['seed']}",
         "",
-        "| metric | manual | autograd |",
+        "| metric | engine | autograd |",
         "|---|---:|---:|",
         f"| test accuracy | {man['test_accuracy']:.4f} | {auto['test_accuracy']:.4f} |",
         f"| ms per step (median) | {man['ms_per_step']:.3f} | {auto['ms_per_step']:.3f} |",
         f"| peak memory of a step (MiB) | {man['peak_memory_mb']:.3f} | {auto['peak_memory_mb']:.3f} |",
         "",
-        f"- max gradient relative error, manual vs autograd (float64): {report['max_grad_rel_error']:.2e}",
+        f"- max gradient relative error, engine vs autograd (float64): {report['max_grad_rel_error']:.2e}",
         f"- max loss difference over all steps: {report['max_loss_trajectory_diff']:.2e}",
     ]
     return "\n".join(lines)
@@ -214,13 +214,13 @@ def plot_report(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_diff, ax_grad) = plt.subplots(1, 3, figsize=(15, 4))
-    for name, style in (("manual", "-"), ("autograd", "--")):
+    for name, style in (("engine", "-"), ("autograd", "--")):
         ax_loss.plot(report["loss_curves"][name], style, label=name, linewidth=1)
     ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy", yscale="log")
     ax_loss.legend()
     diffs = [abs(a - b) + 1e-12 for a, b in zip(*report["loss_curves"].values())]
     ax_diff.plot(diffs, linewidth=0.8)
-    ax_diff.set(title="|loss manual − loss autograd|", xlabel="step", yscale="log")
+    ax_diff.set(title="|loss engine − loss autograd|", xlabel="step", yscale="log")
     names = list(report["grad_rel_error_per_parameter"])
     values = [max(v, 1e-20) for v in report["grad_rel_error_per_parameter"].values()]
     ax_grad.barh(names, values)
