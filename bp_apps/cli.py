@@ -137,8 +137,14 @@ def _lightning(argv: Sequence[str]) -> int:
             if trainer.loggers:
                 super().setup(trainer, pl_module, stage)
 
-    BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-              args=list(argv), save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True})
+    # LightningCLI warns when it is given args while sys.argv has some too (it cannot tell that they are the same):
+    # it reads only args, so the process's own arguments are hidden from it for the call.
+    command_line, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  args=list(argv), save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = command_line
     return 0
 
 

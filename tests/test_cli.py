@@ -61,3 +61,13 @@ def test_console_script_help_runs():
     for command in ("demo", "compare", "bench", "fit"):
         assert command in result.stdout
 
+
+
+def test_lightning_commands_from_the_shell_give_no_warning_about_their_arguments() -> None:
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "bp_apps.cli", "fit", "--config",
+                             str(root / "configs" / "vision" / "digits_mlp_engine.yaml"), "--print_config"],
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: bp_apps.vision.task.ImageClassifier" in result.stdout
+    assert "args parameter" not in result.stderr  # Lightning's warning when arguments arrive twice
