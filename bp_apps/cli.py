@@ -302,7 +302,7 @@ def _run_transcribe(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bp-apps", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bp-apps", description=__doc__.replace("``", "`"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in LIGHTNING_SUBCOMMANDS:

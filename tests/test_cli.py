@@ -71,3 +71,12 @@ def test_lightning_commands_from_the_shell_give_no_warning_about_their_arguments
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: bp_apps.vision.task.ImageClassifier" in result.stdout
     assert "args parameter" not in result.stderr  # Lightning's warning when arguments arrive twice
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from bp_apps.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "fit | validate | test | predict" in out and "``" not in out  # no raw reST markup
