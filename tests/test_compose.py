@@ -116,3 +116,12 @@ def test_a_checkpoint_with_arguments_this_version_does_not_take_is_refused_clear
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match=r"old.ckpt: its hyperparameters .* TinyTask no longer takes \(lr\)"):
         TinyTask.load(path)
+
+
+def test_a_data_module_given_a_settings_dataclass_keeps_plain_hyperparameters() -> None:
+    from bp_apps.speech.data import FSDDDigitsDataModule
+    from bp_apps.speech.features import FeatureConfig
+
+    data = FSDDDigitsDataModule(batch_size=7, features=FeatureConfig(n_mels=32))
+    assert data.hparams["features"]["n_mels"] == 32 and isinstance(data.hparams["features"], dict)
+    assert data.hparams["batch_size"] == 7  # the subclass's own arguments are collected too

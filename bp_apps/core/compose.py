@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["TRUSTED_MODULES", "NetFactory", "network_factory", "plain", "settings"]
+__all__ = ["TRUSTED_MODULES", "NetFactory", "PlainHyperparameters", "network_factory", "plain", "settings"]
 
 NetFactory = Callable[..., nn.Module]
 """A network class or ``functools.partial`` of one; the task calls it with the data's sizes."""
@@ -100,3 +101,16 @@ def settings(cls: type[S], value: Any, field: str, default: S | None = None) -> 
             raise ValueError(f"{field}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return dataclasses.replace(base, **value)  # type: ignore[type-var]
     raise ValueError(f"{field}: expected a mapping of {cls.__name__} settings, got {type(value).__name__}")
+
+
+class PlainHyperparameters:
+    """Mixin for a LightningModule or LightningDataModule: ``save_hyperparameters`` as Lightning's, with every value
+    made plain data (dataclass groups as dicts, network classes as ``class_path``/``init_args``), so the checkpoint
+    loads with ``weights_only=True`` however the object was built (a config, or Python with dataclass instances)."""
+
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
+        frame = frame or inspect.currentframe().f_back  # type: ignore[union-attr]
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)  # type: ignore[misc]
+        for hparams in (self._hparams, getattr(self, "_hparams_initial", None)):  # type: ignore[attr-defined]
+            for key in list(hparams or ()):
+                hparams[key] = plain(hparams[key], key)

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 import lightning as L
 
+from bp_apps.core.compose import PlainHyperparameters
+
 __all__ = ["CHECKED", "LINKED", "PreprocessingDataModule", "saved_preprocessing"]
 
 LINKED = ("num_classes", "input_shape", "input_dim", "class_names", "lexicon_words", "vocab_file", "tokenizer_file",
@@ -37,7 +39,7 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
-class PreprocessingDataModule(L.LightningDataModule):
+class PreprocessingDataModule(PlainHyperparameters, L.LightningDataModule):
     """A data module whose checkpoint state is its :meth:`preprocessing`, and which checks the attached model's
     sizes in ``setup`` (subclasses call :meth:`check_model` first thing)."""
 

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
-from bp_apps.core.compose import plain, settings
+from bp_apps.core.compose import PlainHyperparameters, settings
 from bp_apps.core.distributed import EngineDDPStrategy, data_parallel_mean
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.resume import RNG_KEY, restore_training_state, save_rng_state
@@ -105,7 +105,7 @@ def check_task(checkpoint: dict[str, Any], expected: Iterable[str], source: str,
     return task
 
 
-class TaskModule(L.LightningModule):
+class TaskModule(PlainHyperparameters, L.LightningModule):
     """The Lightning module every task subclasses.
 
     Subclasses set ``task_name``, build ``self.net`` (engine or autograd) and pass their ``optim`` argument (an
@@ -124,15 +124,6 @@ class TaskModule(L.LightningModule):
         self.optim = settings(OptimizerConfig, optim, "optim", self.default_optim)
         self._pending_rng_state: Tensor | None = None
         self.skipped_steps = 0
-
-    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
-        """Lightning's, with every value made plain data (dataclass groups as dicts, network classes as
-        ``class_path``/``init_args``), so the checkpoint loads with ``weights_only=True``."""
-        frame = frame or inspect.currentframe().f_back  # type: ignore[union-attr]
-        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
-        for hparams in (self._hparams, getattr(self, "_hparams_initial", None)):
-            for key in list(hparams or ()):
-                hparams[key] = plain(hparams[key], key)
 
     @property
     def engine(self) -> bool:

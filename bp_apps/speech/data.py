@@ -162,6 +162,7 @@ class SpeechDataModule(PreprocessingDataModule):
     def __init__(self, features: FeatureSettings = None, batch_size: int = 32, max_seconds: float | None = 30.0,
                  num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
+        self.save_hyperparameters()  # with the subclass's arguments: Lightning collects the whole __init__ chain
         self.features = settings(FeatureConfig, features, "features", self.default_features)
         self.input_dim = self.features.dim
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
