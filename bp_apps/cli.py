@@ -137,14 +137,11 @@ def _lightning(argv: Sequence[str]) -> int:
             if trainer.loggers:
                 super().setup(trainer, pl_module, stage)
 
-    # LightningCLI warns when it is given args while sys.argv has some too (it cannot tell that they are the same):
-    # it reads only args, so the process's own arguments are hidden from it for the call.
-    command_line, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                  args=list(argv), save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True})
-    finally:
-        sys.argv = command_line
+    # LightningCLI warns when it is given args while sys.argv has some too (it cannot tell that they are the same);
+    # when they are, it reads sys.argv itself. (sys.argv must stay as it is: DDP starts its other processes with it.)
+    args = None if list(argv) == sys.argv[1:] else list(argv)
+    BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+              args=args, save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True})
     return 0
 
 
