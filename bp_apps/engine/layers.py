@@ -67,8 +67,9 @@ class Layer(nn.Module):
         return list(self.__dict__.get("_workspaces", {}).values())
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        # Device or dtype changes invalidate the workspaces and may replace tensors.
+        # Device or dtype changes invalidate the workspaces and the gradient list, and may replace tensors.
         self.__dict__.pop("_workspaces", None)
+        self.__dict__.pop("_gradient_list", None)
         result = super()._apply(fn, recurse)
         self._mirror_tensors()
         return result
@@ -84,8 +85,37 @@ class Layer(nn.Module):
         self.param_names = (*self.param_names, name)
 
     def param_grads(self) -> list[tuple[str, Tensor, Tensor]]:
-        """``(name, parameter, gradient buffer)`` for each parameter this layer owns."""
-        return [(n, getattr(self, n), getattr(self, f"{n}_grad")) for n in self.param_names]
+        """``(name, parameter, gradient buffer)`` for each parameter of this layer and of the engine layers inside
+        it, named as in ``state_dict`` and in ``parameters()`` order."""
+        return [(f"{prefix}.{n}" if prefix else n, getattr(module, n), getattr(module, f"{n}_grad"))
+                for prefix, module in self.named_modules() if isinstance(module, Layer)
+                for n in module.param_names]
+
+    def gradients(self) -> list[Tensor]:
+        """Gradient buffers, in the order of ``self.parameters()`` (cached; ``.to()`` refreshes it)."""
+        cached = self.__dict__.get("_gradient_list")
+        if cached is None:
+            cached = self.__dict__["_gradient_list"] = [g for _, _, g in self.param_grads()]
+        return cached
+
+    def attach_gradients(self) -> None:
+        """Point each parameter's ``grad`` at the gradient the last backward wrote (no copy), so any
+        ``torch.optim.Optimizer`` (the engine's own included) can step with it."""
+        for _, p, g in self.param_grads():
+            p.grad = g
+
+    def find_nonfinite(self) -> str | None:
+        """Name the last layer (the first one backward reached) whose gradient is not finite."""
+        for prefix, module in reversed(list(self.named_modules())):
+            if isinstance(module, Layer):
+                for name in module.param_names:
+                    if not bool(torch.isfinite(getattr(module, f"{name}_grad")).all()):
+                        return f"{prefix or 'the network'} ({type(module).__name__}) {name}"
+        return None
+
+    def torch_module(self) -> nn.Module:
+        """The ``torch.nn`` module this layer computes, built with the same settings (weights not copied)."""
+        raise TypeError(f"no torch.nn twin for {type(self).__name__}")
 
 
 class Linear(Layer):

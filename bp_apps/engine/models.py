@@ -72,7 +72,6 @@ class MLP(Layer):
                 layers.append(Dropout(dropout))
             width = h
         layers.append(Linear(width, out_features, bias=bias, **factory))
-        self._gradients: list[Tensor] | None = None
         self.layers = nn.ModuleList(layers)
         self._sequence: tuple[Layer, ...] = tuple(layers)
         self._reversed: tuple[Layer, ...] = tuple(reversed(layers))
@@ -122,27 +121,6 @@ class MLP(Layer):
             return g
         return g.reshape(*lead, self.in_features)
 
-    def param_grads(self) -> list[tuple[str, Tensor, Tensor]]:
-        return [(f"layers.{i}.{name}", p, g) for i, layer in enumerate(self._sequence)
-                for name, p, g in layer.param_grads()]
-
-    def gradients(self) -> list[Tensor]:
-        """Gradient buffers, in the order of ``self.parameters()`` (cached; ``.to()`` refreshes it)."""
-        if self._gradients is None:
-            self._gradients = [g for layer in self._sequence for _, _, g in layer.param_grads()]
-        return self._gradients
-
-    def attach_gradients(self) -> None:
-        """Point each parameter's ``grad`` at the gradient the last backward wrote (no copy), so any
-        ``torch.optim.Optimizer`` (the engine's own included) can step with it."""
-        for _, p, g in self.param_grads():
-            p.grad = g
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        # .to()/.double()/.cuda() replace the gradient buffers: forget the cached list.
-        self._gradients = None
-        return super()._apply(fn, recurse)
-
     def workspaces(self) -> list[Tensor]:
         return [t for layer in self._sequence for t in layer.workspaces()]
 
@@ -173,15 +151,6 @@ class MLP(Layer):
                     detail = f"; its {', '.join(bad)} holds NaN or Inf" if bad else ""
                     return f"the output of layers.{i} ({type(layer).__name__}){detail}"
         return "the loss (every layer's output is finite: check the targets)"
-
-    def find_nonfinite(self) -> str | None:
-        """Name the last layer (the first one backward reached) whose gradient is not finite."""
-        for i in reversed(range(len(self._sequence))):
-            layer = self._sequence[i]
-            for name, _, grad in layer.param_grads():
-                if not bool(torch.isfinite(grad).all()):
-                    return f"layers.{i} ({type(layer).__name__}) {name}"
-        return None
 
     def to_autograd(self) -> nn.Sequential:
         """The same network as ``torch.nn`` modules with copies of these weights (for autograd)."""
@@ -216,7 +185,7 @@ def _torch_twin(layer: Layer) -> nn.Module:
     elif isinstance(layer, BatchNorm1d):
         module = nn.BatchNorm1d(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                                 **factory)
-    else:  # pragma: no cover - every engine layer is listed above
-        raise TypeError(f"no torch.nn twin for {type(layer).__name__}")
+    else:  # the layers of the other engine modules name their own twin
+        module = layer.torch_module().to(**factory)
     module.load_state_dict(layer.state_dict())
     return module
