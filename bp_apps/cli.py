@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,83 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=defaults.split_seed, help="train/test split")
     parser.add_argument("--out", type=Path, default=None, help="folder for compare.md and compare.png")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--task", default="digits", choices=["digits", *TASK_COMPARE_CONFIGS],
+                        help="digits: the MLP above on the embedded digits; vision, speech: the task's engine model "
+                        "from --config, its first --steps training batches (default: digits)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="vision, speech: the engine config (default: configs/vision/mnist_cnn_engine.yaml, "
+                        "configs/speech/fsdd_connected_ctc_engine.yaml)")
+    parser.add_argument("--steps", type=int, default=50, help="vision, speech: training steps compared (default 50)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="vision, speech: a config override, as the fit command takes it without its dashes "
+                        "(e.g. --set data.batch_size=64); repeatable")
+
+
+ENGINE_CONFIGS = ("configs/vision/mnist_cnn_engine.yaml", "configs/speech/fsdd_connected_ctc_engine.yaml",
+                  "configs/speech/fsdd_digits_engine.yaml")
+TASK_COMPARE_CONFIGS = {"vision": "configs/vision/mnist_cnn_engine.yaml",
+                        "speech": "configs/speech/fsdd_connected_ctc_engine.yaml"}
+
+
+def _compare_task(args: argparse.Namespace) -> dict:
+    """The report of ``compare --task vision|speech``: model and data from the config, as ``fit`` builds them."""
+    from bp_apps.experiments.compare_tasks import compare_task_modules
+
+    config = args.config or Path(TASK_COMPARE_CONFIGS[args.task])
+    if not config.is_file():
+        raise FileNotFoundError(f"compare --task {args.task}: no config file {config} (give one with --config)")
+    if args.steps < 1:
+        raise ValueError(f"compare: --steps must be at least 1, got {args.steps}")
+    overrides = []
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"compare: --set takes KEY=VALUE, got {item!r}")
+        overrides.append(f"--{item}")
+    model, data = instantiate_from_config(config, overrides)
+    data.prepare_data()
+    data.setup("fit")
+    setup = f"{config}{' ' + ' '.join(args.set) if args.set else ''}"
+    return compare_task_modules(model, iter(data.train_dataloader()), steps=args.steps, setup=setup)
+
+
+def instantiate_from_config(config: Path, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """The model and data module a ``fit`` config (plus ``--key=value`` overrides) builds, linked as in ``fit``."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    class InstantiateCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            link_data_to_model(parser)
+
+    with warnings.catch_warnings():  # its "args and sys.argv both given" warning: they are not the same here
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = InstantiateCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                             subclass_mode_data=True, run=False, save_config_callback=None,
+                             args=["--config", str(config), *overrides, "--trainer.logger=false"])
+    return cli.model, cli.datamodule
+
+
+def link_data_to_model(parser: Any) -> None:
+    """Link each data-module attribute of ``LINKED`` (class count, input shape or feature size, class names,
+    training words, vocabulary and tokenizer files) to the model's argument of the same name. A link applies when
+    the data module has the attribute and the model the argument, and then wins over the config's value."""
+    from bp_apps.core.datalink import LINKED
+
+    for name in LINKED:
+        parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
 def _run_compare(args: argparse.Namespace, default_out: str) -> int:
     from bp_apps.experiments.compare import CompareConfig, format_markdown, run_comparison, write_report
 
+    if args.task != "digits":
+        report = _compare_task(args)
+        print(format_markdown(report))
+        paths = write_report(report, args.out or Path(f"{default_out}-{args.task}"), args.json)
+        print()
+        for kind, path in paths.items():
+            print(f"wrote {kind}: {path}")
+        return 0
     config = CompareConfig(width=args.width, depth=args.depth, activation=args.activation,
                            batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer, lr=args.lr,
                            momentum=args.momentum, dtype=args.dtype, device=args.device, seed=args.seed,
@@ -63,6 +136,15 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         report = run_core_bench(sizes=args.sizes, repeats=args.repeats, device=args.device)
         print(format_core_table(report))
+    elif args.what == "layers":
+        from bp_apps.experiments.bench_layers import format_layers_table, run_layers_bench, synthetic_batch
+
+        models = []
+        for config in args.configs:
+            model, data = instantiate_from_config(Path(config))
+            models.append((model.task_name, config, model, synthetic_batch(model, data.batch_size)))
+        report = run_layers_bench(models, device=args.device, repeats=args.repeats or 20)
+        print(format_layers_table(report))
     else:
         from bp_apps.experiments.bench_digits import format_digits_table, run_digits_bench
 
@@ -93,7 +175,6 @@ def _lightning(argv: Sequence[str]) -> int:
     from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 
     import bp_apps.core.distributed  # noqa: F401  (registers the `ddp_engine` strategy name)
-    from bp_apps.core.datalink import LINKED
     from bp_apps.core.internals import checkpoint_is_data_cli
 
     class BpAppsCLI(checkpoint_is_data_cli()):
@@ -104,11 +185,7 @@ def _lightning(argv: Sequence[str]) -> int:
         best checkpoint when the data has a test split."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            """Link each data-module attribute of ``LINKED`` (class count, input shape or feature size, class
-            names, training words) to the model's argument of the same name. A link applies when the data module
-            has the attribute and the model the argument, and then wins over the config's value."""
-            for name in LINKED:
-                parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+            link_data_to_model(parser)
 
         def before_instantiate_classes(self) -> None:
             trainer = self.config[self.subcommand].trainer
@@ -308,12 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: engine vs autograd on the embedded digits data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the report files")
     demo.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    compare = sub.add_parser("compare", help="train both backends side by side on digits and write a report")
+    compare = sub.add_parser("compare", help="train both backends side by side (digits, or a task's engine model) "
+                             "and write a report")
     _add_compare_options(compare)
-    bench = sub.add_parser("bench", help="benchmarks: 'core' (ms per step) or 'digits' (accuracy, vs scikit-learn)")
-    bench.add_argument("what", choices=["core", "digits"])
-    bench.add_argument("--device", default="cpu", help="core: cpu or cuda")
-    bench.add_argument("--repeats", type=int, default=None, help="core: timed steps per size (default: by size)")
+    bench = sub.add_parser("bench", help="benchmarks: 'core' (ms per MLP step), 'layers' (each engine layer and task "
+                           "model vs autograd) or 'digits' (accuracy, vs scikit-learn)")
+    bench.add_argument("what", choices=["core", "layers", "digits"])
+    bench.add_argument("--device", default="cpu", help="core, layers: cpu or cuda")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="core: timed steps per size (default: by size); layers: timed calls each (default 20)")
+    bench.add_argument("--configs", nargs="*", default=list(ENGINE_CONFIGS), metavar="CONFIG",
+                       help="layers: engine task configs whose training step is timed (default: %(default)s)")
     bench.add_argument("--sizes", type=_parse_sizes, default="64x128,256x512,1024x1024",
                        help="core: comma-separated BATCHxHIDDEN sizes (default: %(default)s)")
     bench.add_argument("--seeds", type=int, default=3, help="digits: number of seeds")

@@ -83,7 +83,8 @@ def test_the_configs_keep_their_tuned_settings(capsys: pytest.CaptureFixture[str
 
 
 def test_speech_configs_are_the_four_of_the_issue() -> None:
-    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == ["fsdd_connected_ctc", "fsdd_digits", "manifest_ctc",
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == ["fsdd_connected_ctc", "fsdd_connected_ctc_engine",
+                                                             "fsdd_digits", "fsdd_digits_engine", "manifest_ctc",
                                                              "synth_ctc"]
 
 

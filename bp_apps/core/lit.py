@@ -7,7 +7,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from bp_apps.core.task import OptimizerConfig, TaskModule, backend_of
-from bp_apps.engine import MLP, SoftmaxCrossEntropy
+from bp_apps.engine import MLP, Layer, SoftmaxCrossEntropy
 
 __all__ = ["ClassifierModule"]
 
@@ -16,7 +16,8 @@ Batch = tuple[Tensor, Tensor]
 
 class ClassifierModule(TaskModule):
     """What every classification task shares: loss, accuracy (top-1 and, with more than five classes, top-5),
-    and both backends: an engine ``MLP`` trains by its hand-written backward, any other ``nn.Module`` by autograd.
+    and both backends: an engine network (``MLP``, ``EngineSmallCNN``, ... — any engine ``Layer``) trains by its
+    hand-written backward, any other ``nn.Module`` by autograd.
 
     Subclasses build ``net``, call ``super().__init__`` and then ``self.save_hyperparameters()``.
     ``prepare_input`` adapts a batch's inputs to ``net`` (identity here; the vision networks flatten images
@@ -27,9 +28,10 @@ class ClassifierModule(TaskModule):
                  label_smoothing: float = 0.0) -> None:
         super().__init__(optim)
         if backend_of(net) == "engine":
-            if not isinstance(net, MLP):
-                raise ValueError(f"the engine backend trains hand-written MLPs only, not {type(net).__name__}")
-            net.reuse_buffers = True  # training steps consume each output before the next forward
+            if not isinstance(net, Layer):
+                raise ValueError(f"the engine backend trains networks of engine layers, not {type(net).__name__}")
+            if isinstance(net, MLP):
+                net.reuse_buffers = True  # training steps consume each output before the next forward
         self.net = net
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
@@ -87,14 +89,13 @@ class ClassifierModule(TaskModule):
     # -- training -----------------------------------------------------------------------------
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        if self.engine:
-            loss = self.engine_training_step(batch, self.net)
-        else:
-            x, y = batch
-            loss = self._loss(self.net(self.prepare_input(x)), y)
-            self.check_loss(loss)
+        loss = self.backend_training_step(batch)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
+
+    def autograd_loss(self, batch: Batch) -> Tensor:
+        x, y = batch
+        return self._loss(self.net(self.prepare_input(x)), y)
 
     def engine_backward(self, batch: Batch) -> Tensor:
         x, y = batch

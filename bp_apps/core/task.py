@@ -195,11 +195,29 @@ class TaskModule(PlainHyperparameters, L.LightningModule):
         self.skipped_steps += 1
         self.log("skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 
-    # -- the engine's training step -------------------------------------------------------------
+    # -- one training step, by either backend ---------------------------------------------------
+
+    def training_batch(self, batch: Any) -> Any:
+        """The batch as a training step sees it (a task's augmentation draws here); unchanged by default."""
+        return batch
+
+    def autograd_loss(self, batch: Any) -> Tensor:  # pragma: no cover - abstract
+        """Autograd networks: the training loss of a (training) batch, for Lightning to back-propagate."""
+        raise NotImplementedError(f"{type(self).__name__} has no autograd training loss")
 
     def engine_backward(self, batch: Any) -> Tensor:  # pragma: no cover - abstract
         """Engine networks: forward, loss and hand-written backward of ``batch`` (autograd off); the loss."""
         raise NotImplementedError(f"{type(self).__name__} has no engine training step")
+
+    def backend_training_step(self, batch: Any) -> Tensor:
+        """The training loss of ``batch`` after :meth:`training_batch`: an engine network's step is taken here
+        (:meth:`engine_training_step`); an autograd network's loss is checked and returned to Lightning."""
+        batch = self.training_batch(batch)
+        if self.engine:
+            return self.engine_training_step(batch, self.net)
+        loss = self.autograd_loss(batch)
+        self.check_loss(loss)
+        return loss
 
     def engine_training_step(self, batch: Any, net: Any) -> Tensor:
         """One engine step: the task's backward, gradients averaged over processes (DDP), clipped, then the

@@ -1,5 +1,6 @@
 """The hand-written backprop engine: explicit forward/backward pairs, no autograd."""
 
+from bp_apps.engine.ctc import CTCLoss, LogSoftmax
 from bp_apps.engine.layers import (
     GELU,
     BatchNorm1d,
@@ -13,12 +14,14 @@ from bp_apps.engine.layers import (
     Tanh,
 )
 from bp_apps.engine.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
-from bp_apps.engine.models import ACTIVATIONS, MLP, NonFiniteError, make_activation
+from bp_apps.engine.models import ACTIVATIONS, MLP, NonFiniteError, Sequential, make_activation
 from bp_apps.engine.optim import SGD, Adam, AdamW, Optimizer, build_optimizer, clip_grad_norm, cosine_lr
+from bp_apps.engine.recurrent import GRU, LSTM
 from bp_apps.engine.train import train_step
 
 __all__ = [
-    "ACTIVATIONS", "GELU", "MLP", "SGD", "Adam", "AdamW", "BCEWithLogitsLoss", "BatchNorm1d", "Dropout", "Layer",
-    "LayerNorm", "LeakyReLU", "Linear", "MSELoss", "NonFiniteError", "Optimizer", "ReLU", "Sigmoid",
-    "SoftmaxCrossEntropy", "Tanh", "build_optimizer", "clip_grad_norm", "cosine_lr", "make_activation", "train_step",
+    "ACTIVATIONS", "GELU", "GRU", "LSTM", "MLP", "SGD", "Adam", "AdamW", "BCEWithLogitsLoss", "BatchNorm1d",
+    "CTCLoss", "Dropout", "Layer", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "NonFiniteError",
+    "Optimizer", "ReLU", "Sequential", "Sigmoid", "SoftmaxCrossEntropy", "Tanh", "build_optimizer", "clip_grad_norm",
+    "cosine_lr", "make_activation", "train_step",
 ]

@@ -63,8 +63,9 @@ class Layer(nn.Module):
         return buffer
 
     def workspaces(self) -> list[Tensor]:
-        """The reused output buffers this layer holds (for memory accounting)."""
-        return list(self.__dict__.get("_workspaces", {}).values())
+        """The reused output buffers this layer and the engine layers inside it hold (for memory accounting)."""
+        return [t for module in self.modules() if isinstance(module, Layer)
+                for t in module.__dict__.get("_workspaces", {}).values()]
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         # Device or dtype changes invalidate the workspaces and the gradient list, and may replace tensors.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -121,9 +121,6 @@ class MLP(Layer):
             return g
         return g.reshape(*lead, self.in_features)
 
-    def workspaces(self) -> list[Tensor]:
-        return [t for layer in self._sequence for t in layer.workspaces()]
-
     def saved_state(self) -> list[tuple]:
         """What every layer kept for backward (the bridge stores it between forward and backward)."""
         return [layer.saved for layer in self._sequence]
@@ -159,6 +156,60 @@ class MLP(Layer):
         twin = nn.Sequential(*modules)
         twin.train(self.training)
         return twin
+
+
+class Sequential(Layer):
+    """Engine layers applied in order and back-propagated in reverse. Children are named ``0``, ``1``, ... as in
+    ``nn.Sequential``, so a state dict loads into :meth:`to_autograd`'s twin and back. Backward stops early when a
+    layer returns no input gradient (a first layer with ``needs_input_grad = False``)."""
+
+    def __init__(self, *layers: Layer) -> None:
+        super().__init__()
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential takes engine layers; item {index} is {type(layer).__name__}")
+            self.add_module(str(index), layer)
+        self._sequence: tuple[Layer, ...] = tuple(layers)
+        self._reversed: tuple[Layer, ...] = tuple(reversed(layers))
+
+    def __len__(self) -> int:
+        return len(self._sequence)
+
+    def __getitem__(self, index: int) -> Layer:
+        return self._sequence[index]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self._sequence:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_output: Tensor) -> Tensor | None:
+        grad: Tensor | None = grad_output
+        for layer in self._reversed:
+            grad = layer.backward(grad)
+            if grad is None:
+                break
+        return grad
+
+    def torch_module(self) -> nn.Sequential:
+        return nn.Sequential(*(_torch_twin(layer) for layer in self._sequence))
+
+    def to_autograd(self) -> nn.Sequential:
+        """The ``torch.nn`` twin with copies of these weights, built without moving the caller's RNG."""
+        with torch.random.fork_rng(devices=[]):
+            twin = self.torch_module()
+        return twin.train(self.training)
+
+
+def twin_with_weights(engine: Layer, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` (an autograd network with the engine network's parameter names) made without moving the caller's
+    RNG, in the engine's dtype and device, with the engine's weights and buffers loaded and its train/eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        twin = build()
+    parameter = next(engine.parameters())
+    twin = twin.to(device=parameter.device, dtype=parameter.dtype)
+    twin.load_state_dict(engine.state_dict())
+    return twin.train(engine.training)
 
 
 def _torch_twin(layer: Layer) -> nn.Module:

@@ -189,19 +189,26 @@ def _optimizer_tensors(optimizer: object) -> list[Tensor]:
 def format_markdown(report: dict) -> str:
     """The report as a Markdown table with a line on the setup."""
     cfg, man, auto = report["config"], report["backends"]["engine"], report["backends"]["autograd"]
+    if "task" in cfg:  # a task's model (experiments.compare_tasks)
+        header = f"{cfg['network']} ({cfg['task']}), first {report['steps']} training steps; {cfg['setup']}"
+        quality = f"| training loss after the last step | {man['final_loss']:.4f} | {auto['final_loss']:.4f} |"
+    else:
+        header = (f"MLP 64-{'-'.join(map(str, cfg['hidden']))}-10 ({cfg['activation']}), {cfg['optimizer']} lr "
+                  f"{cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs ({report['steps']} steps), "
+                  f"{cfg['dtype']} on {cfg['device']}, seed {cfg['seed']}")
+        quality = f"| test accuracy | {man['test_accuracy']:.4f} | {auto['test_accuracy']:.4f} |"
     lines = [
-        f"MLP 64-{'-'.join(map(str, cfg['hidden']))}-10 ({cfg['activation']}), {cfg['optimizer']} lr {cfg['lr']}, "
-        f"batch {cfg['batch_size']}, {cfg['epochs']} epochs ({report['steps']} steps), {cfg['dtype']} on "
-        f"{cfg['device']}, seed {cfg['seed']}",
+        header,
         "",
         "| metric | engine | autograd |",
         "|---|---:|---:|",
-        f"| test accuracy | {man['test_accuracy']:.4f} | {auto['test_accuracy']:.4f} |",
+        quality,
         f"| ms per step (median) | {man['ms_per_step']:.3f} | {auto['ms_per_step']:.3f} |",
         f"| peak memory of a step (MiB) | {man['peak_memory_mb']:.3f} | {auto['peak_memory_mb']:.3f} |",
         "",
         f"- max gradient relative error, engine vs autograd (float64): {report['max_grad_rel_error']:.2e}",
-        f"- max loss difference over all steps: {report['max_loss_trajectory_diff']:.2e}",
+        f"- max loss difference over all steps ({cfg.get('dtype', 'float32')}): "
+        f"{report['max_loss_trajectory_diff']:.2e}",
     ]
     return "\n".join(lines)
 

@@ -6,13 +6,15 @@ CTC acoustic models map padded inputs ``(B, T, F)`` and their lengths to log-pro
 the character vocabulary and the output lengths ``T'``:
 
 - :class:`ConvGRUCTC`: convolutional subsampling (×2 or ×4 in time) and a bidirectional GRU;
+  :class:`EngineConvGRUCTC` is the same network of engine layers, trained by the hand-written backward (with the
+  engine's CTC loss), under the same parameter names and with the same initial weights for one seed;
 - :class:`ConformerCTC`: the same subsampling and torchaudio's Conformer;
 - :class:`Wav2Vec2CTC`: transformers' ``Wav2Vec2ForCTC`` on raw waveforms (``input_dim`` 1), built from a small
   config here or from a pretrained name / folder (for online users).
 
 Isolated spoken digits: :class:`DigitCNNNet` (a VGG-style 2-D CNN) or :class:`DigitGRUNet` (conv subsampling +
 BiGRU) encodes, the frames are mean- and max-pooled, and the engine's hand-written MLP is the head, trained through
-the autograd bridge.
+the autograd bridge; :class:`EngineDigitCNNNet` is ``DigitCNNNet`` built entirely of engine layers.
 
 :func:`build_seeded` builds any of them with initial weights that depend on a seed only.
 """
@@ -27,11 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from bp_apps.engine import MLP, Dropout, Layer, LayerNorm, Linear, ReLU, Sequential
 from bp_apps.engine.bridge import EngineMLPHead
+from bp_apps.engine.conv import BatchNorm2d, Conv2d, MaxPool2d
+from bp_apps.engine.models import twin_with_weights
+from bp_apps.engine.recurrent import GRU
 from bp_apps.speech.decoding import TOKENS
 
 __all__ = ["ConformerCTC", "ConvBlocksEncoder", "ConvGRUCTC", "ConvSubsampling", "DigitCNNNet", "DigitGRUNet",
-           "PooledDigitNet", "Wav2Vec2CTC", "build_seeded"]
+           "EngineConvGRUCTC", "EngineConvSubsampling", "EngineDigitCNNNet", "MaskedMeanMaxPool", "PooledDigitNet",
+           "Wav2Vec2CTC", "build_seeded"]
 
 
 def build_seeded(factory: Callable[..., nn.Module], seed: int, *sizes: Any) -> nn.Module:
@@ -92,6 +99,81 @@ class ConvGRUCTC(nn.Module):
         x, lengths = self.subsampling(features, lengths)
         x = _masked_gru(self.gru, self.dropout(x), lengths)
         return F.log_softmax(self.out(self.dropout(x)), dim=-1), lengths
+
+
+class EngineConvSubsampling(Layer):
+    """:class:`ConvSubsampling` of engine layers (same names, same initial weights for one random state); its
+    backward takes dL/d(output frames) and trains every weight (no gradient for the input features)."""
+
+    def __init__(self, input_dim: int, out_dim: int, channels: int = 32, factor: int = 4) -> None:
+        super().__init__()
+        if factor not in (1, 2, 4, 8):
+            raise ValueError(f"subsampling factor must be 1, 2, 4 or 8, got {factor}")
+        layers: list[Layer] = []
+        c_in, freq = 1, input_dim
+        for _ in range(factor.bit_length() - 1):
+            layers += [Conv2d(c_in, channels, 3, stride=2, padding=1), ReLU(inplace=True)]
+            c_in, freq = channels, (freq - 1) // 2 + 1
+        self.convs = Sequential(*layers)
+        if layers:
+            layers[0].needs_input_grad = False  # nothing trains below the first convolution
+        self.steps = factor.bit_length() - 1
+        self.out_dim = out_dim
+        self.proj = Sequential(Linear(c_in * freq, out_dim), LayerNorm(out_dim))
+        self.proj[0].needs_input_grad = bool(layers)
+        self._conv_shape: torch.Size | None = None
+
+    output_lengths = ConvSubsampling.output_lengths
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.convs.forward(features.unsqueeze(1))  # (B, C, T', F')
+        self._conv_shape = x.shape
+        batch, _, frames, _ = x.shape
+        x = self.proj.forward(x.transpose(1, 2).reshape(batch * frames, -1))
+        return x.reshape(batch, frames, self.out_dim), self.output_lengths(lengths)
+
+    def backward(self, grad_output: Tensor) -> None:
+        batch, channels, frames, freq = self._conv_shape
+        grad = self.proj.backward(grad_output.reshape(batch * frames, self.out_dim))
+        if self.steps:
+            self.convs.backward(grad.reshape(batch, frames, channels, freq).transpose(1, 2).contiguous())
+
+
+class EngineConvGRUCTC(Layer):
+    """:class:`ConvGRUCTC` built of engine layers: the same parameter names and, for one random state, the same
+    initial weights and dropout masks. ``forward`` returns log-probabilities and output lengths as the autograd
+    network does; ``backward`` takes dL/d(logits) — what the engine's ``CTCLoss.backward`` gives for logits under
+    a log-softmax — and writes every parameter's gradient."""
+
+    def __init__(self, input_dim: int, vocab_size: int = len(TOKENS), conv_channels: int = 32, subsample: int = 4,
+                 hidden: int = 192, layers: int = 2, dropout: float = 0.15) -> None:
+        super().__init__()
+        self.settings = {"input_dim": input_dim, "vocab_size": vocab_size, "conv_channels": conv_channels,
+                         "subsample": subsample, "hidden": hidden, "layers": layers, "dropout": dropout}
+        self.subsampling = EngineConvSubsampling(input_dim, hidden, conv_channels, subsample)
+        self.dropout_in, self.dropout_out = Dropout(dropout), Dropout(dropout)  # ConvGRUCTC applies one twice
+        self.gru = GRU(hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+                       dropout=dropout if layers > 1 else 0.0)
+        self.out = Linear(2 * hidden, vocab_size)
+        self.vocab_size = vocab_size
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x, lengths = self.subsampling.forward(features, lengths)
+        x = self.gru.forward(self.dropout_in.forward(x), lengths.clamp(min=1))
+        x = self.dropout_out.forward(x)
+        batch, frames, width = x.shape
+        logits = self.out.forward(x.reshape(batch * frames, width)).reshape(batch, frames, self.vocab_size)
+        return torch.log_softmax(logits, dim=-1), lengths
+
+    def backward(self, grad_logits: Tensor) -> None:
+        batch, frames, _ = grad_logits.shape
+        grad = self.out.backward(grad_logits.reshape(batch * frames, self.vocab_size)).reshape(batch, frames, -1)
+        grad = self.gru.backward(self.dropout_out.backward(grad))
+        self.subsampling.backward(self.dropout_in.backward(grad))
+
+    def to_autograd(self) -> ConvGRUCTC:
+        """The :class:`ConvGRUCTC` twin with copies of these weights, dtype and device."""
+        return twin_with_weights(self, lambda: ConvGRUCTC(**self.settings))
 
 
 class ConformerCTC(nn.Module):
@@ -231,3 +313,101 @@ class DigitCNNNet(PooledDigitNet):
 
     def encode(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         return self.cnn(features, lengths)
+
+
+class MaskedMeanMaxPool(Layer):
+    """Frames ``(B, T, D)`` with lengths → ``[mean, max]`` over each utterance's true frames ``(B, 2D)``, as
+    :class:`PooledDigitNet` pools. Backward: the mean's gradient spreads evenly over the true frames; the max's goes
+    to the frames holding the maximum, shared equally among ties (as autograd's ``amax``)."""
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).unsqueeze(-1)
+        count = mask.sum(1).clamp(min=1)
+        mean = (x * mask).sum(1) / count
+        masked = x.masked_fill(~mask, float("-inf"))
+        peak = masked.amax(1)
+        winners = masked == peak.unsqueeze(1)
+        self.saved = (mask, count, winners)
+        return torch.cat([mean, peak], dim=-1)
+
+    def backward(self, grad_output: Tensor) -> Tensor:
+        mask, count, winners = self.saved
+        grad_mean, grad_peak = grad_output.chunk(2, dim=-1)
+        share = grad_peak / winners.sum(1)
+        return mask * (grad_mean / count).unsqueeze(1) + winners * share.unsqueeze(1)
+
+
+class _EngineMLPHolder(Layer):
+    """The engine MLP under the name ``mlp``, as :class:`~bp_apps.engine.bridge.EngineMLPHead` holds it (so the
+    parameter names of the engine and the autograd digit networks agree)."""
+
+    def __init__(self, mlp: MLP) -> None:
+        super().__init__()
+        mlp.input_grad = True
+        self.mlp = mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp.forward(x)
+
+    def backward(self, grad_output: Tensor) -> Tensor | None:
+        return self.mlp.backward(grad_output)
+
+
+class EngineConvBlocksEncoder(Layer):
+    """:class:`ConvBlocksEncoder` of engine layers (same names, same initial weights for one random state)."""
+
+    def __init__(self, input_dim: int, out_dim: int, channels: int = 16) -> None:
+        super().__init__()
+        layers: list[Layer] = []
+        c_in, freq = 1, input_dim
+        for c_out in (channels, 2 * channels, 4 * channels):
+            layers += [Conv2d(c_in, c_out, 3, padding=1), BatchNorm2d(c_out), ReLU(inplace=True),
+                       Conv2d(c_out, c_out, 3, padding=1), BatchNorm2d(c_out), ReLU(inplace=True),
+                       MaxPool2d(2, ceil_mode=True)]
+            c_in, freq = c_out, -(-freq // 2)
+        layers[0].needs_input_grad = False  # nothing trains below the first convolution
+        self.blocks = Sequential(*layers)
+        self.proj = Sequential(Linear(c_in * freq, out_dim), LayerNorm(out_dim), ReLU(inplace=True))
+        self.out_dim = out_dim
+        self._block_shape: torch.Size | None = None
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.blocks.forward(features.unsqueeze(1))  # (B, C, T / 8, F / 8)
+        self._block_shape = x.shape
+        batch, _, frames, _ = x.shape
+        x = self.proj.forward(x.transpose(1, 2).reshape(batch * frames, -1)).reshape(batch, frames, self.out_dim)
+        return x, torch.div(lengths + 7, 8, rounding_mode="floor").clamp(min=1, max=frames)
+
+    def backward(self, grad_output: Tensor) -> None:
+        batch, channels, frames, freq = self._block_shape
+        grad = self.proj.backward(grad_output.reshape(batch * frames, self.out_dim))
+        self.blocks.backward(grad.reshape(batch, frames, channels, freq).transpose(1, 2).contiguous())
+
+
+class EngineDigitCNNNet(Layer):
+    """:class:`DigitCNNNet` built entirely of engine layers — the CNN encoder, the masked mean/max pooling and the
+    MLP head — and trained by the hand-written backward: same parameter names, and for one random state the same
+    initial weights and dropout masks. Takes ``(features (B, T, F), lengths)`` as one tuple, like a batch's input."""
+
+    def __init__(self, input_dim: int, num_classes: int = 10, conv_channels: int = 16, hidden: int = 96,
+                 head_hidden: Sequence[int] = (64,), dropout: float = 0.2) -> None:
+        super().__init__()
+        self.settings = {"input_dim": input_dim, "num_classes": num_classes, "conv_channels": conv_channels,
+                         "hidden": hidden, "head_hidden": list(head_hidden), "dropout": dropout}
+        self.cnn = EngineConvBlocksEncoder(input_dim, hidden, conv_channels)
+        self.pool = MaskedMeanMaxPool()
+        self.dropout = Dropout(dropout)
+        self.head = _EngineMLPHolder(MLP(2 * hidden, list(head_hidden), num_classes, dropout=dropout))
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        features, lengths = inputs
+        x, lengths = self.cnn.forward(features, lengths)
+        return self.head.forward(self.dropout.forward(self.pool.forward(x, lengths)))
+
+    def backward(self, grad_output: Tensor) -> None:
+        grad = self.pool.backward(self.dropout.backward(self.head.backward(grad_output)))
+        self.cnn.backward(grad)
+
+    def to_autograd(self) -> DigitCNNNet:
+        """The :class:`DigitCNNNet` twin with copies of these weights, dtype and device."""
+        return twin_with_weights(self, lambda: DigitCNNNet(**self.settings))

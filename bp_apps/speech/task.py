@@ -27,6 +27,7 @@ from bp_apps.core.datalink import saved_preprocessing
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.lit import ClassifierModule
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule, check_task
+from bp_apps.engine.ctc import CTCLoss
 from bp_apps.speech.data import SpeechBatch
 from bp_apps.speech.decoding import DIGIT_WORDS, BeamSearchDecoder, DecodingConfig, greedy_decode, write_lexicon
 from bp_apps.speech.features import FeatureConfig, SpecAugmentConfig, TimeStretch, make_extractor
@@ -80,6 +81,7 @@ class SpeechRecognizer(TaskModule):
         self.decoding = settings(DecodingConfig, decoding, "decoding", RECOGNIZER_DECODING)
         self.net = build_seeded(network_factory(net, "net"), seed, input_dim)
         self.augment = self.augment_config.build() if self.augment_config is not None else None
+        self.engine_ctc = CTCLoss(blank=0, reduction="mean", zero_infinity=True)  # F.ctc_loss's settings below
         self.metrics = torch.nn.ModuleDict({f"{stage}_{name}": metric() for stage in ("val", "test", "test_beam")
                                             for name, metric in (("wer", WordErrorRate), ("cer", CharErrorRate))})
         self.lexicon_words = list(lexicon_words)
@@ -94,11 +96,26 @@ class SpeechRecognizer(TaskModule):
         return F.ctc_loss(log_probs.transpose(0, 1), batch.targets, out_lengths, batch.target_lengths, blank=0,
                           reduction="mean", zero_infinity=True)
 
+    def training_batch(self, batch: SpeechBatch) -> SpeechBatch:
+        """SpecAugment's masks on the training features."""
+        if self.augment is None:
+            return batch
+        return batch._replace(features=self.augment(batch.features, batch.lengths))
+
+    def autograd_loss(self, batch: SpeechBatch) -> Tensor:
+        log_probs, out_lengths = self(batch.features, batch.lengths)
+        return self._ctc_loss(log_probs, out_lengths, batch)
+
     def training_step(self, batch: SpeechBatch, batch_idx: int) -> Tensor:
-        features = self.augment(batch.features, batch.lengths) if self.augment is not None else batch.features
-        log_probs, out_lengths = self(features, batch.lengths)
-        loss = self._ctc_loss(log_probs, out_lengths, batch)
+        loss = self.backend_training_step(batch)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.texts))
+        return loss
+
+    def engine_backward(self, batch: SpeechBatch) -> Tensor:
+        """Forward, the engine's CTC loss and the hand-written backward of an engine network."""
+        log_probs, out_lengths = self.net.forward(batch.features, batch.lengths)
+        loss = self.engine_ctc.forward(log_probs, batch.targets, out_lengths, batch.target_lengths)
+        self.net.backward(self.engine_ctc.backward())
         return loss
 
     def _evaluate(self, batch: SpeechBatch, stage: str) -> list[str]:
@@ -182,12 +199,13 @@ class SpokenDigitClassifier(ClassifierModule):
         self.augment = self.augment_config.build() if self.augment_config is not None else None
         self.stretch = TimeStretch(time_stretch)
 
-    def training_step(self, batch: tuple[tuple[Tensor, Tensor], Tensor], batch_idx: int) -> Tensor:
+    def training_batch(self, batch: tuple[tuple[Tensor, Tensor], Tensor]) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """Speed perturbation, then SpecAugment's masks, on the training features."""
         (features, lengths), labels = batch
         features, lengths = self.stretch(features, lengths)
         if self.augment is not None:
             features = self.augment(features, lengths)
-        return super().training_step(((features, lengths), labels), batch_idx)
+        return (features, lengths), labels
 
     def metrics_summary(self) -> dict[str, Any]:
         """For ``metrics.json``: the recognizer's keys; a classifier keeps no test transcripts."""

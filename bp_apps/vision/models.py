@@ -2,7 +2,8 @@
 first, the sizes the data gives (``ImageClassifier`` passes them; a config names the class and its own settings):
 
 - :class:`SmallCNN`: conv-BN-ReLU stages and an MLP head, either ``torch.nn`` layers or the engine's MLP through
-  the autograd bridge (``head: engine_mlp``);
+  the autograd bridge (``head: engine_mlp``); :class:`EngineSmallCNN` is the same network built of engine layers,
+  trained end to end by the hand-written backward (same parameter names, same initial weights for one seed);
 - :class:`ResNet18`: torchvision's ResNet-18, with the small-image stem for inputs under 64 px;
 - :class:`EngineImageMLP`: the engine's MLP on flattened pixels, trained by the hand-written backward (its
   ``backend`` is ``"engine"``), and :class:`ImageMLP`, its ``torch.nn`` twin trained by autograd. Built from the
@@ -19,10 +20,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet, ResNet18_Weights
 
-from bp_apps.engine import MLP
+from bp_apps.engine import MLP, Dropout, Layer, Linear, ReLU, Sequential
 from bp_apps.engine.bridge import EngineMLPHead
+from bp_apps.engine.conv import BatchNorm2d, Conv2d, Flatten, MaxPool2d
+from bp_apps.engine.models import twin_with_weights
 
-__all__ = ["EngineImageMLP", "ImageMLP", "ResNet18", "SmallCNN", "image_shape"]
+__all__ = ["EngineImageMLP", "EngineSmallCNN", "ImageMLP", "ResNet18", "SmallCNN", "image_shape"]
 
 
 def image_shape(input_shape: Sequence[int], network: str) -> tuple[int, int, int]:
@@ -81,6 +84,57 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def _engine_conv_block(c_in: int, c_out: int) -> list[Layer]:
+    return [Conv2d(c_in, c_out, 3, padding=1, bias=False), BatchNorm2d(c_out), ReLU(inplace=True)]
+
+
+def _engine_mlp(in_features: int, hidden: Sequence[int], out_features: int, dropout: float) -> list[Layer]:
+    layers: list[Layer] = []
+    for width in hidden:
+        layers += [Linear(in_features, width), ReLU(inplace=True), Dropout(dropout)]
+        in_features = width
+    return [*layers, Linear(in_features, out_features)]
+
+
+class EngineSmallCNN(Layer):
+    """:class:`SmallCNN` (``head: torch``) built of engine layers and trained by their hand-written backward: the
+    same modules under the same names (``features.0.weight`` ... ``head.3.bias``), so a state dict loads into
+    either, and for one random state the same initial weights and the same dropout masks. :meth:`to_autograd`
+    gives the ``SmallCNN`` twin with copies of these weights."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 32, hidden: Sequence[int] = (128,),
+                 dropout: float = 0.25) -> None:
+        super().__init__()
+        channels, height, width_px = image_shape(input_shape, "EngineSmallCNN")
+        if width < 1:
+            raise ValueError(f"EngineSmallCNN: width must be at least 1, got {width}")
+        self.input_shape, self.num_classes = (channels, height, width_px), num_classes
+        self.width, self.hidden, self.dropout = width, list(hidden), dropout
+        self.feature_dim = 2 * width * (height // 4) * (width_px // 4)
+        if self.feature_dim == 0:
+            raise ValueError(f"EngineSmallCNN needs images of at least 4×4 pixels, got {tuple(input_shape)}")
+        self.features = Sequential(
+            *_engine_conv_block(channels, width), *_engine_conv_block(width, width), MaxPool2d(2),
+            *_engine_conv_block(width, 2 * width), *_engine_conv_block(2 * width, 2 * width), MaxPool2d(2),
+            Flatten(), Dropout(dropout),
+        )
+        self.features[0].needs_input_grad = False  # nothing trains below the first convolution
+        self.head = Sequential(*_engine_mlp(self.feature_dim, hidden, num_classes, dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of images (B, C, H, W)."""
+        return self.head.forward(self.features.forward(x))
+
+    def backward(self, grad_output: Tensor) -> None:
+        """Gradients of the last :meth:`forward` into every ``<parameter>_grad`` (no input gradient)."""
+        self.features.backward(self.head.backward(grad_output))
+
+    def to_autograd(self) -> SmallCNN:
+        """The :class:`SmallCNN` twin (``head: torch``) with copies of these weights, dtype and device."""
+        return twin_with_weights(self, lambda: SmallCNN(self.input_shape, self.num_classes, self.width, self.hidden,
+                                                        self.dropout))
 
 
 class ResNet18(ResNet):
