@@ -47,6 +47,10 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
                         help="vision, speech: the engine config (default: configs/vision/mnist_cnn_engine.yaml, "
                         "configs/speech/fsdd_connected_ctc_engine.yaml)")
     parser.add_argument("--steps", type=int, default=50, help="vision, speech: training steps compared (default 50)")
+    parser.add_argument("--task-optimizer", action="store_true",
+                        help="vision, speech: step with the config's optimizer (e.g. AdamW) instead of SGD with "
+                        "momentum 0.9 at its learning rate; Adam's per-entry scaling turns float32 rounding in "
+                        "near-zero gradients into ±lr steps, so trajectories part by ~1e-4")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="vision, speech: a config override, as the fit command takes it without its dashes "
                         "(e.g. --set data.batch_size=64); repeatable")
@@ -76,7 +80,8 @@ def _compare_task(args: argparse.Namespace) -> dict:
     data.prepare_data()
     data.setup("fit")
     setup = f"{config}{' ' + ' '.join(args.set) if args.set else ''}"
-    return compare_task_modules(model, iter(data.train_dataloader()), steps=args.steps, setup=setup)
+    return compare_task_modules(model, iter(data.train_dataloader()), steps=args.steps, setup=setup,
+                                optimizer="task" if args.task_optimizer else "sgd", dtype=args.dtype)
 
 
 def instantiate_from_config(config: Path, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
@@ -137,13 +142,25 @@ def _run_bench(args: argparse.Namespace) -> int:
         report = run_core_bench(sizes=args.sizes, repeats=args.repeats, device=args.device)
         print(format_core_table(report))
     elif args.what == "layers":
-        from bp_apps.experiments.bench_layers import format_layers_table, run_layers_bench, synthetic_batch
+        from bp_apps.experiments.bench_layers import (
+            LAYER_CASES,
+            format_layers_table,
+            run_layers_bench,
+            synthetic_batch,
+        )
 
+        names = {case.layer for case in LAYER_CASES}
+        chosen = names if args.layers is None else set(args.layers.split(","))
+        if chosen - names:
+            raise ValueError(f"bench layers: unknown layer {', '.join(sorted(chosen - names))}; choose among "
+                             f"{', '.join(sorted(names))}")
         models = []
         for config in args.configs:
             model, data = instantiate_from_config(Path(config))
-            models.append((model.task_name, config, model, synthetic_batch(model, data.batch_size)))
-        report = run_layers_bench(models, device=args.device, repeats=args.repeats or 20)
+            batch_size = getattr(data, "batch_size", None) or data.hparams["batch_size"]
+            models.append((model.task_name, config, model, synthetic_batch(model, batch_size)))
+        report = run_layers_bench(models, device=args.device, repeats=args.repeats or 20,
+                                  cases=[case for case in LAYER_CASES if case.layer in chosen])
         print(format_layers_table(report))
     else:
         from bp_apps.experiments.bench_digits import format_digits_table, run_digits_bench
@@ -394,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="core, layers: cpu or cuda")
     bench.add_argument("--repeats", type=int, default=None,
                        help="core: timed steps per size (default: by size); layers: timed calls each (default 20)")
+    bench.add_argument("--layers", default=None, metavar="NAMES",
+                       help="layers: comma-separated layer names to time (default: all)")
     bench.add_argument("--configs", nargs="*", default=list(ENGINE_CONFIGS), metavar="CONFIG",
                        help="layers: engine task configs whose training step is timed (default: %(default)s)")
     bench.add_argument("--sizes", type=_parse_sizes, default="64x128,256x512,1024x1024",

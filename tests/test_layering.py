@@ -101,3 +101,47 @@ def test_a_wrong_way_import_is_caught(tmp_path: Path, importer: str, statement: 
     target.write_text(target.read_text(encoding="utf-8") + f"\n\ndef _late():\n    {statement}\n", encoding="utf-8")
     problems = wrong_way_imports(copy)
     assert len(problems) == 1 and problems[0].startswith(f"bp_apps/{importer}:"), problems
+
+
+
+AUTOGRAD_ATTRIBUTES = {"requires_grad", "requires_grad_", "grad_fn", "enable_grad", "autograd", "func", "grad"}
+AUTOGRAD_ALLOWED = {"bridge.py", "gradcheck.py"}  # the autograd bridge and the checks against autograd
+ALLOWED_KERNELS = {"threshold_backward"}  # ReLU's grad · 1[y > 0] in one elementwise pass
+
+
+def _dotted(node: ast.AST) -> str:
+    """``torch.nn.grad`` for the attribute chain of a node ('' when it does not start at a name)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def autograd_uses(source: str) -> list[str]:
+    """The autograd, torch.func, torch.nn.grad and aten backward-kernel uses in ``source`` (docstrings aside)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain = _dotted(node)
+        if (node.attr in ("requires_grad", "requires_grad_", "grad_fn")
+                or (node.attr in AUTOGRAD_ATTRIBUTES and chain.startswith("torch."))
+                or (chain.startswith("torch.ops.aten.") and node.attr.endswith("_backward")
+                    and node.attr not in ALLOWED_KERNELS)):
+            found.append(f"{node.lineno}: {chain or node.attr}")
+    return found
+
+
+def test_engine_layers_use_no_autograd() -> None:
+    """Every derivative in the engine is written out by hand."""
+    for path in sorted((PACKAGE / "engine").glob("*.py")):
+        if path.name not in AUTOGRAD_ALLOWED:
+            assert not autograd_uses(path.read_text()), path.name
+
+
+def test_the_autograd_scan_catches_each_kind_of_use() -> None:
+    source = ("import torch\nx = torch.ones(2).requires_grad_(True)\ntorch.autograd.grad(x, x)\n"
+              "torch.nn.grad.conv2d_weight\ntorch.ops.aten.convolution_backward\ntorch.enable_grad()\n"
+              "torch.ops.aten.threshold_backward\n'torch.autograd in a string'\n")
+    assert {use.split(":")[0] for use in autograd_uses(source)} == {"2", "3", "4", "5", "6"}

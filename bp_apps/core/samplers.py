@@ -8,9 +8,10 @@ from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ["MIX", "BucketBatchSampler", "EpochShuffle", "batch_order", "epoch_permutation"]
+__all__ = ["MIX", "BucketBatchSampler", "EpochShuffle", "EvaluationShard", "batch_order", "epoch_permutation",
+           "evaluation_loader"]
 
 MIX = 1_000_003  # a prime that spreads (seed, epoch, batch) over distinct generator seeds
 
@@ -49,16 +50,20 @@ class BucketBatchSampler(Sampler[list[int]]):
     epoch; under DDP each process takes every ``num_replicas``-th batch.
 
     ``groups`` (one hashable key per item, e.g. the sentence of an SRL predicate instance) keeps the
-    items of a group next to each other, so they share batches: the shuffle moves whole groups."""
+    items of a group next to each other, so they share batches: the shuffle moves whole groups.
+
+    ``even``: under DDP, repeat the first batches so every process gets as many (training: the processes step
+    together). Evaluation passes False: a repeated batch would count its items twice in the metrics."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, groups: Sequence[Hashable] | None = None) -> None:
+                 num_replicas: int = 1, rank: int = 0, groups: Sequence[Hashable] | None = None,
+                 even: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if groups is not None and len(groups) != len(lengths):
             raise ValueError(f"{len(groups)} groups for {len(lengths)} items")
         self.lengths, self.batch_size, self.shuffle, self.seed = list(lengths), batch_size, shuffle, seed
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.num_replicas, self.rank, self.epoch, self.even = num_replicas, rank, 0, even
         self.members: list[list[int]] | None = None  # the items of each group, in first-seen order
         if groups is not None:
             index: dict[Hashable, int] = {}
@@ -97,10 +102,10 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._all_batches()
-        if self.num_replicas > 1:  # equal counts per process: pad by repeating the first batches
+        if self.num_replicas > 1 and self.even:  # equal counts per process: pad by repeating the first batches
             per_rank = math.ceil(len(batches) / self.num_replicas)
-            batches = (batches * self.num_replicas)[: per_rank * self.num_replicas][self.rank::self.num_replicas]
-        return iter(batches)
+            batches = (batches * self.num_replicas)[: per_rank * self.num_replicas]
+        return iter(batches[self.rank::self.num_replicas])
 
     def __len__(self) -> int:
         count = math.ceil(len(self.lengths) / self.batch_size)
@@ -108,4 +113,32 @@ class BucketBatchSampler(Sampler[list[int]]):
             pool = self.batch_size * 50
             count = sum(math.ceil(min(pool, len(self.lengths) - s) / self.batch_size)
                         for s in range(0, len(self.lengths), pool))
-        return math.ceil(count / self.num_replicas)
+        if self.even:
+            return math.ceil(count / self.num_replicas)
+        return len(range(self.rank, count, self.num_replicas))
+
+
+class EvaluationShard(DistributedSampler):
+    """Process ``rank``'s share of an evaluation split, in order: every ``num_replicas``-th example, so that over
+    all processes each example is seen exactly once. (Lightning's ``DistributedSampler`` repeats up to
+    ``num_replicas - 1`` examples to even out the processes, which then count twice in the metrics; a sampler that
+    is already a ``DistributedSampler`` is left in place.)"""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def evaluation_loader(dataset: Dataset, trainer: object | None, **kwargs: object) -> DataLoader:
+    """A ``DataLoader`` over a validation or test split (no shuffling); under several processes each process reads
+    its :class:`EvaluationShard`, so the synchronised metrics count every example once, as one process would."""
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    if world > 1:
+        kwargs["sampler"] = EvaluationShard(dataset, world, trainer.global_rank)  # type: ignore[union-attr]
+    return DataLoader(dataset, **kwargs)  # type: ignore[arg-type]

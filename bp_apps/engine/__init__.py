@@ -1,5 +1,6 @@
 """The hand-written backprop engine: explicit forward/backward pairs, no autograd."""
 
+from bp_apps.engine.conv import AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv1d, Conv2d, Flatten, MaxPool2d
 from bp_apps.engine.ctc import CTCLoss, LogSoftmax
 from bp_apps.engine.layers import (
     GELU,
@@ -20,8 +21,9 @@ from bp_apps.engine.recurrent import GRU, LSTM
 from bp_apps.engine.train import train_step
 
 __all__ = [
-    "ACTIVATIONS", "GELU", "GRU", "LSTM", "MLP", "SGD", "Adam", "AdamW", "BCEWithLogitsLoss", "BatchNorm1d",
-    "CTCLoss", "Dropout", "Layer", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "NonFiniteError",
-    "Optimizer", "ReLU", "Sequential", "Sigmoid", "SoftmaxCrossEntropy", "Tanh", "build_optimizer", "clip_grad_norm",
-    "cosine_lr", "make_activation", "train_step",
+    "ACTIVATIONS", "GELU", "GRU", "LSTM", "MLP", "SGD", "Adam", "AdamW", "AdaptiveAvgPool2d", "AvgPool2d",
+    "BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "CTCLoss", "Conv1d", "Conv2d", "Dropout", "Flatten", "Layer",
+    "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "MaxPool2d", "NonFiniteError", "Optimizer", "ReLU",
+    "Sequential", "Sigmoid", "SoftmaxCrossEntropy", "Tanh", "build_optimizer", "clip_grad_norm", "cosine_lr",
+    "make_activation", "train_step"
 ]

@@ -190,7 +190,8 @@ def format_markdown(report: dict) -> str:
     """The report as a Markdown table with a line on the setup."""
     cfg, man, auto = report["config"], report["backends"]["engine"], report["backends"]["autograd"]
     if "task" in cfg:  # a task's model (experiments.compare_tasks)
-        header = f"{cfg['network']} ({cfg['task']}), first {report['steps']} training steps; {cfg['setup']}"
+        header = (f"{cfg['network']} ({cfg['task']}), first {report['steps']} training steps, {cfg['optimizer']} lr "
+                  f"{cfg['lr']}; {cfg['setup']}")
         quality = f"| training loss after the last step | {man['final_loss']:.4f} | {auto['final_loss']:.4f} |"
     else:
         header = (f"MLP 64-{'-'.join(map(str, cfg['hidden']))}-10 ({cfg['activation']}), {cfg['optimizer']} lr "

@@ -3,9 +3,9 @@
 The engine task module (its ``net`` built of engine layers) is copied and given ``net.to_autograd()``, so both
 start from the same weights; each step then sees the same batch, and the same random state, so SpecAugment and
 dropout draw the same masks. The report has the keys of the digits comparison (:mod:`.compare`):
-``max_grad_rel_error`` (float64, one batch), ``max_loss_trajectory_diff`` (the first ``steps`` float32 steps with
-the task's own optimizer settings, constant learning rate), and ``backends.{engine,autograd}.{ms_per_step,
-peak_memory_mb}``.
+``max_grad_rel_error`` (float64, one batch), ``max_loss_trajectory_diff`` (the first ``steps`` steps, float32 unless
+asked otherwise, SGD at the task's learning rate unless asked for the task's own optimizer; constant learning
+rate), and ``backends.{engine,autograd}.{ms_per_step,peak_memory_mb}``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from torch import Tensor
 from bp_apps.core.task import TaskModule
 from bp_apps.engine.optim import clip_grad_norm
 from bp_apps.experiments.bench import synchronize
-from bp_apps.experiments.compare import _optimizer_tensors, peak_step_memory_mb
+from bp_apps.experiments.compare import DTYPES, _optimizer_tensors, peak_step_memory_mb
 
 __all__ = ["autograd_twin", "compare_task_modules", "map_floats"]
 
@@ -105,12 +106,27 @@ def gradient_errors(module: TaskModule, batch: Any) -> dict[str, float]:
     return errors
 
 
-def compare_task_modules(module: TaskModule, batches: Iterable[Any], *, steps: int = 50,
-                         setup: str = "") -> dict[str, Any]:
+def compare_task_modules(module: TaskModule, batches: Iterable[Any], *, steps: int = 50, setup: str = "",
+                         optimizer: Literal["sgd", "task"] = "sgd", dtype: str = "float32") -> dict[str, Any]:
     """Train ``module`` (an engine network) and its autograd twin side by side for ``steps`` batches of
-    ``batches``; return the report (see the module docstring)."""
-    module.train()
-    batches = [batch for _, batch in zip(range(steps), batches, strict=False)]
+    ``batches``; return the report (see the module docstring).
+
+    ``optimizer``: ``sgd`` (the default) steps both with SGD, momentum 0.9, at the task's learning rate and without
+    weight decay; ``task`` with the task's own optimizer settings. Adam-type updates divide each gradient entry by
+    its running size, so an entry that is zero up to float32 rounding moves its weight by ±lr on whichever side its
+    rounding falls: trajectories under AdamW part by ~1e-4 after one step, though every gradient agrees to rounding.
+    SGD keeps the comparison to what the backward passes compute. ``dtype`` (``float32`` or ``float64``) is the
+    precision of the trajectories: in float32 a network with max-pooling also parts slowly, as a weight that differs
+    in its last bits flips a near-tie in some pooling window and sends that window's gradient elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"compare: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if optimizer not in ("sgd", "task"):
+        raise ValueError(f"compare: optimizer must be 'sgd' or 'task', got {optimizer!r}")
+    if optimizer == "sgd":
+        module.optim = replace(module.optim, name="sgd", momentum=0.9, weight_decay=0.0)
+    module.to(DTYPES[dtype]).train()
+    batches = [map_floats(batch, lambda t: t.to(DTYPES[dtype])) for _, batch in zip(range(steps), batches,
+                                                                                     strict=False)]
     if not batches:
         raise ValueError("compare: the data gave no training batch")
     grad_errors = gradient_errors(module, batches[0])
@@ -142,7 +158,8 @@ def compare_task_modules(module: TaskModule, batches: Iterable[Any], *, steps: i
                           "final_loss": losses[name][-1]}
     diffs = [abs(a - b) for a, b in zip(losses["engine"], losses["autograd"], strict=True)]
     return {
-        "config": {"task": module.task_name, "network": type(module.net).__name__, "setup": setup},
+        "config": {"task": module.task_name, "network": type(module.net).__name__, "setup": setup,
+                   "optimizer": module.optim.name, "lr": module.optim.lr, "dtype": dtype},
         "max_grad_rel_error": max(grad_errors.values()),
         "grad_rel_error_per_parameter": grad_errors,
         "max_loss_trajectory_diff": max(diffs),
