@@ -74,8 +74,13 @@ def test_fit_with_ddp_on_two_cpu_processes(name: str, tmp_path: Path, monkeypatc
     (validated,) = single.rglob("metrics.json")
     one = json.loads(validated.read_text())["validation"][metric]
     both = ddp_metrics["validation"][metric]
-    # DistributedSampler pads an odd split with one repeated example; everything else must agree.
-    assert one == pytest.approx(both, rel=0.02, abs=0.02)
+    # Each process validates its own shard of the split (bp_apps.core.samplers.EvaluationShard: no example repeated
+    # to even out the processes), so counted metrics (accuracy, F1) equal the one-process figure. A loss is a mean of
+    # per-batch means, and the two runs batch the split differently: close, not equal.
+    if metric.endswith("_loss"):
+        assert one == pytest.approx(both, rel=1e-3)
+    else:
+        assert one == pytest.approx(both, abs=1e-6)
 
 
 SYNC_SCRIPT = """

@@ -105,6 +105,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self.num_replicas > 1 and self.even:  # equal counts per process: pad by repeating the first batches
             per_rank = math.ceil(len(batches) / self.num_replicas)
             batches = (batches * self.num_replicas)[: per_rank * self.num_replicas]
+        elif len(batches) < self.num_replicas:  # too few batches to go round: every process takes a share of items
+            items = [i for batch in batches for i in batch]
+            return iter([items[self.rank::self.num_replicas]] if len(items) > self.rank else [])
         return iter(batches[self.rank::self.num_replicas])
 
     def __len__(self) -> int:
@@ -115,6 +118,8 @@ class BucketBatchSampler(Sampler[list[int]]):
                         for s in range(0, len(self.lengths), pool))
         if self.even:
             return math.ceil(count / self.num_replicas)
+        if count < self.num_replicas:
+            return int(len(self.lengths) > self.rank)
         return len(range(self.rank, count, self.num_replicas))
 
 

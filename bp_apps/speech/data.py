@@ -41,6 +41,7 @@ from bp_apps.core.compose import settings
 from bp_apps.core.datalink import PreprocessingDataModule
 from bp_apps.core.io import default_cache_dir, default_data_root, jsonl_objects
 from bp_apps.core.resume import resumable_loader
+from bp_apps.core.samplers import evaluation_loader
 from bp_apps.speech.audio import load_audio, normalise_level
 from bp_apps.speech.decoding import DIGIT_WORDS, encode_text, normalise_transcript
 from bp_apps.speech.features import FeatureCache, FeatureConfig, make_extractor
@@ -219,7 +220,7 @@ class SpeechDataModule(PreprocessingDataModule):
         kwargs = dict(collate_fn=self.collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         if shuffle:
             return resumable_loader(self.dataset(split), self.batch_size, self.seed, **kwargs)
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, **kwargs)
+        return evaluation_loader(self.dataset(split), self.trainer, batch_size=self.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

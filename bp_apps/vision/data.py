@@ -38,6 +38,7 @@ from torchvision.transforms import v2
 from bp_apps.core.datalink import PreprocessingDataModule
 from bp_apps.core.io import data_root_hint, resolve_data_root
 from bp_apps.core.resume import resumable_loader
+from bp_apps.core.samplers import evaluation_loader
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class VisionDataModule(PreprocessingDataModule):
                       pin_memory=torch.cuda.is_available())
         if train:
             return resumable_loader(dataset, self.hparams.batch_size, self.hparams.seed, **kwargs)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, **kwargs)
+        return evaluation_loader(dataset, self.trainer, batch_size=self.hparams.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

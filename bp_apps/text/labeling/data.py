@@ -412,7 +412,7 @@ class LabelingDataModule(PreprocessingDataModule):
         groups = [s.tokens for s in sentences] if grouped else None
         sampler = BucketBatchSampler([len(s.tokens) for s in sentences],
                                      self.batch_size if train else self.eval_batch_size, shuffle=train,
-                                     seed=self.seed, num_replicas=replicas, rank=rank, groups=groups)
+                                     seed=self.seed, num_replicas=replicas, rank=rank, groups=groups, even=train)
         kwargs = dict(batch_sampler=sampler, collate_fn=_Collate(self.vocab), num_workers=self.num_workers,
                       persistent_workers=self.num_workers > 0)
         if not train:

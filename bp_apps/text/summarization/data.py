@@ -49,7 +49,7 @@ from bp_apps.core.io import (
     utf8_lines,
 )
 from bp_apps.core.resume import ResumableDataLoader
-from bp_apps.core.samplers import BucketBatchSampler
+from bp_apps.core.samplers import BucketBatchSampler, evaluation_loader
 from bp_apps.text.corpus import stdlib_docstrings, summary_pairs
 from bp_apps.text.tokenization import tokenizer_from_json, tokenizer_to_json, train_tokenizer
 
@@ -580,9 +580,9 @@ class SummarizationDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         self.setup()
-        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self._collate(), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return evaluation_loader(self.splits[split], self.trainer, batch_size=self.eval_batch_size,
+                                 collate_fn=self._collate(), num_workers=self.num_workers,
+                                 persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
