@@ -125,6 +125,29 @@ def missing(root: Path) -> Path:
     return root / "no_such_folder"
 
 
+class _Payload:
+    """Pickled code: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def bad_checkpoints(root: Path) -> Path:
+    """Checkpoints a ``--ckpt_path`` must refuse: another task's naming a class to import, a truncated one, one
+    carrying a code payload. (The digits config needs no data root.)"""
+    root.mkdir(parents=True)
+    torch.save({"bp_apps_task": "speech.SpeechRecognizer", "state_dict": {},
+                "hyper_parameters": {"_class_path": "this.Anything"}}, root / "speech.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, root / "cut.ckpt")
+    (root / "cut.ckpt").write_bytes((root / "cut.ckpt").read_bytes()[:300])
+    torch.save({"bp_apps_task": "vision.ImageClassifier", "state_dict": {}, "hyper_parameters": {},
+                "payload": _Payload(root / "payload_ran")}, root / "payload.ckpt")
+    return root
+
+
 # ------------------------------------------------------------------------------------------------ the matrix
 
 SRL = ("text/srl_propbank_ewt", ["--model.net.hidden=16", "--model.net.word_dim=16", "--model.net.char_channels=4"])
@@ -132,6 +155,7 @@ MAIL = ("text/summarize_aeslc", ["--model.net.d_model=16", "--model.net.ff=32", 
                                  "--data.tokenizer_vocab_size=120"])
 FOLDER = ("vision/imagefolder", ["--data.image_size=16", "--data.batch_size=4", "--model.net.init_args.width=4",
                                  "--model.net.init_args.hidden=[8]"])
+DIGITS = ("vision/digits_mlp_engine", [])
 MNIST = ("vision/mnist_mlp", ["--data.download=false"])  # never the network in tests (missing files are fetched)
 FSDD = ("speech/fsdd_digits", ["--model.net.init_args.hidden=8", "--data.batch_size=4"])
 MANIFEST = ("speech/manifest_ctc", ["--model.net.init_args.hidden=8", "--model.net.init_args.layers=1",
@@ -176,10 +200,20 @@ CASES: dict[str, tuple[tuple[str, list[str]], Callable[[Path], Path] | None, lis
     "speech/empty_audio": (MANIFEST, manifest_data("empty"), [], r"bad\.wav"),
     "speech/over_max_seconds": (MANIFEST, manifest_data("long"), [], r"bad\.wav.*max_seconds"),
     "speech/missing_transcript": (MANIFEST, manifest_data("no_text"), [], r"train\.jsonl.*:7: .*text"),
+    # a --ckpt_path is data, never configuration or code (the options name files the builder made in {root})
+    "all/ckpt_path_of_another_task": (DIGITS, bad_checkpoints, ["--ckpt_path={root}/speech.ckpt"],
+                                      r"speech\.ckpt: not an image-classification.*speech\.SpeechRecognizer"),
+    "all/ckpt_path_truncated": (DIGITS, bad_checkpoints, ["--ckpt_path={root}/cut.ckpt"],
+                                r"cut\.ckpt: not a loadable checkpoint"),
+    "all/ckpt_path_with_a_payload": (DIGITS, bad_checkpoints, ["--ckpt_path={root}/payload.ckpt"],
+                                     r"payload\.ckpt"),
+    "all/training_diverges": (DIGITS, None, ["--model.optim.lr=1e12"], r"non-finite"),
 }
 
 
 def data_options(config: str, root: Path) -> list[str]:
+    if config == "vision/digits_mlp_engine":  # embedded data: the builder only made files the options name
+        return []
     if config == "speech/manifest_ctc":
         return [f"--data.train_manifest={root / 'train.jsonl'}", f"--data.val_manifest={root / 'dev.jsonl'}"]
     return [f"--data.data_root={root}"]
@@ -227,8 +261,10 @@ def test_bad_input_gets_a_clear_error_and_loses_nothing(case: str, tmp_path: Pat
     monkeypatch.setenv("BP_APPS_CACHE", str(work / "cache"))
     before = snapshot(work)
     argv = ["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), f"--trainer.default_root_dir={work / 'runs'}",
-            *FAST, *small, *(data_options(config, data_root) if data_root else []), *options]
+            *FAST, *small, *(data_options(config, data_root) if data_root else []),
+            *(option.format(root=data_root) for option in options)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert re.search(rf"bp-apps fit: error: .*{message}", err, flags=re.S), err[-3000:]
     assert_nothing_lost_or_half_written(before, work)
+    assert not (work / "data" / "payload_ran").exists(), "a pickled payload ran"

@@ -379,3 +379,19 @@ def test_spans_tokenizer_and_predicate_lookup() -> None:
     assert tokenize_text("Don't stop, e.g. at 3.14 -- ok?") == ["Don't", "stop", ",", "e.g", ".", "at", "3.14",
                                                                    "-", "-", "ok", "?"]
     assert resolve_predicate(tokens, "SAW") == 1 and resolve_predicate(tokens, "4") == 4
+
+
+def test_a_checkpoint_describing_a_huge_network_is_refused_before_building_it(
+        trained: tuple[TokenLabeler, L.Trainer], tmp_path: Path) -> None:
+    """The labeler builds its network from the checkpoint's vocabulary at load: the size check builds it on the
+    meta device first, so a crafted width is refused before any memory is allocated."""
+    _, trainer = trained
+    path = tmp_path / "huge.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert TokenLabeler.load(path) is not None  # as saved, it loads
+    net = checkpoint["hyper_parameters"]["net"]
+    checkpoint["hyper_parameters"]["net"] = {**net, "init_args": {**net["init_args"], "hidden": 300_000}}
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"huge\.ckpt: its hyperparameters describe a model of [\d,]+ weights"):
+        TokenLabeler.load(path)

@@ -299,7 +299,7 @@ class TaskModule(PlainHyperparameters, L.LightningModule):
                 raise ValueError(f"{path}: weight {name!r} holds NaN or infinite values; the model would predict "
                                  "nothing meaningful (was it saved after training diverged?)")
         overrides = {**cls.load_overrides(hparams), **overrides, "_instantiator": None}
-        check_model_size(cls, {**hparams, **overrides}, sum(t.numel() for t in state.values()), path)
+        check_model_size(cls, {**hparams, **overrides}, checkpoint, path)
         try:
             module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
         except (KeyError, RuntimeError) as error:
@@ -307,14 +307,19 @@ class TaskModule(PlainHyperparameters, L.LightningModule):
         return module.eval()
 
 
-def check_model_size(cls: type[TaskModule], hparams: dict[str, Any], saved: int, path: Path) -> None:
-    """Refuse hyperparameters that describe a far larger model than the weights the checkpoint holds (``saved``
-    elements), before any memory is allocated: the model is first built on the ``meta`` device, which allocates
-    nothing. A model that cannot be built there is not checked (loading then compares shapes)."""
+def check_model_size(cls: type[TaskModule], hparams: dict[str, Any], checkpoint: dict[str, Any], path: Path) -> None:
+    """Refuse hyperparameters (or a saved network configuration) that describe a far larger model than the weights
+    the checkpoint holds, before any memory is allocated: the model is first built on the ``meta`` device, which
+    allocates nothing, as loading builds it (constructor, then ``on_load_checkpoint``, where the text tasks build
+    their network from the vocabulary or configuration the checkpoint carries). A model that cannot be built there
+    is not checked (loading then compares shapes)."""
+    saved = sum(t.numel() for t in checkpoint["state_dict"].values())
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     try:
         with torch.device("meta"):
-            described = sum(t.numel() for t in cls(**kwargs).state_dict().values())
+            module = cls(**kwargs)
+            module.on_load_checkpoint(checkpoint)
+            described = sum(t.numel() for t in module.state_dict().values())
     except Exception:
         return
     if described > 2 * saved + 1_000_000:
