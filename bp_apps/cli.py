@@ -97,6 +97,7 @@ def instantiate_from_config(config: Path, overrides: Sequence[str] = ()) -> tupl
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = InstantiateCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
                              subclass_mode_data=True, run=False, save_config_callback=None,
+                             auto_configure_optimizers=False,
                              args=["--config", str(config), *overrides, "--trainer.logger=false"])
     return cli.model, cli.datamodule
 
@@ -189,6 +190,7 @@ def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 def _lightning(argv: Sequence[str]) -> int:
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 
     import bp_apps.core.distributed  # noqa: F401  (registers the `ddp_engine` strategy name)
@@ -234,9 +236,27 @@ def _lightning(argv: Sequence[str]) -> int:
     # LightningCLI warns when it is given args while sys.argv has some too (it cannot tell that they are the same);
     # when they are, it reads sys.argv itself. (sys.argv must stay as it is: DDP starts its other processes with it.)
     args = None if list(argv) == sys.argv[1:] else list(argv)
-    BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-              args=args, save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True})
+    # auto_configure_optimizers=False: a task's optimizer and schedule are its `optim` group; LightningCLI's own
+    # --optimizer/--lr_scheduler would replace both without a word (and cannot drive the engine's optimizers).
+    try:
+        BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  args=args, save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True},
+                  auto_configure_optimizers=False)
+    except MisconfigurationException as error:  # a Trainer setting the model cannot take: a bad setting
+        raise ValueError(explain_misconfiguration(str(error))) from error
     return 0
+
+
+ENGINE_TRAINER_HINT = ("the engine backend takes its own optimizer steps: clip gradients with "
+                       "--model.optim.max_grad_norm=VALUE (not --trainer.gradient_clip_val), and it steps on every "
+                       "batch (no --trainer.accumulate_grad_batches: raise the data's batch_size instead)")
+
+
+def explain_misconfiguration(message: str) -> str:
+    """Lightning's message for a Trainer setting the model refuses, with what to do for the engine backend."""
+    if "manual optimization" in message:
+        return f"{message} — {ENGINE_TRAINER_HINT}"
+    return message
 
 
 def use_atomic_checkpoints(trainer: Any) -> None:

@@ -55,3 +55,26 @@ def test_training_that_diverges_is_one_line_with_exit_2(tmp_path, capsys) -> Non
                  "--trainer.enable_progress_bar=false"])
     assert code == 2
     assert "bp-apps fit: error: non-finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("setting", "hint"), [("--trainer.gradient_clip_val=1.0", "--model.optim.max_grad_norm"),
+                                               ("--trainer.accumulate_grad_batches=2", "batch_size")])
+def test_trainer_settings_the_engine_cannot_take_are_one_line_with_what_to_use(setting, hint, tmp_path,
+                                                                             capsys) -> None:
+    config = ROOT / "configs" / "vision" / "digits_mlp_engine.yaml"
+    code = main(["fit", "--config", str(config), setting, "--trainer.max_epochs=1",
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("bp-apps fit: error: ") and "manual optimization" in last and hint in last
+
+
+def test_lightning_clis_optimizer_option_is_not_offered(tmp_path, capsys) -> None:
+    """A task's optimizer and schedule are its `optim` group; LightningCLI's --optimizer would replace both
+    silently, so it is refused as an unknown option."""
+    config = ROOT / "configs" / "vision" / "digits_mlp_autograd.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--optimizer=torch.optim.Adam", f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert "--optimizer" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing ran"

@@ -393,5 +393,5 @@ def test_a_checkpoint_describing_a_huge_network_is_refused_before_building_it(
     net = checkpoint["hyper_parameters"]["net"]
     checkpoint["hyper_parameters"]["net"] = {**net, "init_args": {**net["init_args"], "hidden": 300_000}}
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"huge\.ckpt: its hyperparameters describe a model of [\d,]+ weights"):
+    with pytest.raises(ValueError, match=r"huge\.ckpt: its hyperparameters .*describe a model of [\d,]+ weights"):
         TokenLabeler.load(path)

@@ -568,3 +568,17 @@ def test_load_summarizer_refuses_bad_files(tmp_path: Path, trained: Fitted) -> N
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"truncated\.ckpt: not a loadable checkpoint"):
         load_summarizer(truncated)
+
+
+def test_a_checkpoint_describing_a_huge_network_is_refused_before_building_it(trained: Fitted,
+                                                                              tmp_path: Path) -> None:
+    """The summarizer builds its network from the transformers configuration the checkpoint carries: the size check
+    builds it on the meta device first, so a crafted width is refused before any memory is allocated."""
+    checkpoint = torch.load(last_checkpoint(trained.trainer), weights_only=True)
+    config = checkpoint["bp_apps_summarization"]["config"]
+    checkpoint["bp_apps_summarization"]["config"] = {**config, "d_model": 64_000, "encoder_ffn_dim": 256_000,
+                                                     "decoder_ffn_dim": 256_000}
+    path = tmp_path / "huge.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"huge\.ckpt: its hyperparameters .*describe a model of [\d,]+ weights"):
+        load_summarizer(path)

@@ -323,6 +323,7 @@ def check_model_size(cls: type[TaskModule], hparams: dict[str, Any], checkpoint:
     except Exception:
         return
     if described > 2 * saved + 1_000_000:
-        raise ValueError(f"{path}: its hyperparameters describe a model of {described:,} weights but the checkpoint "
-                         f"holds {saved:,}: refusing to build it (a damaged or crafted checkpoint)")
+        raise ValueError(f"{path}: its hyperparameters (with the network configuration it carries) describe a model "
+                         f"of {described:,} weights but the checkpoint holds {saved:,}: refusing to build it (a "
+                         "damaged or crafted checkpoint)")
 
