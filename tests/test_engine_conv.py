@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given, settings
+from engine_checks import AUTOGRAD_TOL, F64, PROPERTY, assert_all_below, randn, randomized
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -22,33 +23,12 @@ from bp_apps.engine.conv import (
     Flatten,
     MaxPool2d,
 )
-from bp_apps.engine.gradcheck import check_layer, finite_difference_errors, reference_module
+from bp_apps.engine.gradcheck import check_layer, reference_module
 from bp_apps.engine.layers import Layer
 
-F64 = torch.float64
-AUTOGRAD_TOL = 1e-10
-FD_TOL = 1e-6
-PROPERTY = settings(max_examples=20, deadline=None)
 # torch's own Conv with padding='same' and an even kernel warns about its internal padded copy
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> Tensor:
-    """A float64 standard-normal tensor from a private generator."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
-
-
-def randomized(layer: Layer, seed: int = 1) -> Layer:
-    """Non-trivial float64 parameters (and BatchNorm running statistics)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param, _ in layer.param_grads():
-            param.copy_(torch.randn(param.shape, generator=gen, dtype=F64))
-        if isinstance(layer, BatchNorm2d) and layer.running_mean is not None:
-            layer.running_mean.copy_(torch.randn(layer.num_features, generator=gen, dtype=F64))
-            layer.running_var.copy_(torch.rand(layer.num_features, generator=gen, dtype=F64) + 0.5)
-    return layer
 
 
 def with_method(layer: Layer, method: str) -> Layer:
@@ -56,17 +36,9 @@ def with_method(layer: Layer, method: str) -> Layer:
     return layer
 
 
-def assert_all_below(errors: dict[str, float], tol: float, expected_keys: set[str] | None = None) -> None:
-    """Every error is ≤ tol (NaN fails), and the checked tensors are exactly the expected ones."""
-    if expected_keys is not None:
-        assert set(errors) == expected_keys
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"errors above {tol}: {bad}"
-
-
 WB = ("weight", "bias")
 # (id, factory, input shape, parameter names, buffer names)
-LAYER_CASES: list[tuple[str, Callable[[], Layer], tuple[int, ...], tuple[str, ...], tuple[str, ...]]] = [
+CONV_CASES: list[tuple[str, Callable[[], Layer], tuple[int, ...], tuple[str, ...], tuple[str, ...]]] = [
     ("conv2d", lambda: Conv2d(3, 4, 3, padding=1, dtype=F64), (2, 3, 5, 6), WB, ()),
     ("conv2d_no_bias", lambda: Conv2d(3, 4, 3, bias=False, dtype=F64), (2, 3, 5, 5), ("weight",), ()),
     ("conv2d_stride_not_dividing", lambda: Conv2d(2, 3, 3, stride=2, padding=1, dtype=F64), (2, 2, 6, 7), WB, ()),
@@ -123,23 +95,6 @@ LAYER_CASES: list[tuple[str, Callable[[], Layer], tuple[int, ...], tuple[str, ..
     ("batch_norm2d_no_running_stats_eval",
      lambda: randomized(BatchNorm2d(3, track_running_stats=False, dtype=F64)).eval(), (2, 3, 4, 5), WB, ()),
 ]
-LAYER_IDS = [case[0] for case in LAYER_CASES]
-
-
-@pytest.mark.parametrize(("name", "factory", "shape", "params", "buffers"), LAYER_CASES, ids=LAYER_IDS)
-def test_layer_matches_autograd(name: str, factory: Callable[[], Layer], shape: tuple[int, ...],
-                                params: tuple[str, ...], buffers: tuple[str, ...]) -> None:
-    errors = check_layer(factory(), randn(*shape, seed=3, scale=2.0), seed=4)
-    assert_all_below(errors, AUTOGRAD_TOL, {"output", "input", *params, *buffers})
-
-
-@pytest.mark.parametrize(("name", "factory", "shape", "params", "buffers"), LAYER_CASES, ids=LAYER_IDS)
-def test_layer_matches_finite_differences(name: str, factory: Callable[[], Layer], shape: tuple[int, ...],
-                                          params: tuple[str, ...], buffers: tuple[str, ...]) -> None:
-    errors = finite_difference_errors(factory(), randn(*shape, seed=5, scale=2.0), seed=6)
-    assert_all_below(errors, FD_TOL, {"input", *params})
-
-
 CONV_METHOD_CASES = [
     ("stride1", lambda: Conv2d(3, 4, 3, padding=1, dtype=F64), (2, 3, 5, 6)),
     ("stride1_dilated_rect", lambda: Conv2d(2, 3, (3, 2), padding=(2, 0), dilation=(2, 1), dtype=F64), (2, 2, 6, 5)),

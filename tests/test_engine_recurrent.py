@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from engine_checks import AUTOGRAD_TOL, F64, FD_TOL, PROPERTY, assert_all_below, randn
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from bp_apps.engine.gradcheck import finite_difference_grad, reference_module, relative_error
+from bp_apps.engine.gradcheck import check_layer, finite_difference_grad, reference_module, relative_error
 from bp_apps.engine.recurrent import GRU, LSTM, RecurrentSaved
 
-F64 = torch.float64
-AUTOGRAD_TOL = 1e-10
-FD_TOL = 1e-6
-PROPERTY = settings(max_examples=20, deadline=None)
 CELLS = {"GRU": (GRU, nn.GRU), "LSTM": (LSTM, nn.LSTM)}
-
-
-def randn(*shape: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = F64) -> Tensor:
-    """A standard-normal tensor from a private generator."""
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale).to(dtype)
 
 
 def make(cell: str, *args: object, seed: int = 0, **kwargs: object) -> GRU | LSTM:
@@ -49,28 +41,7 @@ def packed_forward(module: nn.Module, x: Tensor, lengths: Tensor | None) -> Tens
 
 def autograd_errors(layer: GRU | LSTM, x: Tensor, lengths: Tensor | None, seed: int = 7) -> dict[str, float]:
     """Relative errors of the engine's output, input gradient and every parameter gradient vs autograd."""
-    reference = twin(layer)
-    output = layer.forward(x.clone(), lengths)
-    grad_output = randn(*output.shape, seed=seed, dtype=x.dtype)
-    grad_input = layer.backward(grad_output.clone())
-    with torch.enable_grad():
-        x_ref = x.detach().clone().requires_grad_(True)
-        output_ref = packed_forward(reference, x_ref, lengths)
-        output_ref.backward(grad_output)
-    errors = {"output": relative_error(output, output_ref)}
-    if grad_input is not None:
-        errors["input"] = relative_error(grad_input, x_ref.grad)
-    ref_params = dict(reference.named_parameters())
-    for name, _, grad in layer.param_grads():
-        errors[name] = relative_error(grad, ref_params[name].grad)
-    return errors
-
-
-def assert_all_below(errors: dict[str, float], tol: float, expected_keys: set[str] | None = None) -> None:
-    if expected_keys is not None:
-        assert set(errors) == expected_keys
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"errors above {tol}: {bad}"
+    return check_layer(layer, x, seed=seed, lengths=lengths)
 
 
 def param_keys(layer: GRU | LSTM) -> set[str]:

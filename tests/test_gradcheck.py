@@ -7,8 +7,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from engine_checks import AUTOGRAD_TOL, F64, FD_TOL, PROPERTY, assert_all_below, randn, randomized
+from hypothesis import given
 from hypothesis import strategies as st
+from test_engine_conv import CONV_CASES
 from torch import Tensor, nn
 
 from bp_apps.engine import (
@@ -41,37 +43,6 @@ from bp_apps.engine.gradcheck import (
     relative_error,
 )
 
-F64 = torch.float64
-AUTOGRAD_TOL = 1e-10
-FD_TOL = 1e-6
-PROPERTY = settings(max_examples=20, deadline=None)
-
-
-def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> Tensor:
-    """A float64 standard-normal tensor from a private generator."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
-
-
-def randomized(layer: Layer, seed: int = 1) -> Layer:
-    """Give a layer's parameters (and BatchNorm running statistics) non-trivial float64 values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param, _ in layer.param_grads():
-            param.copy_(torch.randn(param.shape, generator=gen, dtype=F64))
-        if isinstance(layer, BatchNorm1d):
-            layer.running_mean.copy_(torch.randn(layer.num_features, generator=gen, dtype=F64))
-            layer.running_var.copy_(torch.rand(layer.num_features, generator=gen, dtype=F64) + 0.5)
-    return layer
-
-
-def assert_all_below(errors: dict[str, float], tol: float, expected_keys: set[str] | None = None) -> None:
-    """Every error is ≤ tol (NaN fails), and the checked tensors are exactly the expected ones."""
-    if expected_keys is not None:
-        assert set(errors) == expected_keys
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"errors above {tol}: {bad}"
-
-
 # (id, factory, input shape, parameter names, buffer names)
 LAYER_CASES: list[tuple[str, Callable[[], Layer], tuple[int, ...], tuple[str, ...], tuple[str, ...]]] = [
     ("linear", lambda: Linear(6, 4, dtype=F64), (8, 6), ("weight", "bias"), ()),
@@ -101,6 +72,7 @@ LAYER_CASES: list[tuple[str, Callable[[], Layer], tuple[int, ...], tuple[str, ..
     ("batch_norm_no_affine", lambda: BatchNorm1d(6, affine=False, dtype=F64), (8, 6), (),
      ("running_mean", "running_var", "num_batches_tracked")),
 ]
+LAYER_CASES += CONV_CASES  # the same checks for the convolution, pooling and 2-d batch-norm layers
 LAYER_IDS = [case[0] for case in LAYER_CASES]
 
 

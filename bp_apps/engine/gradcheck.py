@@ -36,6 +36,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from bp_apps.engine.layers import Dropout, Layer
 from bp_apps.engine.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
@@ -113,10 +114,16 @@ def reference_module(layer: Layer) -> nn.Module:
     return twin.train(layer.training)
 
 
-def _reference_forward(reference: nn.Module, layer: Layer, x: Tensor) -> Tensor:
-    """Apply the reference as the engine applies ``layer``: an MLP flattens leading dimensions."""
+def _reference_forward(reference: nn.Module, layer: Layer, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """Apply the reference as the engine applies ``layer``: an MLP flattens leading dimensions; a recurrent layer's
+    twin reads a packed sequence of ``lengths`` and gives its padded output (zeros past each length)."""
     if isinstance(layer, MLP) and x.dim() != 2:
         return reference(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    if isinstance(reference, nn.RNNBase):
+        if lengths is None:
+            return reference(x)[0]
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(reference(packed)[0], batch_first=True, total_length=x.shape[1])[0]
     return reference(x)
 
 
@@ -136,18 +143,21 @@ def _cloned(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clone()
 
 
-def check_layer(layer: Layer, x: Tensor, grad_output: Tensor | None = None, seed: int = 0) -> dict[str, float]:
-    """Errors vs autograd: 'output', 'input' (if returned), each parameter gradient, each state-dict buffer."""
+def check_layer(layer: Layer, x: Tensor, grad_output: Tensor | None = None, seed: int = 0,
+                lengths: Tensor | None = None) -> dict[str, float]:
+    """Errors vs autograd: 'output', 'input' (if returned), each parameter gradient, each state-dict buffer.
+    ``lengths``: the valid lengths of a recurrent layer's sequences (its twin then reads them packed)."""
     reference = reference_module(layer)  # built first: buffers as they were before the forward
+    extra = () if lengths is None else (lengths,)
     with _rng_kept(x):  # clones: in-place ReLU overwrites its input and its incoming gradient
-        output = layer.forward(x.detach().clone()).clone()  # (reused output buffers are overwritten later)
+        output = layer.forward(x.detach().clone(), *extra).clone()  # (reused output buffers are overwritten later)
     if grad_output is None:
         grad_output = _random_like(output, seed)
     grad_input = _cloned(layer.backward(grad_output.clone()))
 
     with torch.enable_grad():
         x_ref = x.detach().clone().requires_grad_(True)
-        output_ref = _reference_forward(reference, layer, x_ref)
+        output_ref = _reference_forward(reference, layer, x_ref, lengths)
         output_ref.backward(grad_output)
     errors = {"output": relative_error(output, output_ref)}
     if grad_input is not None:

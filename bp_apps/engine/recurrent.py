@@ -145,23 +145,15 @@ class _Recurrent(Layer):
         return cls(self.input_size, self.hidden_size, num_layers=self.num_layers, bias=self.bias, batch_first=True,
                    dropout=self.dropout, bidirectional=self.bidirectional, device=weight.device, dtype=weight.dtype)
 
-    def _weights(self, layer: int) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
-        """(W_ih, W_hh, b_ih, b_hh) of each direction of ``layer``."""
+    def _weights(self, layer: int, suffix: str = "") -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+        """(W_ih, W_hh, b_ih, b_hh) of each direction of ``layer``; with ``suffix="_grad"`` their gradient
+        buffers."""
         out = []
         for direction in range(self.num_directions):
-            suffix = f"l{layer}" + ("_reverse" if direction == 1 else "")
+            name = f"l{layer}" + ("_reverse" if direction == 1 else "") + suffix
             d = self.__dict__
-            out.append((d[f"weight_ih_{suffix}"], d[f"weight_hh_{suffix}"],
-                        d.get(f"bias_ih_{suffix}"), d.get(f"bias_hh_{suffix}")))
-        return out
-
-    def _grad_buffers(self, layer: int) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
-        out = []
-        for direction in range(self.num_directions):
-            suffix = f"l{layer}" + ("_reverse" if direction == 1 else "")
-            d = self.__dict__
-            out.append((d[f"weight_ih_{suffix}_grad"], d[f"weight_hh_{suffix}_grad"],
-                        d.get(f"bias_ih_{suffix}_grad"), d.get(f"bias_hh_{suffix}_grad")))
+            out.append((d[f"weight_ih_{name}"], d[f"weight_hh_{name}"], d.get(f"bias_ih_{name}"),
+                        d.get(f"bias_hh_{name}")))
         return out
 
     # ------------------------------------------------------------------ checks
@@ -340,7 +332,7 @@ class _Recurrent(Layer):
     def _write_grads(self, layer: int, dw_ih: Tensor, dw_hh: Tensor, db_ih: Tensor | None, db_hh: Tensor | None,
                      perm_ih: Tensor, perm_hh: Tensor) -> None:
         """Scatter internally ordered (D, G·H, ·) gradients into the torch-ordered ``_grad`` buffers."""
-        for d, (gw_ih, gw_hh, gb_ih, gb_hh) in enumerate(self._grad_buffers(layer)):
+        for d, (gw_ih, gw_hh, gb_ih, gb_hh) in enumerate(self._weights(layer, "_grad")):
             gw_ih.index_copy_(0, perm_ih, dw_ih[d])
             gw_hh.index_copy_(0, perm_hh, dw_hh[d])
             if gb_ih is not None:

@@ -167,9 +167,16 @@ def run_comparison(config: CompareConfig) -> dict:
         backends[name]["peak_memory_mb"] = peak_step_memory_mb(lambda s=step: s(sample_x, sample_y),
                                                                persistent[name], device)
 
+    return comparison_report(asdict(config), grad_errors, losses, backends)
+
+
+def comparison_report(config: dict, grad_errors: dict[str, float], losses: dict[str, list[float]],
+                      backends: dict[str, dict[str, float]]) -> dict:
+    """The report both comparisons write: the setup, the float64 gradient errors, both loss curves with their
+    largest step difference, and each backend's figures."""
     diffs = [abs(a - b) for a, b in zip(losses["engine"], losses["autograd"], strict=True)]
     return {
-        "config": asdict(config),
+        "config": config,
         "max_grad_rel_error": max(grad_errors.values()),
         "grad_rel_error_per_parameter": grad_errors,
         "max_loss_trajectory_diff": max(diffs),

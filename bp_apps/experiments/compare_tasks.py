@@ -23,7 +23,7 @@ from torch import Tensor
 from bp_apps.core.task import TaskModule
 from bp_apps.engine.optim import clip_grad_norm
 from bp_apps.experiments.bench import synchronize
-from bp_apps.experiments.compare import DTYPES, _optimizer_tensors, peak_step_memory_mb
+from bp_apps.experiments.compare import DTYPES, _optimizer_tensors, comparison_report, peak_step_memory_mb
 
 __all__ = ["autograd_twin", "compare_task_modules", "map_floats"]
 
@@ -156,14 +156,6 @@ def compare_task_modules(module: TaskModule, batches: Iterable[Any], *, steps: i
             memory = peak_step_memory_mb(lambda s=step: s(batches[0]), persistent[name], device)
         backends[name] = {"ms_per_step": 1e3 * statistics.median(seconds[name]), "peak_memory_mb": memory,
                           "final_loss": losses[name][-1]}
-    diffs = [abs(a - b) for a, b in zip(losses["engine"], losses["autograd"], strict=True)]
-    return {
-        "config": {"task": module.task_name, "network": type(module.net).__name__, "setup": setup,
-                   "optimizer": module.optim.name, "lr": module.optim.lr, "dtype": dtype},
-        "max_grad_rel_error": max(grad_errors.values()),
-        "grad_rel_error_per_parameter": grad_errors,
-        "max_loss_trajectory_diff": max(diffs),
-        "steps": len(diffs),
-        "loss_curves": losses,
-        "backends": backends,
-    }
+    config = {"task": module.task_name, "network": type(module.net).__name__, "setup": setup,
+              "optimizer": module.optim.name, "lr": module.optim.lr, "dtype": dtype}
+    return comparison_report(config, grad_errors, losses, backends)
