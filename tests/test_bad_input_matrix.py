@@ -1,4 +1,5 @@
-"""The bad-input matrix, end to end: ``bp-apps fit`` with each task's real config on bad data or a bad setting.
+"""The bad-input matrix, end to end: ``bp-apps fit`` with each task's real config on bad data, a bad setting or a
+bad ``--ckpt_path``, and the other commands on bad outputs and crafted checkpoints.
 
 Every case runs in a workspace that already holds a previous run (checkpoint, metrics, a cache entry) and the data.
 It asserts the exit status and the message (naming the file, line, field or setting), that every file already on
@@ -268,3 +269,77 @@ def test_bad_input_gets_a_clear_error_and_loses_nothing(case: str, tmp_path: Pat
     assert re.search(rf"bp-apps fit: error: .*{message}", err, flags=re.S), err[-3000:]
     assert_nothing_lost_or_half_written(before, work)
     assert not (work / "data" / "payload_ran").exists(), "a pickled payload ran"
+
+
+# ------------------------------------------------------------------------------------------------ other commands
+
+def crafted_image_checkpoint(work: Path, change: str) -> Path:
+    """A tiny image-classifier checkpoint made bad in one way: ``nan`` weights, ``huge`` hyperparameters, ``classes``
+    (too few class names in its data state)."""
+    from test_crafted_checkpoints import DIGITS_STATE, save
+
+    from bp_apps.vision.models import SmallCNN
+    from bp_apps.vision.task import ImageClassifier
+
+    model = ImageClassifier({"class_path": f"{SmallCNN.__module__}.SmallCNN",
+                             "init_args": {"width": 4, "hidden": [8]}}, input_shape=(1, 8, 8))
+    folder = work / "models"
+    folder.mkdir(exist_ok=True)
+    if change == "nan":
+        state = model.state_dict()
+        state["net.head.0.weight"][0, 0] = float("nan")
+        return Path(save(folder, model, state_dict=state))
+    if change == "huge":
+        hparams = {**model.hparams, "net": {"class_path": f"{SmallCNN.__module__}.SmallCNN",
+                                            "init_args": {"width": 200_000, "hidden": [8]}}}
+        return Path(save(folder, model, hyper_parameters=hparams))
+    return Path(save(folder, model, DigitsImageDataModule={**DIGITS_STATE, "class_names": ["0", "1"]}))
+
+
+def image(work: Path) -> Path:
+    from PIL import Image
+
+    path = work / "digit.png"
+    Image.new("L", (8, 8), 128).save(path)
+    return path
+
+
+def jsonl_input(work: Path) -> Path:
+    path = work / "in.jsonl"
+    path.write_bytes(b'{"id": "s1", "tokens": ["Hello", "world"], "text": "Hello world", "note": "kept"}\n')
+    return path
+
+
+COMMAND_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    # name: (workspace builder returning the command line, expected message)
+    "label/out_is_the_input": (lambda w: ["label", "--file", str(jsonl_input(w)), "--out", str(w / "in.jsonl"),
+                                          "--ckpt", str(w / "model.ckpt")], r"--out .*in\.jsonl is the input"),
+    "summarize/out_is_the_input": (lambda w: ["summarize", "--file", str(jsonl_input(w)), "--out",
+                                              str(w / "in.jsonl"), "--ckpt", str(w / "model.ckpt")],
+                                   r"--out .*in\.jsonl is the input"),
+    "label/out_is_a_folder": (lambda w: ["label", "--file", str(jsonl_input(w)), "--out", str(w / "runs"),
+                                         "--ckpt", str(w / "model.ckpt")], r"--out .*runs is a folder"),
+    "predict-image/nan_weights": (lambda w: ["predict-image", str(image(w)), "--ckpt",
+                                             str(crafted_image_checkpoint(w, "nan"))],
+                                  r"model\.ckpt: weight 'net\.head\.0\.weight' holds NaN"),
+    "predict-image/huge_hyperparameters": (lambda w: ["predict-image", str(image(w)), "--ckpt",
+                                                      str(crafted_image_checkpoint(w, "huge"))],
+                                           r"model\.ckpt: .*describe a model of [\d,]+ weights"),
+    "predict-image/too_few_class_names": (lambda w: ["predict-image", str(image(w)), "--ckpt",
+                                                     str(crafted_image_checkpoint(w, "classes"))],
+                                          r"names 2 classes but the model predicts 10"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMMAND_CASES))
+def test_bad_command_input_gets_a_clear_error_and_loses_nothing(case: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    build, message = COMMAND_CASES[case]
+    work = tmp_path / "work"
+    previous_run(work)
+    argv = build(work)
+    before = snapshot(work)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"bp-apps {argv[0]}: error: .*{message}", err, flags=re.S), err[-3000:]
+    assert_nothing_lost_or_half_written(before, work)
