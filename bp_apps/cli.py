@@ -282,14 +282,17 @@ def callback_classes(entries: Sequence[Any] | Any | None) -> list[type]:
 
 def default_callbacks(enable_progress_bar: bool | None, given: Sequence[type]) -> list:
     """The callbacks every Lightning command adds to the config's and the command line's (``given``, their
-    classes): ``metrics.json`` unless a ``MetricsJson`` is given, and Rich's progress bar unless the progress bar
+    classes): ``metrics.json`` unless a ``MetricsJson`` is given, ``predictions.jsonl`` (after ``predict``) unless a
+    prediction writer is given, and Rich's progress bar unless the progress bar
     is off, another progress bar is given, or rich is not installed (Lightning's tqdm bar then stays). Rich's bar
     draws nothing when the output is not a terminal."""
-    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
 
-    from bp_apps.core.callbacks import MetricsJson
+    from bp_apps.core.callbacks import MetricsJson, PredictionsJsonl
 
     callbacks: list = [] if any(issubclass(c, MetricsJson) for c in given) else [MetricsJson()]
+    if not any(issubclass(c, BasePredictionWriter) for c in given):
+        callbacks.append(PredictionsJsonl())
     if enable_progress_bar is not False and not any(issubclass(c, ProgressBar) for c in given):
         with contextlib.suppress(ModuleNotFoundError):  # rich is not installed
             callbacks.append(RichProgressBar())

@@ -110,3 +110,30 @@ def test_no_module_configures_its_own_callbacks() -> None:
     found = [str(p.relative_to(ROOT)) for p in (ROOT / "bp_apps").rglob("*.py")
              if "configure_callbacks" in p.read_text(encoding="utf-8")]
     assert found == []
+
+
+def test_predict_writes_one_line_per_example_in_the_datas_order(tmp_path: Path) -> None:
+    """`bp-apps predict` writes predictions.jsonl: the class probabilities of each test image, in order, so that
+    their argmax scores the test accuracy that `test` reports for the same checkpoint."""
+    import torch
+
+    from bp_apps.vision.data import DigitsImageDataModule
+
+    run = tmp_path / "run"
+    assert main(["fit", "--config", str(DIGITS), "--trainer.max_epochs=2", f"--trainer.default_root_dir={run}",
+                 *QUICK]) == 0
+    (metrics_path,) = run.rglob("metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    assert main(["predict", "--config", str(DIGITS), f"--ckpt_path={metrics['best_checkpoint']}",
+                 f"--trainer.default_root_dir={tmp_path / 'predict'}", *QUICK]) == 0
+    (written,) = (tmp_path / "predict").rglob("predictions.jsonl")
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    data = DigitsImageDataModule()
+    data.setup("test")
+    labels = torch.cat([y for _, y in data.test_dataloader()])
+    assert [row["index"] for row in rows] == list(range(len(labels)))
+    probabilities = torch.tensor([row["prediction"] for row in rows])
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(rows)))
+    tested = 2 * data.hparams.batch_size  # the fit's test ran on its first two batches (QUICK)
+    accuracy = float((probabilities[:tested].argmax(-1) == labels[:tested]).float().mean())
+    assert accuracy == pytest.approx(metrics["test"]["test_acc"], abs=1e-6)

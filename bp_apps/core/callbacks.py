@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
 
 from bp_apps.core.io import atomic_write_text
 
-__all__ = ["BestCheckpoint", "LastCheckpoint", "MetricsJson", "best_checkpoint_callback", "report_dir",
-           "task_callbacks"]
+__all__ = ["BestCheckpoint", "LastCheckpoint", "MetricsJson", "PredictionsJsonl", "best_checkpoint_callback",
+           "report_dir", "task_callbacks"]
 
 
 def report_dir(trainer: L.Trainer) -> Path | None:
@@ -29,6 +29,42 @@ def report_dir(trainer: L.Trainer) -> Path | None:
         return None
     log_dir = trainer.log_dir
     return Path(log_dir) if log_dir else None
+
+
+class PredictionsJsonl(BasePredictionWriter):
+    """``predictions.jsonl`` in the run's log folder after ``predict``: one line per example, ``{"index": i,
+    "prediction": ...}`` in the order of the data (a tensor row as a list, e.g. class probabilities; a string as
+    it is), written atomically. Under several processes each writes ``predictions-rank<r>.jsonl`` for its share.
+    Without a logger there is no log folder, and nothing is written."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        folder = report_dir(trainer)
+        if folder is None:
+            return
+        several = len(trainer.num_predict_batches) > 1  # then one list of batches per loader, and a "dataloader" key
+        lines = []
+        for loader, batches in enumerate(predictions if several else [predictions]):
+            rows = [row for batch in batches for row in _prediction_rows(batch)]
+            lines += [json.dumps({**({"dataloader": loader} if several else {}), "index": i, "prediction": row})
+                      for i, row in enumerate(rows)]
+        name = "predictions.jsonl" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.jsonl"
+        path = folder / name
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        print(f"predictions written to {path}")
+
+
+def _prediction_rows(batch: Any) -> list[Any]:
+    """One JSON-ready value per example of a ``predict_step`` output (a batch-first tensor, or a list)."""
+    if torch.is_tensor(batch):
+        return batch.detach().cpu().tolist() if batch.dim() > 0 else [batch.item()]
+    if isinstance(batch, (list, tuple)):
+        return [item.detach().cpu().tolist() if torch.is_tensor(item) else item for item in batch]
+    return [batch]
 
 
 class MetricsJson(L.Callback):
