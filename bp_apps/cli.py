@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -209,7 +210,8 @@ def _lightning(argv: Sequence[str]) -> int:
         def before_instantiate_classes(self) -> None:
             trainer = self.config[self.subcommand].trainer
             self.trainer_defaults["callbacks"] = default_callbacks(trainer.enable_progress_bar,
-                                                                   callback_classes(trainer.callbacks))
+                                                                   callback_classes(trainer.callbacks),
+                                                                   trainer.enable_model_summary)
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
@@ -280,15 +282,18 @@ def callback_classes(entries: Sequence[Any] | Any | None) -> list[type]:
     return classes
 
 
-def default_callbacks(enable_progress_bar: bool | None, given: Sequence[type]) -> list:
+def default_callbacks(enable_progress_bar: bool | None, given: Sequence[type],
+                      enable_model_summary: bool | None = None) -> list:
     """The callbacks every Lightning command adds to the config's and the command line's (``given``, their
     classes): ``metrics.json`` unless a ``MetricsJson`` is given, ``predictions.jsonl`` (after ``predict``) unless a
-    prediction writer is given, and Rich's progress bar unless the progress bar
+    prediction writer is given, a model summary that counts an engine network's weights as trainable unless the
+    summary is off or another is given, and Rich's progress bar unless the progress bar
     is off, another progress bar is given, or rich is not installed (Lightning's tqdm bar then stays). Rich's bar
     draws nothing when the output is not a terminal."""
-    from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary, ProgressBar, RichProgressBar
 
     from bp_apps.core.callbacks import MetricsJson, PredictionsJsonl
+    from bp_apps.core.internals import EngineAwareModelSummary, EngineAwareRichModelSummary
 
     callbacks: list = [] if any(issubclass(c, MetricsJson) for c in given) else [MetricsJson()]
     if not any(issubclass(c, BasePredictionWriter) for c in given):
@@ -296,6 +301,10 @@ def default_callbacks(enable_progress_bar: bool | None, given: Sequence[type]) -
     if enable_progress_bar is not False and not any(issubclass(c, ProgressBar) for c in given):
         with contextlib.suppress(ModuleNotFoundError):  # rich is not installed
             callbacks.append(RichProgressBar())
+    if enable_model_summary is not False and not any(issubclass(c, ModelSummary) for c in given):
+        # Lightning's own (Rich's when rich is installed), counting an engine network's weights as trainable
+        rich = importlib.util.find_spec("rich") is not None
+        callbacks.append(EngineAwareRichModelSummary() if rich else EngineAwareModelSummary())
     return callbacks
 
 

@@ -5,6 +5,7 @@ no module picks its own callbacks."""
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from pathlib import Path
 
@@ -137,3 +138,16 @@ def test_predict_writes_one_line_per_example_in_the_datas_order(tmp_path: Path) 
     tested = 2 * data.hparams.batch_size  # the fit's test ran on its first two batches (QUICK)
     accuracy = float((probabilities[:tested].argmax(-1) == labels[:tested]).float().mean())
     assert accuracy == pytest.approx(metrics["test"]["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("config", "backend"), [("digits_mlp_engine", "engine"), ("digits_mlp_autograd", "autograd")])
+def test_the_model_summary_counts_engine_weights_as_trainable(config: str, backend: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Engine weights train by the hand-written backward (none requires grad): the summary still counts them."""
+    path = ROOT / "configs" / "vision" / f"{config}.yaml"
+    assert main(["fit", "--config", str(path), "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+                 "--trainer.enable_progress_bar=false"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Trainable params:? +85\.0 K|85\.0 K +Trainable params", out), out[-2000:]
+    assert re.search(r"Non-trainable params:? +0\b|\b0 +Non-trainable params", out), out[-2000:]

@@ -126,16 +126,19 @@ def test_fit_uses_richs_progress_bar_unless_told_otherwise() -> None:
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
     from bp_apps.cli import default_callbacks
-    from bp_apps.core.callbacks import MetricsJson
+    from bp_apps.core.callbacks import MetricsJson, PredictionsJsonl
+    from bp_apps.core.internals import EngineAwareRichModelSummary
 
-    def kinds(callbacks: list) -> list[type]:
-        return [type(c) for c in callbacks]
+    def kinds(callbacks: list) -> list[type]:  # the progress bar and the files, the summary checked apart
+        return [type(c) for c in callbacks if not isinstance(c, (PredictionsJsonl, EngineAwareRichModelSummary))]
 
     assert kinds(default_callbacks(None, [])) == [MetricsJson, RichProgressBar]
     assert kinds(default_callbacks(True, [MetricsJson])) == [RichProgressBar]
     assert kinds(default_callbacks(False, [])) == [MetricsJson]  # --trainer.enable_progress_bar=false
     assert kinds(default_callbacks(True, [TQDMProgressBar])) == [MetricsJson]  # the user's own bar
     assert not any(isinstance(c, ProgressBar) for c in default_callbacks(True, [RichProgressBar]))
+    assert any(isinstance(c, EngineAwareRichModelSummary) for c in default_callbacks(None, []))
+    assert not any(isinstance(c, EngineAwareRichModelSummary) for c in default_callbacks(None, [], False))
 
 
 def test_the_callbacks_given_on_the_command_line_are_read_as_classes() -> None:

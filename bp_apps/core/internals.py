@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.model_summary.model_summary import ModelSummary as LightningSummary
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,6 +27,8 @@ from bp_apps.core.datalink import LINKED
 from bp_apps.core.io import load_checkpoint_dict
 
 __all__ = [
+    "EngineAwareModelSummary",
+    "EngineAwareRichModelSummary",
     "EngineDDPStrategy",
     "SkippingIndexSampler",
     "checkpoint_is_data_cli",
@@ -177,3 +181,30 @@ def checkpoint_is_data_cli() -> type:
                       "and command line's are used (Lightning would have taken the checkpoint's)", file=sys.stderr)
 
     return CheckpointIsDataCLI
+
+
+class _EngineAwareSummary:
+    """Lightning's model summary, with an engine network's weights counted as trainable: they train by the
+    hand-written backward, so none requires grad, and Lightning's count (``requires_grad`` parameters) says 0.
+    Lightning 2.6 builds the summary object in the private ``ModelSummary._summary``."""
+
+    def _summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        summary = super()._summary(trainer, pl_module)  # type: ignore[misc]
+        if getattr(pl_module, "engine", False) and isinstance(summary, LightningSummary):
+            summary.__class__ = _EngineSummary
+        return summary
+
+
+class EngineAwareModelSummary(_EngineAwareSummary, ModelSummary):
+    """Lightning's ``ModelSummary`` counting an engine network's weights as trainable."""
+
+
+class EngineAwareRichModelSummary(_EngineAwareSummary, RichModelSummary):
+    """Lightning's ``RichModelSummary`` (next to Rich's progress bar) counting an engine network's weights as
+    trainable."""
+
+
+class _EngineSummary(LightningSummary):
+    @property
+    def trainable_parameters(self) -> int:
+        return self.total_parameters
