@@ -214,26 +214,31 @@ class TaskModule(PlainHyperparameters, L.LightningModule):
         (:meth:`engine_training_step`); an autograd network's loss is checked and returned to Lightning."""
         batch = self.training_batch(batch)
         if self.engine:
-            return self.engine_training_step(batch, self.net)
+            return self.engine_training_step(batch)
         loss = self.autograd_loss(batch)
         self.check_loss(loss)
         return loss
 
-    def engine_training_step(self, batch: Any, net: Any) -> Tensor:
-        """One engine step: the task's backward, gradients averaged over processes (DDP), clipped, then the
-        optimizer's and the schedule's ``step()`` through Lightning (which counts the step)."""
+    def engine_update(self, batch: Any, optimizer: torch.optim.Optimizer) -> Tensor:
+        """One engine update of ``batch``: the task's backward, gradients averaged over processes (DDP), clipped,
+        then ``optimizer.step()``; the loss."""
         with torch.no_grad():
             loss = self.engine_backward(batch)
             self.check_loss(loss)
-            grads = net.gradients()
+            grads = self.net.gradients()
             average = data_parallel_mean()
             if average is not None:
                 average(grads)
-            net.attach_gradients()
+            self.net.attach_gradients()
             if self.optim.max_grad_norm is not None:
                 clip_grad_norm(grads, self.optim.max_grad_norm)
-            self.optimizers().step()
-            self.lr_schedulers().step()
+            optimizer.step()
+        return loss
+
+    def engine_training_step(self, batch: Any) -> Tensor:
+        """:meth:`engine_update` with Lightning's optimizer (which counts the step), then the schedule's step."""
+        loss = self.engine_update(batch, self.optimizers())
+        self.lr_schedulers().step()
         return loss
 
     def setup(self, stage: str) -> None:

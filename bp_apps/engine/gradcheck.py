@@ -114,7 +114,7 @@ def reference_module(layer: Layer) -> nn.Module:
     return twin.train(layer.training)
 
 
-def _reference_forward(reference: nn.Module, layer: Layer, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+def reference_forward(reference: nn.Module, layer: Layer, x: Tensor, lengths: Tensor | None = None) -> Tensor:
     """Apply the reference as the engine applies ``layer``: an MLP flattens leading dimensions; a recurrent layer's
     twin reads a packed sequence of ``lengths`` and gives its padded output (zeros past each length)."""
     if isinstance(layer, MLP) and x.dim() != 2:
@@ -157,7 +157,7 @@ def check_layer(layer: Layer, x: Tensor, grad_output: Tensor | None = None, seed
 
     with torch.enable_grad():
         x_ref = x.detach().clone().requires_grad_(True)
-        output_ref = _reference_forward(reference, layer, x_ref, lengths)
+        output_ref = reference_forward(reference, layer, x_ref, lengths)
         output_ref.backward(grad_output)
     errors = {"output": relative_error(output, output_ref)}
     if grad_input is not None:
@@ -269,7 +269,7 @@ def mlp_gradient_errors(mlp: MLP, x: Tensor, y: Tensor, loss: str | EngineLoss =
         mlp.backward(loss_fn.backward())
         engine = {name: grad.clone() for name, _, grad in mlp.param_grads()}
         with torch.enable_grad():
-            output_ref = _reference_forward(reference, mlp, x.detach())
+            output_ref = reference_forward(reference, mlp, x.detach())
             reference_loss(loss_fn)(output_ref, y).backward()
     finally:
         mlp.reuse_buffers = reuse_buffers

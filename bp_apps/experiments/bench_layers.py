@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bp_apps.engine import Layer
 from bp_apps.engine.conv import BatchNorm2d, Conv1d, Conv2d, MaxPool2d
 from bp_apps.engine.ctc import CTCLoss
+from bp_apps.engine.gradcheck import reference_forward, reference_module
 from bp_apps.engine.recurrent import GRU, LSTM
 from bp_apps.experiments.bench import _timed
 
@@ -47,9 +48,11 @@ def time_pair(engine: Callable[[], object], autograd: Callable[[], object], devi
 
 
 def _layer_pair(layer: Layer, x: Tensor, input_grad: bool = True,
-                extra: Sequence[Tensor] = ()) -> tuple[Callable[[], object], Callable[[], object]]:
-    """Forward + backward of an engine layer and of its ``torch.nn`` twin (same weights) on ``x``."""
-    twin = layer.to_autograd() if hasattr(layer, "to_autograd") else _twin(layer)
+                lengths: Tensor | None = None) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Forward + backward of an engine layer and of its ``torch.nn`` twin (same weights) on ``x`` (a recurrent
+    layer's sequences of ``lengths``, which its twin reads packed)."""
+    twin = reference_module(layer)
+    extra = () if lengths is None else (lengths,)
     grad = torch.randn_like(layer.forward(x, *extra))
     x_ref = x.clone().requires_grad_(input_grad)
     if hasattr(layer, "needs_input_grad"):
@@ -63,27 +66,9 @@ def _layer_pair(layer: Layer, x: Tensor, input_grad: bool = True,
     def autograd() -> None:
         for p in twin.parameters():
             p.grad = None
-        out = _twin_forward(twin, x_ref, extra)
-        out.backward(grad)
+        reference_forward(twin, layer, x_ref, lengths).backward(grad)
 
     return engine, autograd
-
-
-def _twin(layer: Layer) -> nn.Module:
-    from bp_apps.engine.models import _torch_twin
-
-    with torch.random.fork_rng(devices=[]):
-        return _torch_twin(layer).train(layer.training)
-
-
-def _twin_forward(twin: nn.Module, x: Tensor, extra: Sequence[Tensor]) -> Tensor:
-    if not extra:
-        return twin(x)
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    (lengths,) = extra
-    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-    return pad_packed_sequence(twin(packed)[0], batch_first=True, total_length=x.shape[1])[0]
 
 
 def _conv2d(batch: int, c_in: int, c_out: int, size: tuple[int, int], stride: int = 1, input_grad: bool = True):
@@ -103,7 +88,7 @@ def _recurrent(cls: type, batch: int, frames: int, size: int):
     def build(device: torch.device):
         layer = cls(size, size, num_layers=2, batch_first=True, bidirectional=True).to(device)
         lengths = torch.linspace(frames // 2, frames, batch).long()
-        return _layer_pair(layer, torch.randn(batch, frames, size, device=device), extra=(lengths.to(device),))
+        return _layer_pair(layer, torch.randn(batch, frames, size, device=device), lengths=lengths.to(device))
     return build
 
 

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from bp_apps.core.task import TaskModule
-from bp_apps.engine.optim import clip_grad_norm
 from bp_apps.experiments.bench import synchronize
 from bp_apps.experiments.compare import DTYPES, _optimizer_tensors, comparison_report, peak_step_memory_mb
 
@@ -57,14 +56,7 @@ def _optimizer(module: TaskModule) -> torch.optim.Optimizer:
 
 def _engine_step(module: TaskModule, optimizer: torch.optim.Optimizer) -> Callable[[Any], Tensor]:
     def step(batch: Any) -> Tensor:
-        with torch.no_grad():
-            loss = module.engine_backward(module.training_batch(batch))
-            grads = module.net.gradients()
-            if module.optim.max_grad_norm is not None:
-                clip_grad_norm(grads, module.optim.max_grad_norm)
-            module.net.attach_gradients()
-            optimizer.step()
-        return loss.detach()
+        return module.engine_update(module.training_batch(batch), optimizer).detach()
     return step
 
 
