@@ -211,7 +211,8 @@ class SpeechDataModule(PreprocessingDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.check_model()
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val"))
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)
+                  }.get(stage or "", ("train", "val"))
         for split in splits:
             self.dataset(split)
 
@@ -229,6 +230,10 @@ class SpeechDataModule(PreprocessingDataModule):
         return self._loader("val", False)
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """``bp-apps predict`` runs over the test split, in order."""
         return self._loader("test", False)
 
 
@@ -280,16 +285,32 @@ def list_fsdd(root: str | Path) -> list[Path]:
 
 
 def fsdd_split(files: Sequence[str | Path], val_indices: Sequence[int] = (5, 6, 7, 8, 9),
-               test_indices: Sequence[int] = (0, 1, 2, 3, 4)) -> dict[str, list[Path]]:
+               test_indices: Sequence[int] = (0, 1, 2, 3, 4), speaker_holdout: str | None = None
+               ) -> dict[str, list[Path]]:
     """FSDD's official split by recording index: ``test_indices`` (0-4) test, the rest train, with
-    ``val_indices`` of train taken as validation. Every speaker and digit is in every split."""
+    ``val_indices`` of train taken as validation. Every speaker and digit is in every split.
+
+    ``speaker_holdout`` names a speaker whose every recording is the test set instead (a speaker-independent
+    evaluation: the model never hears that voice); the other speakers' recordings are split into train and
+    validation by ``val_indices`` alone (their recordings 0-4 train as well). ValueError for a speaker that is not
+    among the files, or for a hold-out that leaves no training speaker."""
     overlap = set(val_indices) & set(test_indices)
     if overlap:
         raise ValueError(f"val_indices and test_indices overlap at {sorted(overlap)}")
     split: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
+    if speaker_holdout is not None:
+        speakers = sorted({parse_fsdd_name(path)[1] for path in files})
+        if speaker_holdout not in speakers:
+            raise ValueError(f"speaker_holdout: {speaker_holdout!r} is not an FSDD speaker of the data "
+                             f"(found: {', '.join(speakers) or 'none'})")
+        if len(speakers) < 2:
+            raise ValueError(f"speaker_holdout: holding out {speaker_holdout!r} leaves no speaker to train on")
     for path in files:
-        index = parse_fsdd_name(path)[2]
-        name = "test" if index in test_indices else "val" if index in val_indices else "train"
+        _, speaker, index = parse_fsdd_name(path)
+        if speaker_holdout is not None:
+            name = "test" if speaker == speaker_holdout else "val" if index in val_indices else "train"
+        else:
+            name = "test" if index in test_indices else "val" if index in val_indices else "train"
         split[name].append(Path(path))
     return split
 
@@ -369,7 +390,8 @@ def _fsdd_files(data_root: str | None, download: bool) -> list[Path]:
 class FSDDDigitsDataModule(SpeechDataModule):
     """Isolated spoken digits (10 classes) from FSDD with its official split; loaders yield
     ``((features (B, T, F), lengths), labels)``. ``limit_per_split`` keeps the first N of each split (tests).
-    ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``)."""
+    ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``).
+    ``speaker_holdout``: test on every recording of that speaker and train on the others (:func:`fsdd_split`)."""
 
     collate = staticmethod(collate_digits)
     default_features = FSDD_FEATURES
@@ -377,11 +399,12 @@ class FSDDDigitsDataModule(SpeechDataModule):
     def __init__(self, data_root: str | None = None, download: bool = False,
                  val_indices: Sequence[int] = (5, 6, 7, 8, 9), limit_per_split: int | None = None,
                  features: FeatureConfig = FSDD_FEATURES, batch_size: int = 32, max_seconds: float | None = 10.0,
-                 num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0) -> None:
+                 num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0,
+                 speaker_holdout: str | None = None) -> None:
         super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
                          cache=cache, cache_dir=cache_dir, seed=seed)
         self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
-        self.limit_per_split = limit_per_split
+        self.limit_per_split, self.speaker_holdout = limit_per_split, speaker_holdout
         self.num_classes = len(DIGIT_WORDS)
         self._split: dict[str, list[Path]] | None = None
 
@@ -394,7 +417,8 @@ class FSDDDigitsDataModule(SpeechDataModule):
 
     def split(self) -> dict[str, list[Path]]:
         if self._split is None:
-            self._split = fsdd_split(_fsdd_files(self.data_root, self.download), self.val_indices)
+            self._split = fsdd_split(_fsdd_files(self.data_root, self.download), self.val_indices,
+                                     speaker_holdout=self.speaker_holdout)
         return self._split
 
     def utterances(self, split: str) -> list[Utterance]:
@@ -438,7 +462,9 @@ def connected_digit_utterances(files: Sequence[str | Path], count: int, seed: in
 class ConnectedDigitsDataModule(RecognitionDataModule):
     """Connected digit strings (1-7 digits) made from FSDD recordings: each split's utterances use only that
     split's recordings (test: indices 0-4), so test speech never reaches training. Deterministic by ``seed``.
-    ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``)."""
+    ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``).
+    ``speaker_holdout``: the test strings are built only from that speaker's recordings, and training and
+    validation never hear the speaker (:func:`fsdd_split`)."""
 
     default_features = FSDD_FEATURES
 
@@ -447,10 +473,11 @@ class ConnectedDigitsDataModule(RecognitionDataModule):
                  val_utterances: int = 200, test_utterances: int = 500, min_digits: int = 1, max_digits: int = 7,
                  pause_range: tuple[float, float] = (0.05, 0.3), features: FeatureConfig = FSDD_FEATURES,
                  batch_size: int = 32, max_seconds: float | None = 10.0, num_workers: int = 0, cache: bool = True,
-                 cache_dir: str | None = None, seed: int = 0) -> None:
+                 cache_dir: str | None = None, seed: int = 0, speaker_holdout: str | None = None) -> None:
         super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
                          cache=cache, cache_dir=cache_dir, seed=seed)
         self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
+        self.speaker_holdout = speaker_holdout
         self.counts = {"train": train_utterances, "val": val_utterances, "test": test_utterances}
         self.min_digits, self.max_digits, self.pause_range = min_digits, max_digits, tuple(pause_range)
         self._utterances: dict[str, list[Utterance]] = {}
@@ -460,7 +487,8 @@ class ConnectedDigitsDataModule(RecognitionDataModule):
 
     def utterances(self, split: str) -> list[Utterance]:
         if split not in self._utterances:
-            files = fsdd_split(_fsdd_files(self.data_root, self.download), self.val_indices)[split]
+            files = fsdd_split(_fsdd_files(self.data_root, self.download), self.val_indices,
+                               speaker_holdout=self.speaker_holdout)[split]
             split_seed = self.seed * 1000 + ("train", "val", "test").index(split)
             self._utterances[split] = connected_digit_utterances(files, self.counts[split], split_seed,
                                                                  self.min_digits, self.max_digits, self.pause_range)

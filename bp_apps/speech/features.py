@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from bp_apps.core.io import atomic_write_bytes
 
-__all__ = ["FeatureCache", "FeatureConfig", "LogMel", "SpecAugment", "SpecAugmentConfig", "TimeStretch",
-           "feature_lengths", "make_extractor"]
+__all__ = ["FeatureCache", "FeatureConfig", "FrequencyWarp", "LogMel", "SpecAugment", "SpecAugmentConfig",
+           "TimeStretch", "feature_lengths", "make_extractor"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,36 @@ class TimeStretch(nn.Module):
             out[i, :new] = nn.functional.interpolate(frames, size=new, mode="linear",
                                                      align_corners=True)[0].transpose(0, 1)
         return out, new_lengths.to(lengths.device)
+
+
+class FrequencyWarp(nn.Module):
+    """Vocal-tract-length perturbation in the mel domain, on a padded batch ``(B, time, mel bands)``: in training
+    mode each utterance's spectrum is stretched along frequency by its own factor α, drawn uniformly from
+    ``[1 - amount, 1 + amount]``, so band f of the result reads band f/α of the input (linear interpolation; a
+    band read past the top keeps the top band's value). α > 1 moves formants up, as a shorter vocal tract does.
+    The mel axis is close to logarithmic in frequency above 1 kHz, where a vocal-tract factor is nearly a shift;
+    a stretch of the band index is the usual cheap stand-in (Jaitly & Hinton 2013 warp the filterbank itself).
+    Identity in eval mode and on waveforms."""
+
+    def __init__(self, amount: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= amount < 0.5:
+            raise ValueError(f"frequency-warp amount must be in [0, 0.5), got {amount}")
+        self.amount = amount
+
+    def forward(self, features: Tensor) -> Tensor:
+        if not self.training or self.amount == 0.0 or features.shape[-1] == 1:
+            return features
+        batch, bands = features.shape[0], features.shape[-1]
+        alpha = 1.0 + (torch.rand(batch, device=features.device) * 2.0 - 1.0) * self.amount
+        source = (torch.arange(bands, device=features.device, dtype=features.dtype)[None, :]
+                  / alpha[:, None].to(features.dtype)).clamp(max=bands - 1)  # (B, bands): where each band reads
+        low = source.floor().long().clamp(max=bands - 2) if bands > 1 else source.floor().long()
+        high = (low + 1).clamp(max=bands - 1)
+        weight = (source - low.to(features.dtype))[:, None, :]
+        index_low = low[:, None, :].expand(-1, features.shape[1], -1)
+        index_high = high[:, None, :].expand(-1, features.shape[1], -1)
+        return torch.lerp(features.gather(-1, index_low), features.gather(-1, index_high), weight)
 
 
 class FeatureCache:

@@ -1,0 +1,52 @@
+"""Frequency warping (VTLP in the mel domain): where each band reads from, identity when off or in eval mode,
+padding and waveforms untouched, a clear error for an out-of-range amount."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bp_apps.speech.features import FrequencyWarp
+
+
+def test_each_band_reads_band_over_alpha() -> None:
+    torch.manual_seed(0)
+    warp = FrequencyWarp(0.2).train()
+    bands = torch.arange(40.0).expand(4, 7, 40).clone()
+    out = warp(bands)
+    alpha = 1.0 / out[:, 0, 1]  # band 1 reads band 1/α, and band values are their own index
+    assert ((alpha >= 0.8 - 1e-6) & (alpha <= 1.2 + 1e-6)).all() and alpha.std() > 0  # one factor per utterance
+    expected = (torch.arange(40.0)[None, :] / alpha[:, None]).clamp(max=39.0)
+    torch.testing.assert_close(out[:, 3, :], expected)
+    assert torch.equal(out[:, 0, :], out[:, 6, :])  # the same warp on every frame of an utterance
+
+
+def test_warp_is_linear_interpolation_between_bands() -> None:
+    warp = FrequencyWarp(0.1).train()
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(1)
+    out = warp(x)
+    torch.manual_seed(1)
+    alpha = 1.0 + (torch.rand(2) * 2.0 - 1.0) * 0.1
+    source = (torch.arange(16.0)[None, :] / alpha[:, None]).clamp(max=15)
+    low = source.floor().long().clamp(max=14)
+    frac = source - low
+    for b in range(2):
+        ref = x[b][:, low[b]] * (1 - frac[b]) + x[b][:, low[b] + 1] * frac[b]
+        torch.testing.assert_close(out[b], ref)
+
+
+def test_identity_when_off_in_eval_and_on_waveforms() -> None:
+    x = torch.randn(3, 10, 40)
+    assert torch.equal(FrequencyWarp(0.0).train()(x), x)
+    assert torch.equal(FrequencyWarp(0.1).eval()(x), x)
+    wave = torch.randn(3, 100, 1)
+    assert torch.equal(FrequencyWarp(0.1).train()(wave), wave)
+    padded = torch.zeros(2, 6, 40)
+    assert torch.equal(FrequencyWarp(0.1).train()(padded), padded)  # zero padding stays zero
+
+
+@pytest.mark.parametrize("amount", [-0.1, 0.5, 1.0])
+def test_bad_amount_is_named(amount: float) -> None:
+    with pytest.raises(ValueError, match="frequency-warp amount must be in"):
+        FrequencyWarp(amount)
