@@ -19,6 +19,7 @@ from bp_apps.experiments.speech_loso import (
     summarize_folds,
 )
 from bp_apps.speech.data import ConnectedDigitsDataModule, FSDDDigitsDataModule, fsdd_split, parse_fsdd_name
+from bp_apps.speech.decoding import DIGIT_WORDS
 from tests.test_speech_data import fake_fsdd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +95,23 @@ def test_script_runs_real_folds(tmp_path: Path) -> None:
     assert "| george |" in result.stdout and "| mean |" in result.stdout
     hparams = (next((out / "george").rglob("hparams.yaml"))).read_text()
     assert "speaker_holdout: george" in hparams
+
+
+@pytest.mark.skipif(not __import__("bp_apps.speech.synth", fromlist=["x"]).espeak_available(),
+                    reason="needs the espeakng-loader package")
+def test_synthesized_digits_join_training_only(tmp_path: Path) -> None:
+    fake_fsdd(tmp_path / "fsdd", speakers=("ann", "bob"), indices=range(12))
+    digits = FSDDDigitsDataModule(data_root=str(tmp_path / "fsdd"), cache=False, cache_dir=str(tmp_path / "cache"),
+                                  speaker_holdout="bob", synth_utterances=6)
+    train = digits.utterances("train")
+    synth = [u for u in train if u.speaker.startswith("espeak:")]
+    assert len(synth) == 6 and len(train) == 6 + 10 * 7  # ann's recordings but 5-9 (validation), plus six
+    assert all(u.text == DIGIT_WORDS[u.label] for u in synth)  # one digit, labelled
+    assert not any(u.speaker.startswith("espeak:") for split in ("val", "test") for u in digits.utterances(split))
+    connected = ConnectedDigitsDataModule(data_root=str(tmp_path / "fsdd"), train_utterances=5, val_utterances=3,
+                                          test_utterances=3, cache=False, cache_dir=str(tmp_path / "cache"),
+                                          synth_utterances=4)
+    strings = [u for u in connected.utterances("train") if u.speaker.startswith("espeak:")]
+    assert len(strings) == 4 and all(set(u.text.split()) <= set(DIGIT_WORDS) for u in strings)
+    with pytest.raises(ValueError, match="synth_utterances must be >= 0"):
+        ConnectedDigitsDataModule(data_root=str(tmp_path / "fsdd"), synth_utterances=-1)

@@ -52,7 +52,7 @@ __all__ = ["DEFAULT_FEATURES", "FSDD_ARCHIVE_URL", "FSDD_FEATURES", "FSDD_RECORD
            "ConnectedDigitsDataModule", "FSDDDigitsDataModule", "LibriSpeechDataModule", "ManifestDataModule",
            "RecognitionDataModule", "SpeechBatch", "SpeechCommandsDataModule", "SynthSpeechDataModule", "Utterance",
            "connected_digit_utterances", "download_fsdd", "fsdd_split", "list_fsdd", "parse_fsdd_name",
-           "read_manifest", "split_voice_variants"]
+           "read_manifest", "split_voice_variants", "synthesized_digit_utterances"]
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_ARCHIVE_URL = f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.tar.gz"
@@ -391,7 +391,9 @@ class FSDDDigitsDataModule(SpeechDataModule):
     """Isolated spoken digits (10 classes) from FSDD with its official split; loaders yield
     ``((features (B, T, F), lengths), labels)``. ``limit_per_split`` keeps the first N of each split (tests).
     ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``).
-    ``speaker_holdout``: test on every recording of that speaker and train on the others (:func:`fsdd_split`)."""
+    ``speaker_holdout``: test on every recording of that speaker and train on the others (:func:`fsdd_split`).
+    ``synth_utterances``: that many espeak-ng spoken digits join the training split
+    (:func:`synthesized_digit_utterances`; validation and test stay FSDD recordings)."""
 
     collate = staticmethod(collate_digits)
     default_features = FSDD_FEATURES
@@ -400,11 +402,15 @@ class FSDDDigitsDataModule(SpeechDataModule):
                  val_indices: Sequence[int] = (5, 6, 7, 8, 9), limit_per_split: int | None = None,
                  features: FeatureConfig = FSDD_FEATURES, batch_size: int = 32, max_seconds: float | None = 10.0,
                  num_workers: int = 0, cache: bool = True, cache_dir: str | None = None, seed: int = 0,
-                 speaker_holdout: str | None = None) -> None:
+                 speaker_holdout: str | None = None, synth_utterances: int = 0) -> None:
         super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
                          cache=cache, cache_dir=cache_dir, seed=seed)
+        if synth_utterances < 0:
+            raise ValueError(f"synth_utterances must be >= 0, got {synth_utterances}")
         self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
         self.limit_per_split, self.speaker_holdout = limit_per_split, speaker_holdout
+        self.synth_utterances = synth_utterances
+        self.synth_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "speech"
         self.num_classes = len(DIGIT_WORDS)
         self._split: dict[str, list[Path]] | None = None
 
@@ -430,6 +436,8 @@ class FSDDDigitsDataModule(SpeechDataModule):
         for path in files:
             digit, speaker, _ = parse_fsdd_name(path)
             out.append(Utterance((str(path),), DIGIT_WORDS[digit], label=digit, speaker=speaker))
+        if split == "train":
+            out += synthesized_digit_utterances(self.synth_utterances, self.seed * 1000 + 7, 1, self.synth_dir)
         return out
 
 
@@ -459,12 +467,30 @@ def connected_digit_utterances(files: Sequence[str | Path], count: int, seed: in
     return out
 
 
+def synthesized_digit_utterances(count: int, seed: int, max_digits: int, cache_dir: str | Path,
+                                 noise_prob: float = 0.3) -> list[Utterance]:
+    """``count`` espeak-ng digit strings of 1-``max_digits`` digits (``max_digits`` 1: isolated digits, labelled),
+    each in a voice drawn from every English accent and voice variant at a random rate and pitch, ``noise_prob``
+    of them with background noise: many voices the FSDD speakers do not have, for training only. The WAVs are
+    cached under ``cache_dir`` (:func:`~bp_apps.speech.synth.synthesize_corpus`)."""
+    from bp_apps.speech.synth import ENGLISH_ACCENTS, VOICE_VARIANTS, make_texts, synthesize_corpus
+
+    if count <= 0:
+        return []
+    texts = make_texts(count, seed, digit_fraction=1.0, max_digits=max_digits)
+    voices = [f"{accent}+{variant}" for variant in VOICE_VARIANTS for accent in ENGLISH_ACCENTS]
+    items = synthesize_corpus(texts, voices, cache_dir, seed=seed, noise_prob=noise_prob)
+    return [Utterance((u.audio,), u.text, label=DIGIT_WORDS.index(u.text) if max_digits == 1 else -1,
+                      speaker=f"espeak:{u.voice}") for u in items]
+
+
 class ConnectedDigitsDataModule(RecognitionDataModule):
     """Connected digit strings (1-7 digits) made from FSDD recordings: each split's utterances use only that
     split's recordings (test: indices 0-4), so test speech never reaches training. Deterministic by ``seed``.
     ``data_root`` is the FSDD folder (None: :func:`fsdd_root`, ``fsdd/`` under ``$BP_APPS_DATA`` or ``./data``).
     ``speaker_holdout``: the test strings are built only from that speaker's recordings, and training and
-    validation never hear the speaker (:func:`fsdd_split`)."""
+    validation never hear the speaker (:func:`fsdd_split`). ``synth_utterances``: that many espeak-ng digit
+    strings join the training split (:func:`synthesized_digit_utterances`)."""
 
     default_features = FSDD_FEATURES
 
@@ -473,11 +499,15 @@ class ConnectedDigitsDataModule(RecognitionDataModule):
                  val_utterances: int = 200, test_utterances: int = 500, min_digits: int = 1, max_digits: int = 7,
                  pause_range: tuple[float, float] = (0.05, 0.3), features: FeatureConfig = FSDD_FEATURES,
                  batch_size: int = 32, max_seconds: float | None = 10.0, num_workers: int = 0, cache: bool = True,
-                 cache_dir: str | None = None, seed: int = 0, speaker_holdout: str | None = None) -> None:
+                 cache_dir: str | None = None, seed: int = 0, speaker_holdout: str | None = None,
+                 synth_utterances: int = 0) -> None:
         super().__init__(features, batch_size=batch_size, max_seconds=max_seconds, num_workers=num_workers,
                          cache=cache, cache_dir=cache_dir, seed=seed)
+        if synth_utterances < 0:
+            raise ValueError(f"synth_utterances must be >= 0, got {synth_utterances}")
         self.data_root, self.download, self.val_indices = data_root, download, tuple(val_indices)
-        self.speaker_holdout = speaker_holdout
+        self.speaker_holdout, self.synth_utterances = speaker_holdout, synth_utterances
+        self.synth_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "speech"
         self.counts = {"train": train_utterances, "val": val_utterances, "test": test_utterances}
         self.min_digits, self.max_digits, self.pause_range = min_digits, max_digits, tuple(pause_range)
         self._utterances: dict[str, list[Utterance]] = {}
@@ -490,8 +520,12 @@ class ConnectedDigitsDataModule(RecognitionDataModule):
             files = fsdd_split(_fsdd_files(self.data_root, self.download), self.val_indices,
                                speaker_holdout=self.speaker_holdout)[split]
             split_seed = self.seed * 1000 + ("train", "val", "test").index(split)
-            self._utterances[split] = connected_digit_utterances(files, self.counts[split], split_seed,
-                                                                 self.min_digits, self.max_digits, self.pause_range)
+            utterances = connected_digit_utterances(files, self.counts[split], split_seed, self.min_digits,
+                                                    self.max_digits, self.pause_range)
+            if split == "train":
+                utterances += synthesized_digit_utterances(self.synth_utterances, split_seed + 7, self.max_digits,
+                                                           self.synth_dir)
+            self._utterances[split] = utterances
         return self._utterances[split]
 
     def vocabulary_words(self) -> list[str]:
