@@ -11,8 +11,10 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -164,6 +166,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         report = run_layers_bench(models, device=args.device, repeats=args.repeats or 20,
                                   cases=[case for case in LAYER_CASES if case.layer in chosen])
         print(format_layers_table(report))
+    elif args.what == "privacy":
+        from bp_apps.experiments.bench_privacy import format_privacy_table, run_privacy_bench
+
+        report = run_privacy_bench(batches=args.batches, repeats=args.repeats or 10, threads=args.threads)
+        print(format_privacy_table(report))
     else:
         from bp_apps.experiments.bench_digits import format_digits_table, run_digits_bench
 
@@ -189,6 +196,17 @@ def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     return sizes  # type: ignore[return-value]
 
 
+def _parse_batches(text: str) -> tuple[int, ...]:
+    """'256,64' -> (256, 64)."""
+    try:
+        batches = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) <= 0:
+        raise argparse.ArgumentTypeError(f"batches must look like 256,64 (positive batch sizes), got {text!r}")
+    return batches
+
+
 def _lightning(argv: Sequence[str]) -> int:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -208,10 +226,13 @@ def _lightning(argv: Sequence[str]) -> int:
             link_data_to_model(parser)
 
         def before_instantiate_classes(self) -> None:
-            trainer = self.config[self.subcommand].trainer
-            self.trainer_defaults["callbacks"] = default_callbacks(trainer.enable_progress_bar,
-                                                                   callback_classes(trainer.callbacks),
-                                                                   trainer.enable_model_summary)
+            config = self.config[self.subcommand]
+            trainer = config.trainer
+            callbacks = default_callbacks(trainer.enable_progress_bar, callback_classes(trainer.callbacks),
+                                          trainer.enable_model_summary)
+            model_class = callback_classes(config.model)[0] if getattr(config.model, "class_path", None) else None
+            offered = getattr(model_class, "user_data_callback", None)  # a task's check of a user's data module
+            self.trainer_defaults["callbacks"] = [*callbacks, *([offered()] if offered is not None else [])]
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
@@ -243,10 +264,78 @@ def _lightning(argv: Sequence[str]) -> int:
     try:
         BpAppsCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                   args=args, save_config_callback=SaveConfigToLogs, save_config_kwargs={"overwrite": True},
-                  auto_configure_optimizers=False)
+                  auto_configure_optimizers=False, parser_kwargs=help_listing_kwargs(argv))
     except MisconfigurationException as error:  # a Trainer setting the model cannot take: a bad setting
         raise ValueError(explain_misconfiguration(str(error))) from error
     return 0
+
+
+LISTED_MODULES = {
+    "model": ("bp_apps.vision.task", "bp_apps.speech.task", "bp_apps.text.labeling.task",
+              "bp_apps.text.summarization.task"),
+    "data": ("bp_apps.vision.data", "bp_apps.speech.data", "bp_apps.text.labeling.data",
+             "bp_apps.text.summarization.data"),
+}
+"""The modules whose LightningModule (``model``) and LightningDataModule (``data``) classes ``fit --help`` lists."""
+NOT_LISTED = frozenset({"VisionDataModule", "SpeechDataModule", "RecognitionDataModule"})
+"""Base classes in those modules that are not used by themselves."""
+_MARKUP = ((re.compile(r":\w+:`~?(?:[\w.]*\.)?([^`]+)`"), r"\1"), (re.compile(r"``([^`]*)``"), r"\1"))
+
+
+def summary_line(cls: type) -> str:
+    """The first sentence of a class's docstring, on one line and without reST markup."""
+    paragraph = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+    for pattern, replacement in _MARKUP:
+        paragraph = pattern.sub(replacement, paragraph)
+    match = re.match(r"(.+?\.)(\s|$)", paragraph)
+    return match.group(1) if match else paragraph
+
+
+def listed_classes(kind: str) -> list[tuple[str, str]]:
+    """``(class path, summary line)`` for the suite's task classes (``kind="model"``) or data modules (``"data"``)
+    that the Lightning subcommands accept, in the order of :data:`LISTED_MODULES`."""
+    import lightning as L
+
+    base = L.LightningModule if kind == "model" else L.LightningDataModule
+    found = []
+    for module_name in LISTED_MODULES[kind]:
+        for name, cls in vars(importlib.import_module(module_name)).items():
+            if (isinstance(cls, type) and issubclass(cls, base) and cls.__module__ == module_name
+                    and not name.startswith("_") and name not in NOT_LISTED):
+                found.append((f"{module_name}.{name}", summary_line(cls)))
+    return found
+
+
+def help_listing(width: int = 120) -> str:
+    """The task classes and data modules with one line each, for the Lightning subcommands' ``--help``."""
+    groups = (("task classes (--model=CLASS_PATH, or model.class_path in a config):", listed_classes("model")),
+              ("data modules (--data=CLASS_PATH; your own LightningDataModule yielding the task's batches works too):",
+               listed_classes("data")))
+    lines = []
+    for title, entries in groups:
+        column = max(len(path) for path, _ in entries) + 2
+        lines.append(title)
+        for path, summary in entries:
+            line = f"  {path:<{column}}{summary}"
+            lines.append(line if len(line) <= width else line[: width - 4].rsplit(" ", 1)[0] + " ...")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def help_listing_kwargs(argv: Sequence[str]) -> dict[str, Any]:
+    """LightningCLI's ``parser_kwargs`` that put :func:`help_listing` under each Lightning subcommand's help, when
+    help is asked for (listing imports every task module, which an ordinary run does not need)."""
+    if not any(arg in ("-h", "--help") for arg in argv):
+        return {}
+    from jsonargparse import DefaultHelpFormatter
+
+    class ListingFormatter(DefaultHelpFormatter):
+        def _fill_text(self, text: str, width: int, indent: str) -> str:  # keep the listing's lines as written
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    epilog = help_listing()
+    # a subcommand's parser takes the main parser's formatter (jsonargparse), so the formatter goes there
+    return {"formatter_class": ListingFormatter, **{name: {"epilog": epilog} for name in LIGHTNING_SUBCOMMANDS}}
 
 
 ENGINE_TRAINER_HINT = ("the engine backend takes its own optimizer steps: clip gradients with "
@@ -346,6 +435,20 @@ def _run_predict_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_privacy_audit(args: argparse.Namespace) -> int:
+    from bp_apps.experiments.privacy_audit import audit_checkpoint, format_audit
+
+    check_output_file(args.json, ckpt=args.ckpt)
+    report = audit_checkpoint(args.ckpt, members=args.members, seed=args.seed)
+    print(format_audit(report))
+    if args.json:
+        from bp_apps.core.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def check_output_file(out: Path | None, **inputs: Path | None) -> None:
     """Refuse, before any work, an ``--out`` that is a folder or one of the command's ``inputs`` (option name ->
     path): writing it would replace an input."""
@@ -424,6 +527,23 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from bp_apps.deploy.serve import serve
+
+    if not args.max_request_mb > 0:
+        raise ValueError(f"--max-request-mb must be positive, got {args.max_request_mb}")
+    serve(args.ckpt, args.host, args.port, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          max_request_bytes=int(args.max_request_mb * 2**20))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from bp_apps.deploy.export import export_model, format_report
+
+    print(format_report(export_model(args.ckpt, args.out, args.format, sample_length=args.sample_length)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bp-apps", description=__doc__.replace("``", "`"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -438,11 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "and write a report")
     _add_compare_options(compare)
     bench = sub.add_parser("bench", help="benchmarks: 'core' (ms per MLP step), 'layers' (each engine layer and task "
-                           "model vs autograd) or 'digits' (accuracy, vs scikit-learn)")
-    bench.add_argument("what", choices=["core", "layers", "digits"])
+                           "model vs autograd), 'digits' (accuracy, vs scikit-learn) or 'privacy' (DP-SGD step, "
+                           "engine vs Opacus)")
+    bench.add_argument("what", choices=["core", "layers", "digits", "privacy"])
     bench.add_argument("--device", default="cpu", help="core, layers: cpu or cuda")
     bench.add_argument("--repeats", type=int, default=None,
-                       help="core: timed steps per size (default: by size); layers: timed calls each (default 20)")
+                       help="core: timed steps per size (default: by size); layers: timed calls each (default 20); "
+                       "privacy: timed steps each (default 10)")
     bench.add_argument("--layers", default=None, metavar="NAMES",
                        help="layers: comma-separated layer names to time (default: all)")
     bench.add_argument("--configs", nargs="*", default=list(ENGINE_CONFIGS), metavar="CONFIG",
@@ -450,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", type=_parse_sizes, default="64x128,256x512,1024x1024",
                        help="core: comma-separated BATCHxHIDDEN sizes (default: %(default)s)")
     bench.add_argument("--seeds", type=int, default=3, help="digits: number of seeds")
+    bench.add_argument("--batches", type=_parse_batches, default="256,64", metavar="SIZES",
+                       help="privacy: comma-separated batch sizes (default: %(default)s)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="privacy: torch CPU threads for the run (default: torch's own setting)")
     bench.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     plot = sub.add_parser("plot", help="loss and metric curves of one or more runs, as PNG files")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -492,8 +618,36 @@ def build_parser() -> argparse.ArgumentParser:
     trans.add_argument("--ckpt", required=True, type=Path,
                        help="a speech checkpoint (CTC recognizer or digit classifier)")
     trans.add_argument("--beam", type=int, default=None, metavar="N",
-                       help="beam search with N beams (flashlight-text; default: greedy decoding)")
+                       help="beam search with N beams (flashlight-text), restricted to the training words; 0: greedy "
+                            "(default: 8 beams with the lexicon for digit models, greedy for others)")
     trans.add_argument("--json", action="store_true", help="print JSON instead of path<TAB>transcript lines")
+    serve = sub.add_parser("serve", help="an HTTP server (POST /predict) for the checkpoint of any task, with "
+                           "micro-batching (the 'serve' extra: FastAPI + uvicorn)")
+    serve.add_argument("--ckpt", required=True, type=Path, help="a checkpoint of any task")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests run as one model call (default 8)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="how long a request waits for others to join its batch (default 10)")
+    serve.add_argument("--max-request-mb", type=float, default=10.0,
+                       help="largest request body in MiB; larger ones get 413 (default 10)")
+    export = sub.add_parser("export", help="a checkpoint's network as ONNX or a torch.export program, checked "
+                            "against PyTorch (the 'export' extra), or in Hugging Face form")
+    export.add_argument("--ckpt", required=True, type=Path, help="a checkpoint of any task")
+    export.add_argument("--format", required=True, choices=["onnx", "torch-export", "hf"], help="what to write")
+    export.add_argument("--out", type=Path, default=None,
+                        help="where (default: next to the checkpoint, as .onnx, .pt2 or the folder <stem>_hf)")
+    export.add_argument("--sample-length", type=int, default=None, metavar="N",
+                        help="frames / tokens of the export sample (a torch-export program takes exactly N; "
+                             "default: 120 frames, 12 tokens)")
+    audit = sub.add_parser("privacy-audit", help="membership inference against an image-classification checkpoint: "
+                           "attack AUC on its training members vs test examples, and the train/test gap")
+    audit.add_argument("--ckpt", required=True, type=Path, help="an image-classification checkpoint")
+    audit.add_argument("--members", type=int, default=None, metavar="N",
+                       help="training members audited, and as many test examples (default 2000, at most the "
+                            "split sizes)")
+    audit.add_argument("--seed", type=int, default=0, help="which members and test examples are drawn (default 0)")
+    audit.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     return parser
 
 
@@ -540,6 +694,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_summarize(args)
         if args.command == "transcribe":
             return _run_transcribe(args)
+        if args.command == "privacy-audit":
+            return _run_privacy_audit(args)
+        if args.command == "serve":
+            return _run_serve(args)
+        if args.command == "export":
+            return _run_export(args)
         return _run_bench(args)
     except USER_ERRORS as error:
         print(f"bp-apps {args.command}: error: {describe_error(error)}", file=sys.stderr)

@@ -30,6 +30,8 @@ MONITORS = {
     "vision/digits_mlp_engine": ("val_loss", "min"), "vision/fashion_cnn": ("val_acc", "max"),
     "vision/imagefolder": ("val_acc", "max"), "vision/mnist_cnn": ("val_acc", "max"),
     "vision/mnist_mlp": ("val_acc", "max"), "vision/mnist_cnn_engine": ("val_acc", "max"),
+    "vision/mnist_dp_cnn": ("val_acc", "max"), "vision/mnist_dp_mlp": ("val_acc", "max"),
+    "vision/mnist_overfit_mlp": ("val_acc", "max"), "vision/mnist_overfit_dp_mlp": ("val_acc", "max"),
     "speech/fsdd_connected_ctc": ("val_wer", "min"), "speech/fsdd_digits": ("val_loss", "min"),
     "speech/fsdd_connected_ctc_engine": ("val_wer", "min"), "speech/fsdd_digits_engine": ("val_loss", "min"),
     "speech/manifest_ctc": ("val_cer", "min"), "speech/synth_ctc": ("val_cer", "min"),

@@ -80,3 +80,29 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     out = capsys.readouterr().out
     assert "fit | validate | test | predict" in out and "``" not in out  # no raw reST markup
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_lightning_help_lists_the_task_classes_and_data_modules(command: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    listing = out[out.index("task classes (--model=CLASS_PATH"):]
+    lines = listing.splitlines()
+    for path in ("bp_apps.vision.task.ImageClassifier", "bp_apps.speech.task.SpeechRecognizer",
+                 "bp_apps.speech.task.SpokenDigitClassifier", "bp_apps.text.labeling.task.TokenLabeler",
+                 "bp_apps.text.summarization.task.Summarizer", "bp_apps.vision.data.DatasetDataModule",
+                 "bp_apps.text.labeling.data.HFLabelingDataModule", "bp_apps.speech.data.ManifestDataModule"):
+        assert sum(line.split()[:1] == [path] for line in lines) == 1, path  # one line each
+    speech = next(line for line in lines if line.split()[:1] == ["bp_apps.speech.task.SpeechRecognizer"])
+    assert speech.split(None, 1)[1] == "Character CTC speech recognizer."  # its docstring's first sentence
+    assert "VisionDataModule " not in listing and "``" not in listing and ":class:" not in listing
+    assert all(len(line) <= 120 for line in lines[1:] if line.startswith("  "))
+
+
+def test_help_listing_is_not_built_for_an_ordinary_run() -> None:
+    from bp_apps.cli import help_listing_kwargs
+
+    assert help_listing_kwargs(["fit", "--config", "x.yaml"]) == {}
+    assert set(help_listing_kwargs(["fit", "-h"])) == {"formatter_class", "fit", "validate", "test", "predict"}

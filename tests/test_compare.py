@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bp_apps.experiments.compare import CompareConfig, format_markdown, run_comparison, write_report
+from bp_apps.experiments.compare import CompareConfig, format_markdown, report_figure, run_comparison, write_report
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,32 @@ def test_bad_config_values_are_refused(field, value):
             pytest.skip("this machine has CUDA, so a cuda device is valid")
     with pytest.raises(ValueError, match=field if field not in ("width", "epochs") else "positive"):
         CompareConfig(**{field: value})
+
+
+def test_exact_zeros_are_marked_not_drawn_at_a_floor():
+    """On a log scale a difference or error of exactly 0 is named as such, never plotted as a tiny number."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    report = {"loss_curves": {"engine": [2.0, 1.5, 1.2, 1.0], "autograd": [2.0, 1.5 + 1e-7, 1.2, 1.0 + 3e-7]},
+              "grad_rel_error_per_parameter": {"w0": 1e-13, "b0": 0.0, "w1": 3e-14, "b1": 0.0}}
+    figure = report_figure(report)
+    _, ax_diff, ax_grad = figure.axes
+    data, zeros = ax_diff.get_lines()
+    assert [y for y in data.get_ydata() if not math.isnan(y)] == pytest.approx([1e-7, 3e-7], rel=1e-6)
+    assert all(math.isnan(y) for y, d in zip(data.get_ydata(), (0, 1, 0, 1)) if d == 0)  # gaps, not a floor
+    assert list(zeros.get_xdata()) == [0, 2] and zeros.get_label() == "exactly 0 (2 of 4 steps)"
+    assert ax_diff.get_yscale() == "log"
+    assert sorted(p.get_width() for p in ax_grad.patches) == pytest.approx([3e-14, 1e-13])  # no bar for a 0
+    assert [t.get_text() for t in ax_grad.texts] == ["exactly 0", "exactly 0"]
+    assert any(t.get_text() == "exactly 0 (2 of 4 parameters)" for t in ax_grad.get_legend().get_texts())
+    plt.close(figure)
+
+    identical = {"loss_curves": {"engine": [1.0, 0.5], "autograd": [1.0, 0.5]},
+                 "grad_rel_error_per_parameter": {"w0": 0.0}}
+    figure = report_figure(identical)  # nothing above 0: linear axes, only the marks
+    _, ax_diff, ax_grad = figure.axes
+    assert ax_diff.get_yscale() == "linear" and ax_grad.get_xscale() == "linear" and not ax_grad.patches
+    assert ax_diff.get_lines()[1].get_label() == "exactly 0 (2 of 2 steps)"
+    plt.close(figure)

@@ -616,3 +616,90 @@ def test_punctuation_data_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert not first.vocab.is_bio
     assert all(len(s.tokens) <= 48 and set(s.tags) <= set(PUNCT_TAGS) for split in first.splits.values()
                for s in split)
+
+
+# ---------------------------------------------------------------- HF data module: local files and saved data sets
+
+NER_ROWS = [{"tokens": ["Ann", "met", "Bob", "in", "Oslo", "."], "tags": ["B-PER", "O", "B-PER", "O", "B-LOC", "O"]},
+            {"tokens": ["Oslo", "is", "cold", "."], "tags": ["B-LOC", "O", "O", "O"]},
+            {"tokens": ["Bob", "left", "."], "tags": ["B-PER", "O", "O"]}] * 4
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``datasets``' own cache in ``tmp_path`` (the vocabulary files already go there: see ``_cache``)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    return tmp_path
+
+
+def _write_ner(path: Path, rows: list[dict]) -> Path:
+    """JSON Lines as they are; CSV and Parquet with tokens and tags as space-separated strings and lists."""
+    import pandas as pd
+
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, rows)
+    if path.suffix == ".csv":
+        pd.DataFrame([{k: " ".join(v) for k, v in r.items()} for r in rows]).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_hf_labeling_reads_data_files(hf_cache: Path, suffix: str) -> None:
+    from bp_apps.text.labeling.data import HFLabelingDataModule
+
+    train = _write_ner(hf_cache / f"train{suffix}", NER_ROWS)
+    val = _write_ner(hf_cache / f"dev{suffix}", NER_ROWS[:3])
+    dm = HFLabelingDataModule(data_files={"train": str(train), "dev": str(val)}, tags_column="tags",
+                              val_split="dev", test_split=None, min_word_freq=1, batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.vocab.labels == ["O", "B-LOC", "B-PER", "I-LOC", "I-PER"]
+    assert [list(s.tokens) for s in dm.splits["val"]] == [r["tokens"] for r in NER_ROWS[:3]]
+    assert dm.splits["val"][2].tags == ("B-PER", "O", "O") and len(dm.splits["train"]) == len(NER_ROWS)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["tags"].shape[0] == 3 and batch["words"].shape[1] == 6
+    assert dm.test_dataloader() is not None  # no test split: testing uses validation
+
+
+def test_hf_labeling_one_file_and_saved_dataset(hf_cache: Path) -> None:
+    import datasets
+
+    from bp_apps.text.labeling.data import HFLabelingDataModule
+
+    one = HFLabelingDataModule(data_files=str(_write_ner(hf_cache / "all.jsonl", NER_ROWS)), tags_column="tags",
+                               val_fraction=0.25, min_word_freq=1)
+    one.setup("fit")
+    assert (len(one.splits["train"]), len(one.splits["val"])) == (9, 3)
+    saved = hf_cache / "saved"
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "B-LOC"]))})
+    ids = {"O": 0, "B-PER": 1, "B-LOC": 2}
+    rows = [{"tokens": r["tokens"], "ner_tags": [ids[t] for t in r["tags"]]} for r in NER_ROWS]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows, features=features),
+                          "validation": datasets.Dataset.from_list(rows[:3], features=features)}
+                         ).save_to_disk(str(saved))
+    dm = HFLabelingDataModule(saved_dataset=str(saved), test_split=None, min_word_freq=1)
+    dm.setup("fit")
+    assert dm.splits["val"][0].tags == ("B-PER", "O", "B-PER", "O", "B-LOC", "O")  # ClassLabel names
+    assert dm.splits["val"][0].where == f"{saved}:validation[0]"
+    assert Path(dm.vocab_file) != Path(one.vocab_file)
+
+
+def test_hf_labeling_errors_name_the_file_and_column(hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from bp_apps.text.labeling.data import HFLabelingDataModule
+
+    path = _write_ner(hf_cache / "train.jsonl", NER_ROWS)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no column 'ner_tags' (tags_column); columns there: "
+                                                   "tokens, tags")):
+        HFLabelingDataModule(data_files=str(path)).prepare_data()
+    with pytest.raises(ValueError, match=r"no split 'validation' for val_split; splits there: train, extra; a null "
+                                         r"val_split holds validation out"):
+        HFLabelingDataModule(data_files={"train": str(path), "extra": str(path)}, tags_column="tags").load_splits()
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match=re.escape('pip install "bp_apps[hf]"')):
+        HFLabelingDataModule(data_files=str(path), tags_column="tags").load_splits()

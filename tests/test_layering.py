@@ -22,7 +22,8 @@ ALLOWED = {
     **{task: ("bp_apps.engine", "bp_apps.core", *(("bp_apps.text",) if task.startswith("bp_apps.text.") else ()))
        for task in TASKS},
     "bp_apps.experiments": ("bp_apps.engine", "bp_apps.core", *TASKS, "bp_apps.text"),
-    "bp_apps.cli": ("bp_apps.engine", "bp_apps.core", *TASKS, "bp_apps.text", "bp_apps.experiments"),
+    "bp_apps.deploy": ("bp_apps.engine", "bp_apps.core", *TASKS, "bp_apps.text"),
+    "bp_apps.cli": ("bp_apps.engine", "bp_apps.core", *TASKS, "bp_apps.text", "bp_apps.experiments", "bp_apps.deploy"),
 }
 
 

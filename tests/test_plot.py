@@ -8,7 +8,19 @@ from pathlib import Path
 import pytest
 
 from bp_apps.cli import main
-from bp_apps.experiments.plot import find_log, metric_group, plot_runs, read_run, run_name
+from bp_apps.experiments import plot as plot_module
+from bp_apps.experiments.plot import (
+    STAGE_COLORS,
+    TEST_LABEL,
+    RunLog,
+    Series,
+    draw_figure,
+    find_log,
+    metric_group,
+    plot_runs,
+    read_run,
+    run_name,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -152,3 +164,77 @@ def test_the_callbacks_given_on_the_command_line_are_read_as_classes() -> None:
     assert callback_classes(None) == [] and callback_classes(given) == [TQDMProgressBar]
     assert callback_classes([given, Namespace(class_path="bp_apps.core.callbacks.LastCheckpoint")]) == [
         TQDMProgressBar, LastCheckpoint]
+
+
+def _series(run: RunLog, index: int = 0) -> dict[str, list[Series]]:
+    """The figures' series of a hand-made run, grouped as plot_runs groups them."""
+    out: dict[str, list[Series]] = {}
+    for name, points in run.series.items():
+        group, stage, _ = metric_group(name)
+        out.setdefault(group, []).append(Series(TEST_LABEL if stage == "test" else stage, stage, points, index))
+    return out
+
+
+HAND_MADE = RunLog("hand", Path("."), {
+    "train_loss_epoch": [(0.0, 10, 1.0), (1.0, 20, 0.6), (2.0, 30, 0.5)],
+    "val_loss": [(0.0, 10, 0.9), (1.0, 20, 0.7), (2.0, 30, 0.65)],
+    "test_loss": [(3.0, 31, 0.62)],
+    "val_acc": [(0.0, 10, 0.5), (1.0, 20, 0.7), (2.0, 30, 0.8)],
+    "test_acc": [(3.0, 31, 0.79)]})
+
+
+def test_epoch_axes_have_whole_number_ticks() -> None:
+    import matplotlib.pyplot as plt
+
+    figure = draw_figure("loss", False, _series(HAND_MADE)["loss"])
+    axes = figure.axes[0]
+    low, high = axes.get_xlim()
+    ticks = [t for t in axes.get_xticks() if low <= t <= high]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)  # 0 1 2 3, never 0.5
+    plt.close(figure)
+
+
+def test_a_test_score_is_a_lone_marker_named_for_the_best_checkpoint() -> None:
+    import matplotlib.pyplot as plt
+
+    figure = draw_figure("loss", False, _series(HAND_MADE)["loss"])
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    test = lines[TEST_LABEL]
+    assert test.get_linestyle() == "None" and test.get_marker() == "*"  # a point of its own, joined to nothing
+    assert list(test.get_xdata()) == [3.0] and list(test.get_ydata()) == [0.62]
+    assert lines["train"].get_linestyle() == "-" and lines["train"].get_marker() == "."
+    assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == ["train", "val", TEST_LABEL]
+    plt.close(figure)
+
+
+def test_each_stage_keeps_its_colour_in_every_figure() -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    grouped = _series(HAND_MADE)
+    second_run = _series(HAND_MADE, index=1)
+    colours: dict[str, set] = {}
+    for group in ("loss", "acc"):
+        figure = draw_figure(group, False, grouped[group] + second_run[group])
+        for line in figure.axes[0].get_lines():
+            stage = "test" if line.get_label() == TEST_LABEL else line.get_label()
+            colours.setdefault(stage, set()).add(to_rgba(line.get_color()))
+        styles = {line.get_linestyle() for line in figure.axes[0].get_lines() if line.get_label() == "val"}
+        assert styles == {"-", "--"}  # the two runs differ by line style, not colour
+        plt.close(figure)
+    assert colours == {stage: {to_rgba(STAGE_COLORS[stage])} for stage in ("train", "val", "test")}
+
+
+def test_plotting_a_fitted_run_marks_its_test_score(fitted_runs: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    legends: dict[str, list[str]] = {}
+    original = plot_module._save_figure
+
+    def recording(figure, path: Path) -> None:
+        legends[path.name] = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+        original(figure, path)
+
+    monkeypatch.setattr(plot_module, "_save_figure", recording)
+    plot_runs([fitted_runs / "lightning_logs" / "version_0"], tmp_path)
+    assert legends["acc.png"] == ["val", TEST_LABEL]  # `bp-apps fit` tested its best checkpoint
+    assert TEST_LABEL in legends["loss.png"]

@@ -50,3 +50,24 @@ def test_identity_when_off_in_eval_and_on_waveforms() -> None:
 def test_bad_amount_is_named(amount: float) -> None:
     with pytest.raises(ValueError, match="frequency-warp amount must be in"):
         FrequencyWarp(amount)
+
+
+def test_digit_recognizers_decode_with_the_lexicon_beam_by_default() -> None:
+    from bp_apps.speech.decoding import DIGIT_WORDS
+    from bp_apps.speech.models import ConvGRUCTC
+    from bp_apps.speech.task import DIGIT_BEAM, SpeechRecognizer, SpokenDigitClassifier, default_decoder
+
+    recognizer = SpeechRecognizer(net=ConvGRUCTC, input_dim=16)
+    digits = {"words": list(DIGIT_WORDS)}
+    decoder = default_decoder(recognizer, digits)
+    assert decoder is not None and decoder.lexicon and decoder.beam_size == DIGIT_BEAM
+    assert default_decoder(recognizer, digits, beam_size=0) is None  # asked for greedy
+    assert default_decoder(recognizer, digits, beam_size=1) is None
+    assert default_decoder(recognizer, {"words": ["the", "cat", *DIGIT_WORDS]}) is None  # not a digit model: greedy
+    assert default_decoder(recognizer, {}) is None
+    explicit = default_decoder(recognizer, {"words": ["the", "cat"]}, beam_size=3)
+    assert explicit is not None and explicit.lexicon and explicit.beam_size == 3
+    assert default_decoder(SpokenDigitClassifier(input_dim=16), digits) is None  # a classifier has no decoding
+    features = torch.randn(2, 40, 16)
+    log_probs, lengths = recognizer.eval()(features, torch.tensor([40, 30]))
+    assert all(set(text.split()) <= set(DIGIT_WORDS) for text in decoder(log_probs, lengths))  # lexicon words only

@@ -245,8 +245,101 @@ def test_hf_module_field_defaults_and_missing_datasets(monkeypatch: pytest.Monke
     with pytest.raises(ValueError, match="no default fields for data set 'mine'"):
         HFSummarizationDataModule("mine")
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(ImportError, match=re.escape('pip install "bp_apps[hf]"')) as caught:
         dm.setup()
+    assert isinstance(caught.value, ValueError)  # so the CLI reports it in one line
+
+
+# ---------------------------------------------------------------- HF data module: local files and saved data sets
+
+SUMMARY_ROWS = [{"id": str(i), "source": f"report {i}: the river rose by {i} metres overnight and roads closed",
+                 "target": f"river rose {i} metres"} for i in range(24)]
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``datasets``' own cache and the suite's (tokenizer files) in ``tmp_path``, never the user's."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as JSON Lines, CSV or Parquet, by ``path``'s extension."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_hf_module_reads_data_files_by_split(hf_cache: Path, suffix: str) -> None:
+    train = _write_rows(hf_cache / f"train{suffix}", SUMMARY_ROWS[:16])
+    val = _write_rows(hf_cache / f"val{suffix}", SUMMARY_ROWS[16:20])
+    test = _write_rows(hf_cache / f"test{suffix}", SUMMARY_ROWS[20:])
+    dm = HFSummarizationDataModule(data_files={"train": str(train), "validation": str(val), "test": str(test)},
+                                   tokenizer_vocab_size=120, batch_size=4)
+    assert (dm.source_field, dm.target_field) == ("source", "target")  # local files: the suite's field names
+    dm.setup()
+    assert {k: [r.id for r in v] for k, v in dm.splits.items()} == {
+        "train": [str(i) for i in range(16)], "val": [str(i) for i in range(16, 20)],
+        "test": [str(i) for i in range(20, 24)]}
+    assert dm.splits["val"][0].references == ("river rose 16 metres",)
+    assert dm.splits["train"][3].where == f"{train}[3]"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and "labels" in batch
+    assert Path(dm.tokenizer_file).is_file()
+
+
+def test_hf_module_one_file_holds_out_validation_relative_to_the_data_root(hf_cache: Path) -> None:
+    (hf_cache / "data").mkdir()
+    _write_rows(hf_cache / "data" / "all.jsonl", SUMMARY_ROWS)
+    dm = HFSummarizationDataModule(data_files="all.jsonl", data_root=str(hf_cache / "data"), val_fraction=0.25,
+                                   tokenizer_vocab_size=120)
+    dm.setup()
+    assert (len(dm.splits["train"]), len(dm.splits["val"])) == (18, 6) and "test" not in dm.splits
+    first = dm.tokenizer_file
+    _write_rows(hf_cache / "data" / "all.jsonl", SUMMARY_ROWS[:-1])  # other data: another tokenizer file
+    assert HFSummarizationDataModule(data_files="all.jsonl", data_root=str(hf_cache / "data"), val_fraction=0.25,
+                                     tokenizer_vocab_size=120).tokenizer_file != first
+
+
+def test_hf_module_reads_a_saved_dataset(hf_cache: Path) -> None:
+    import datasets
+
+    saved = hf_cache / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(SUMMARY_ROWS[:20]),
+                          "validation": datasets.Dataset.from_list(SUMMARY_ROWS[20:])}).save_to_disk(str(saved))
+    dm = HFSummarizationDataModule(saved_dataset=str(saved), test_split=None, tokenizer_vocab_size=120)
+    dm.setup()
+    assert (len(dm.splits["train"]), len(dm.splits["val"])) == (20, 4)
+    assert dm.splits["val"][0].where == f"{saved}:validation[0]"
+    with pytest.raises(ValueError, match=r"no split 'test' for test_split; splits there: train, validation"):
+        HFSummarizationDataModule(saved_dataset=str(saved), tokenizer_vocab_size=120).load_splits()
+    with pytest.raises(ValueError, match="not a folder written by save_to_disk"):
+        HFSummarizationDataModule(saved_dataset=str(hf_cache), tokenizer_vocab_size=120).load_splits()
+
+
+def test_hf_module_names_the_file_and_the_missing_column(hf_cache: Path) -> None:
+    path = _write_rows(hf_cache / "train.csv", SUMMARY_ROWS)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no column 'summary' (target_field); columns there: "
+                                                   "id, source, target")):
+        HFSummarizationDataModule(data_files=str(path), target_field="summary").load_splits()
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl not found"):
+        HFSummarizationDataModule(data_files=str(hf_cache / "missing.jsonl")).load_splits()
+    text = hf_cache / "train.txt"
+    text.write_text("x", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cannot tell the format from the extension '\.txt'"):
+        HFSummarizationDataModule(data_files=str(text)).load_splits()
+    with pytest.raises(ValueError, match="data_files or saved_dataset, not both"):
+        HFSummarizationDataModule(data_files=str(path), saved_dataset=str(hf_cache))
 
 
 # ---------------------------------------------------------------- encode_batch

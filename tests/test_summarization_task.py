@@ -8,6 +8,7 @@ the leading [CLS] and padded with -100, ``sources``, ``references``, ``ids``) by
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import random
@@ -125,6 +126,7 @@ def make_batch(tokenizer: Any, rows: list[tuple[str, str, str]]) -> dict[str, An
 
 
 TOKENIZERS = Path(tempfile.mkdtemp(prefix="bp_apps_copy_tokenizers_"))
+atexit.register(shutil.rmtree, TOKENIZERS, ignore_errors=True)  # made at import (the data modules need a path)
 
 
 class CopyData(L.LightningDataModule):

@@ -1,11 +1,18 @@
 """The classification module the vision and speech tasks share: one network trained either by the
-hand-written engine (an engine ``MLP``, no autograd anywhere) or by autograd (any other ``nn.Module``)."""
+hand-written engine (an engine ``MLP``, no autograd anywhere) or by autograd (any other ``nn.Module``), and, for an
+engine network, optionally with differential privacy (DP-SGD, :mod:`bp_apps.core.privacy`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from bp_apps.core.privacy import PRIVACY_KEY, PrivacyConfig, PrivateTraining, privacy_settings
 from bp_apps.core.task import OptimizerConfig, TaskModule, backend_of
 from bp_apps.engine import MLP, Layer, SoftmaxCrossEntropy
 
@@ -22,16 +29,26 @@ class ClassifierModule(TaskModule):
     Subclasses build ``net``, call ``super().__init__`` and then ``self.save_hyperparameters()``.
     ``prepare_input`` adapts a batch's inputs to ``net`` (identity here; the vision networks flatten images
     themselves).
+
+    ``privacy`` (a :class:`~bp_apps.core.privacy.PrivacyConfig` or its mapping) trains by DP-SGD: Poisson-sampled
+    batches, each example's gradient clipped and Gaussian noise added by the engine, ε counted per step, logged as
+    ``privacy_epsilon`` every epoch and written to ``metrics.json`` (``privacy``). Only engine networks train
+    privately: their hand-written backward gives each example's gradient.
     """
 
     def __init__(self, net: torch.nn.Module, num_classes: int, *, optim: OptimizerConfig,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, privacy: PrivacyConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__(optim)
         if backend_of(net) == "engine":
             if not isinstance(net, Layer):
                 raise ValueError(f"the engine backend trains networks of engine layers, not {type(net).__name__}")
             if isinstance(net, MLP):
                 net.reuse_buffers = True  # training steps consume each output before the next forward
+        self.privacy = privacy_settings(privacy)
+        if self.privacy is not None:
+            check_private(net, self.optim)
+        self.private = PrivateTraining(self.privacy) if self.privacy is not None else None
+        self._pending_privacy: dict[str, Any] | None = None
         self.net = net
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
@@ -102,3 +119,72 @@ class ClassifierModule(TaskModule):
         loss = self.engine_loss.forward(self.net.forward(self.prepare_input(x)), y)
         self.net.backward(self.engine_loss.backward())
         return loss
+
+    # -- differential privacy -----------------------------------------------------------------------
+
+    def engine_gradients(self, batch: Batch) -> Tensor:
+        """The task's backward, or with ``privacy`` its DP-SGD gradient (clipped per example, noised, averaged)."""
+        if self.private is None:
+            return self.engine_backward(batch)
+        return self.private.step(self.net, self.engine_backward, batch, len(batch[1]), self.global_rank)
+
+    def setup(self, stage: str) -> None:
+        """A private fit solves its plan (σ for the target over the trainer's epochs) and draws Poisson batches."""
+        super().setup(stage)
+        if self.private is not None and stage == "fit":
+            self.private.attach(self.trainer)
+
+    def teardown(self, stage: str) -> None:
+        if self.private is not None:
+            self.private.detach()
+        super().teardown(stage)
+
+    def on_train_start(self) -> None:
+        """A private fit resumed from a checkpoint continues its accounting (before the first step)."""
+        pending, self._pending_privacy = self._pending_privacy, None
+        if self.private is not None and pending is not None and self.trainer.ckpt_path:
+            self.private.resume(pending)
+        super().on_train_start()
+
+    def on_train_epoch_end(self) -> None:
+        if self.private is not None:
+            self.log("privacy_epsilon", self.private.ledger.epsilon(), prog_bar=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.private is not None:
+            checkpoint[PRIVACY_KEY] = self.private.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        record = checkpoint.get(PRIVACY_KEY)
+        if self.private is not None and isinstance(record, dict):
+            self._pending_privacy = record  # taken up when a fit resumes (on_train_start)
+            self.private.checkpoint_record = record
+
+    def metrics_summary(self) -> dict[str, Any]:
+        """For ``metrics.json``: a private run's ``privacy`` (ε spent, δ, σ, C, sampling rate)."""
+        return {"privacy": self.private.summary()} if self.private is not None else {}
+
+
+def check_private(net: torch.nn.Module, optim: OptimizerConfig) -> None:
+    """Refuse settings DP-SGD cannot train with, naming them: an autograd network (per-example gradients come from
+    the engine's hand-written backward), batch normalisation (it mixes the examples of a batch, so no example has a
+    gradient of its own), clipping of the batch gradient on top of the per-example clipping, and skipping non-finite
+    steps (a decision taken on the un-noised gradient)."""
+    if backend_of(net) != "engine":
+        raise ValueError(f"privacy: DP-SGD trains engine networks (their hand-written backward gives each example's "
+                         f"gradient); {type(net).__name__} is trained by autograd: choose an engine network such as "
+                         "bp_apps.vision.dp_models.EngineDPCNN or EngineDPMLP")
+    from bp_apps.engine.privacy import PerExampleRecorder
+
+    try:
+        PerExampleRecorder(net)  # names the first layer without per-example gradients (BatchNorm, recurrent, ...)
+    except ValueError as error:
+        raise ValueError(f"privacy: {type(net).__name__} cannot train by DP-SGD: {error}") from error
+    if optim.max_grad_norm is not None:
+        raise ValueError(f"optim.max_grad_norm={optim.max_grad_norm:g} conflicts with privacy: DP-SGD clips each "
+                         "example's gradient to privacy.max_grad_norm; remove optim.max_grad_norm")
+    if optim.nonfinite != "raise":
+        raise ValueError("optim.nonfinite='skip' conflicts with privacy: skipping a step is decided on the un-noised "
+                         "gradient; use nonfinite='raise'")

@@ -219,11 +219,16 @@ class TaskModule(PlainHyperparameters, L.LightningModule):
         self.check_loss(loss)
         return loss
 
+    def engine_gradients(self, batch: Any) -> Tensor:
+        """Engine networks: the loss of ``batch``, with the gradients the optimizer is to step on in the engine's
+        buffers. The task's :meth:`engine_backward` here; a private module clips and noises them per example."""
+        return self.engine_backward(batch)
+
     def engine_update(self, batch: Any, optimizer: torch.optim.Optimizer) -> Tensor:
-        """One engine update of ``batch``: the task's backward, gradients averaged over processes (DDP), clipped,
-        then ``optimizer.step()``; the loss."""
+        """One engine update of ``batch``: the task's gradients (:meth:`engine_gradients`), averaged over processes
+        (DDP), clipped, then ``optimizer.step()``; the loss."""
         with torch.no_grad():
-            loss = self.engine_backward(batch)
+            loss = self.engine_gradients(batch)
             self.check_loss(loss)
             grads = self.net.gradients()
             average = data_parallel_mean()

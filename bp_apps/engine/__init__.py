@@ -17,13 +17,14 @@ from bp_apps.engine.layers import (
 from bp_apps.engine.losses import BCEWithLogitsLoss, MSELoss, SoftmaxCrossEntropy
 from bp_apps.engine.models import ACTIVATIONS, MLP, NonFiniteError, Sequential, make_activation
 from bp_apps.engine.optim import SGD, Adam, AdamW, Optimizer, build_optimizer, clip_grad_norm, cosine_lr
+from bp_apps.engine.privacy import GroupNorm, PerExampleRecorder, privatize
 from bp_apps.engine.recurrent import GRU, LSTM
 from bp_apps.engine.train import train_step
 
 __all__ = [
     "ACTIVATIONS", "GELU", "GRU", "LSTM", "MLP", "SGD", "Adam", "AdamW", "AdaptiveAvgPool2d", "AvgPool2d",
-    "BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "CTCLoss", "Conv1d", "Conv2d", "Dropout", "Flatten", "Layer",
-    "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "MaxPool2d", "NonFiniteError", "Optimizer", "ReLU",
-    "Sequential", "Sigmoid", "SoftmaxCrossEntropy", "Tanh", "build_optimizer", "clip_grad_norm", "cosine_lr",
-    "make_activation", "train_step"
+    "BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "CTCLoss", "Conv1d", "Conv2d", "Dropout", "Flatten",
+    "GroupNorm", "Layer", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "MaxPool2d", "NonFiniteError",
+    "Optimizer", "PerExampleRecorder", "ReLU", "Sequential", "Sigmoid", "SoftmaxCrossEntropy", "Tanh",
+    "build_optimizer", "clip_grad_norm", "cosine_lr", "make_activation", "privatize", "train_step"
 ]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bp_apps.core.io import atomic_write_bytes, atomic_write_text
+from bp_apps.core.io import atomic_output, atomic_write_bytes, atomic_write_text
 from bp_apps.core.samplers import batch_order
 from bp_apps.engine import MLP, SoftmaxCrossEntropy, build_optimizer, train_step
 from bp_apps.engine.gradcheck import mlp_gradient_errors
@@ -221,30 +221,65 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: dict, path: Path) -> None:
-    """Loss curves of both backends, their per-step difference and the per-parameter gradient error."""
-    import matplotlib
+def report_figure(report: dict):
+    """The figure of ``compare.png``: loss curves of both backends, their per-step difference and the
+    per-parameter gradient error, the last two on log scales.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A log scale cannot show 0, and the two backends often agree exactly (a loss difference or a gradient error of
+    exactly 0). Such values are not drawn as data at some small floor, which would read as a measured 1e-12:
+    steps with no difference are marked by ticks along the bottom of the panel, and parameters with no error by
+    the words "exactly 0" in place of a bar, both named in the legend. The caller saves and closes it."""
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import blended_transform_factory
 
-    fig, (ax_loss, ax_diff, ax_grad) = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    ax_loss, ax_diff, ax_grad = fig.subplots(1, 3)
     for name, style in (("engine", "-"), ("autograd", "--")):
         ax_loss.plot(report["loss_curves"][name], style, label=name, linewidth=1)
     ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy", yscale="log")
     ax_loss.legend()
-    diffs = [abs(a - b) + 1e-12 for a, b in zip(*report["loss_curves"].values())]
-    ax_diff.plot(diffs, linewidth=0.8)
-    ax_diff.set(title="|loss engine − loss autograd|", xlabel="step", yscale="log")
+
+    diffs = [abs(a - b) for a, b in zip(*report["loss_curves"].values())]
+    positive = [d if d > 0 else float("nan") for d in diffs]  # a gap in the line where the difference is 0
+    zeros = [step for step, d in enumerate(diffs) if d == 0]
+    ax_diff.plot(positive, linewidth=0.8, marker=".", markersize=2, label="difference > 0")
+    if zeros:  # at the panel's bottom edge (axes coordinates), not at a y value
+        bottom = blended_transform_factory(ax_diff.transData, ax_diff.transAxes)
+        ax_diff.plot(zeros, [0.0] * len(zeros), linestyle="none", marker="|", markersize=10, color="tab:red",
+                     transform=bottom, clip_on=False, label=f"exactly 0 ({len(zeros)} of {len(diffs)} steps)")
+    ax_diff.set(title="|loss engine − loss autograd|", xlabel="step")
+    if any(d > 0 for d in diffs):
+        ax_diff.set_yscale("log")
+    ax_diff.legend(fontsize=8)
+
     names = list(report["grad_rel_error_per_parameter"])
-    values = [max(v, 1e-20) for v in report["grad_rel_error_per_parameter"].values()]
-    ax_grad.barh(names, values)
-    ax_grad.set(title="gradient relative error (float64)", xscale="log")
+    errors = list(report["grad_rel_error_per_parameter"].values())
+    kept = [(i, e) for i, e in enumerate(errors) if e > 0]
+    ax_grad.barh([i for i, _ in kept], [e for _, e in kept], label="relative error > 0")
+    ax_grad.set(title="gradient relative error (float64)", yticks=range(len(names)))
+    ax_grad.set_yticklabels(names)
+    ax_grad.set_ylim(-0.5, len(names) - 0.5)
+    if kept:
+        ax_grad.set_xscale("log")
+        ax_grad.set_xlim(left=min(e for _, e in kept) / 10)  # the smallest bar stays visible
+    exact = [i for i, e in enumerate(errors) if e == 0]
+    if exact:
+        left = blended_transform_factory(ax_grad.transAxes, ax_grad.transData)
+        for i in exact:
+            ax_grad.text(0.02, i, "exactly 0", transform=left, va="center", fontsize=8, color="tab:red")
+        ax_grad.plot([], [], linestyle="none", marker="$0$", color="tab:red",
+                     label=f"exactly 0 ({len(exact)} of {len(names)} parameters)")
+    if kept or exact:
+        ax_grad.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Draw :func:`report_figure` to ``path`` atomically."""
+    fig = report_figure(report)
+    with atomic_output(path, suffix=".png") as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
 
 
 def write_report(report: dict, out_dir: Path, json_path: Path | None = None) -> dict[str, Path]:

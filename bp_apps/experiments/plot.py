@@ -6,6 +6,11 @@ one, its TensorBoard event files. Metrics are grouped by name without their stag
 (``train_loss_epoch`` and ``val_loss`` are both ``loss``): one figure per group, one line per stage
 and run, against the epoch when the metric is logged per epoch, else against the step. Several runs
 go on the same figures, so they can be compared.
+
+Each stage keeps one colour in every figure (:data:`STAGE_COLORS`: train blue, validation orange, test green);
+runs differ by line style. Epoch axes have whole-number ticks. A test score is one number measured once, on the
+best checkpoint after training (``bp-apps fit`` tests it), not a point of the training curve: it is drawn as a
+lone star labelled "test (best checkpoint)" at the epoch it was logged at, never joined to the curves.
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ from pathlib import Path
 
 from bp_apps.core.io import atomic_output
 
-__all__ = ["RunLog", "find_log", "metric_group", "plot_runs", "read_run", "run_name"]
+__all__ = ["STAGE_COLORS", "TEST_LABEL", "RunLog", "Series", "draw_figure", "find_log", "metric_group", "plot_runs",
+           "read_run", "run_name"]
 
 _STAGES = ("train", "val", "test")
 _NOT_METRICS = {"epoch", "step", "hp_metric"}
+STAGE_COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green", "": "tab:gray"}
+"""The colour of each stage in every figure (``""``: a metric of no stage, such as a learning rate)."""
+TEST_LABEL = "test (best checkpoint)"
+"""The legend entry of a test score."""
+_RUN_STYLES = ("-", "--", ":", "-.")
 
 
 @dataclass
@@ -136,6 +147,48 @@ def metric_group(name: str) -> tuple[str, str, bool]:
     return name, stage, per_step
 
 
+@dataclass
+class Series:
+    """One line of a figure: a logged metric of one run, its stage and the run's position among those plotted."""
+
+    label: str
+    stage: str
+    points: list[tuple[float | None, int, float]]
+    run_index: int = 0
+
+
+def draw_figure(group: str, per_step: bool, series: Sequence[Series]):
+    """The matplotlib figure of one metric group: a line per series against the step or the epoch, each stage in
+    its :data:`STAGE_COLORS` colour and each run in its own line style; test scores as lone stars (see the module's
+    docstring). The caller saves and closes it."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.subplots()
+    order = {stage: i for i, stage in enumerate(("train", "val", "", "test"))}  # the legend reads train, val, test
+    for line in sorted(series, key=lambda s: (order.get(s.stage, 2), s.run_index)):
+        xs = [step if per_step else epoch for epoch, step, _ in line.points]
+        keep = [(x, y) for x, (*_, y) in zip(xs, line.points) if x is not None and math.isfinite(y)]
+        color = STAGE_COLORS.get(line.stage, STAGE_COLORS[""])
+        if line.stage == "test":
+            axes.plot([x for x, _ in keep], [y for _, y in keep], linestyle="none", marker="*", markersize=13,
+                      markeredgecolor="black", markeredgewidth=0.6, color=color, label=line.label, zorder=3)
+            continue
+        axes.plot([x for x, _ in keep], [y for _, y in keep], color=color,
+                  linestyle=_RUN_STYLES[line.run_index % len(_RUN_STYLES)], label=line.label,
+                  marker=None if per_step else ".")
+    axes.set_xlabel("step" if per_step else "epoch")
+    if not per_step:  # epochs are whole numbers: no tick at 0.5
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel(group)
+    axes.set_title(group + (" (per step)" if per_step else ""))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def _save_figure(figure, path: Path) -> None:
     """Save to a temporary name in the same folder, then rename: never a half-written PNG."""
     with atomic_output(path, suffix=".png") as temporary:
@@ -146,11 +199,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, metrics: Sequ
               names: Sequence[str] | None = None) -> list[Path]:
     """One PNG per metric group (``loss.png``, ``acc.png`` ...; per-step series in ``<group>_steps.png``) in
     ``out_dir``, with a line per stage and run. ``metrics`` keeps only those groups. Returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not run_dirs:
         raise ValueError("give at least one run directory")
     if names is not None and len(names) != len(run_dirs):
@@ -159,15 +207,16 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, metrics: Sequ
     if names is None and len({r.name for r in runs}) < len(runs):  # same folder names: number them
         for i, run in enumerate(runs):
             run.name = f"{i + 1}: {run.name}"
-    figures: dict[tuple[str, bool], list[tuple[str, list[tuple[float | None, int, float]]]]] = {}
-    for run in runs:
+    figures: dict[tuple[str, bool], list[Series]] = {}
+    for index, run in enumerate(runs):
         for full, points in sorted(run.series.items()):
             group, stage, per_step = metric_group(full)
             if metrics and group not in metrics:
                 continue
             per_step = per_step or all(epoch is None for epoch, _, _ in points)
-            label = f"{stage or full}" if len(runs) == 1 else f"{run.name} {stage or full}"
-            figures.setdefault((group, per_step), []).append((label, points))
+            name = TEST_LABEL if stage == "test" else stage or full
+            label = name if len(runs) == 1 else f"{run.name} {name}"
+            figures.setdefault((group, per_step), []).append(Series(label, stage, points, index))
     if not figures:
         wanted = f" among {sorted(metrics)}" if metrics else ""
         raise ValueError(f"no metrics to plot{wanted} in {', '.join(str(r.source) for r in runs)}")
@@ -175,20 +224,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, metrics: Sequ
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for (group, per_step), lines in sorted(figures.items()):
-        figure, axes = plt.subplots(figsize=(6.4, 4.0))
-        for label, points in lines:
-            xs = [step if per_step else epoch for epoch, step, _ in points]
-            ys = [value for *_, value in points]
-            keep = [(x, y) for x, y in zip(xs, ys) if x is not None and math.isfinite(y)]
-            axes.plot([x for x, _ in keep], [y for _, y in keep], "-", label=label, marker=None if per_step else ".")
-        axes.set_xlabel("step" if per_step else "epoch")
-        axes.set_ylabel(group)
-        axes.set_title(group + (" (per step)" if per_step else ""))
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
+        figure = draw_figure(group, per_step, lines)
         path = out / f"{group}{'_steps' if per_step else ''}.png"
         _save_figure(figure, path)
-        plt.close(figure)
         written.append(path)
     return written

@@ -38,7 +38,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from bp_apps.core.compose import settings
-from bp_apps.core.datalink import PreprocessingDataModule
+from bp_apps.core.datalink import PreprocessingDataModule, UserDataModuleCheck, data_value
 from bp_apps.core.io import default_cache_dir, default_data_root, jsonl_objects
 from bp_apps.core.resume import resumable_loader
 from bp_apps.core.samplers import evaluation_loader
@@ -52,7 +52,7 @@ __all__ = ["DEFAULT_FEATURES", "FSDD_ARCHIVE_URL", "FSDD_FEATURES", "FSDD_RECORD
            "ConnectedDigitsDataModule", "FSDDDigitsDataModule", "LibriSpeechDataModule", "ManifestDataModule",
            "RecognitionDataModule", "SpeechBatch", "SpeechCommandsDataModule", "SynthSpeechDataModule", "Utterance",
            "connected_digit_utterances", "download_fsdd", "fsdd_split", "list_fsdd", "parse_fsdd_name",
-           "read_manifest", "split_voice_variants", "synthesized_digit_utterances"]
+           "read_manifest", "split_voice_variants", "synthesized_digit_utterances", "user_speech_check"]
 
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
 FSDD_ARCHIVE_URL = f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.tar.gz"
@@ -703,3 +703,47 @@ class SpeechCommandsDataModule(RecognitionDataModule):
             out.append(Utterance((str(Path(dataset._archive) / relative),), normalise_transcript(label),
                                  speaker=speaker))
         return out
+
+
+# ----------------------------------------------------------------------------------------------- your own data
+
+def user_speech_preprocessing(data: Any, model: Any) -> dict[str, Any]:
+    """What ``transcribe`` needs, from a speech data module of the user's own (its attributes, else its
+    hyperparameters): ``features`` (a :class:`~bp_apps.speech.features.FeatureConfig` or a mapping of its fields),
+    which must give the model's ``input_dim`` per frame, because ``transcribe`` computes the same features from audio
+    and no default could guess them; and, when given, ``lexicon_words`` (the training words, for the lexicon beam).
+    A ValueError before training names what is missing or disagrees."""
+    given = data_value(data, "features")
+    if given is None:
+        raise ValueError(f"{type(data).__name__}: a speech data module of your own must give `features` (a "
+                         "FeatureConfig or a mapping of its fields, e.g. {kind: logmel, sample_rate: 16000, n_mels: "
+                         "64}) as an attribute or hyperparameter: transcribe computes these features from audio")
+    features = given if isinstance(given, FeatureConfig) else settings(FeatureConfig, given, "features",
+                                                                       DEFAULT_FEATURES)
+    expected = int(model.hparams["input_dim"])
+    if features.dim != expected:
+        raise ValueError(f"{type(data).__name__}: its features give {features.dim} values per frame but the model "
+                         f"was built for input_dim={expected}; build it with input_dim={features.dim}")
+    words = data_value(data, "lexicon_words")
+    return {"features": features.to_dict(), **({"words": [str(w) for w in words]} if words else {})}
+
+
+def check_speech_batch(batch: Any, model: Any, stage: str) -> None:
+    """Refuse a batch whose frames the speech model cannot take, naming the setting: features that are not a float
+    ``(B, T, input_dim)`` tensor (a :class:`SpeechBatch`'s ``features``, or ``(features, lengths)`` first in an
+    isolated-digit batch)."""
+    features = batch.features if isinstance(batch, SpeechBatch) else batch[0][0] if isinstance(
+        batch, (tuple, list)) and isinstance(batch[0], (tuple, list)) else None
+    expected = int(model.hparams["input_dim"])
+    if not torch.is_tensor(features) or features.ndim != 3 or not features.is_floating_point():
+        raise ValueError(f"{stage} batches must be SpeechBatch (recognizer) or ((features, lengths), labels) "
+                         f"(digit classifier) with float features (B, T, {expected})")
+    if features.shape[-1] != expected:
+        raise ValueError(f"{stage} batch features have {features.shape[-1]} values per frame but the model was built "
+                         f"for input_dim={expected}")
+
+
+def user_speech_check() -> UserDataModuleCheck:
+    """The callback that lets a speech data module of the user's own train a speech task and keep what
+    ``transcribe`` needs in every checkpoint (``bp-apps`` adds it to the speech tasks' runs)."""
+    return UserDataModuleCheck(user_speech_preprocessing, check_speech_batch)

@@ -126,7 +126,7 @@ class BeamSearchDecoder:
         self.decoder = ctc_decoder(lexicon=str(lexicon) if lexicon is not None else None, tokens=list(TOKENS), lm=None,
                                    nbest=1, beam_size=beam_size, beam_threshold=beam_threshold, word_score=word_score,
                                    blank_token=BLANK, sil_token=WORD_BOUNDARY, unk_word="<unk>")
-        self.lexicon = lexicon is not None
+        self.lexicon, self.beam_size = lexicon is not None, beam_size
 
     def __call__(self, log_probs: Tensor, lengths: Tensor | None = None) -> list[str]:
         emissions = log_probs.detach().float().cpu().contiguous()

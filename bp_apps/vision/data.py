@@ -12,6 +12,13 @@ transforms. Without ``data_root``, the data root is ``$BP_APPS_DATA``, else ``./
 read, not at import). MNIST, Fashion-MNIST and CIFAR-10 are fetched from their official sources (torchvision, MD5
 checked) into the data root when their files are missing there (``download``, on by default); when the files are
 present, or with ``download: false``, nothing touches the network and nothing is written into the data root.
+
+Bring your own data: :class:`DatasetDataModule` turns any map-style data sets of ``(image, label)`` items (a
+torchvision data set, your own) into such a module. A ``LightningDataModule`` of your own that yields
+``(images, labels)`` works too: :func:`user_data_check` (which ``bp-apps`` adds to the image classifier's runs)
+checks its first batches against the model and keeps what ``predict-image`` needs in the checkpoint, read from the
+module's ``class_names``, ``input_shape``, ``mean`` and ``std`` attributes or hyperparameters when it has them
+(else: class indices as names, the model's input shape, no normalisation).
 """
 
 from __future__ import annotations
@@ -32,10 +39,10 @@ import torch.nn.functional as F
 import torchvision.datasets
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 from torchvision.transforms import v2
 
-from bp_apps.core.datalink import PreprocessingDataModule
+from bp_apps.core.datalink import PreprocessingDataModule, UserDataModuleCheck, data_value
 from bp_apps.core.io import data_root_hint, resolve_data_root
 from bp_apps.core.resume import resumable_loader
 from bp_apps.core.samplers import evaluation_loader
@@ -239,24 +246,32 @@ class VisionDataModule(PreprocessingDataModule):
     training data becomes validation (chosen by ``seed``), ``augment`` turns on training-time augmentation and
     ``download`` (the default) fetches a data set's files from its official source into the data root when they
     are missing there (``prepare_data``, on one process; the only case in which anything is written there); with
-    ``download: false`` the network is never used.
+    ``download: false`` the network is never used. ``train_subset`` (digits, MNIST, Fashion-MNIST, CIFAR-10) trains
+    on that many examples of the training part only, drawn by ``seed`` after validation is split off: small
+    training sets, e.g. for the membership-inference audit of an overfitted model.
     """
 
     SPEC: ClassVar[ImageSpec]
     MUST_MATCH = ("class_names", "input_shape", "mean", "std")
     DOWNLOADER: ClassVar[Callable[..., object] | None] = None
     """torchvision's data set class that fetches this data set's files (MD5-checked); None: nothing to fetch."""
+    HPARAMS_IGNORE: ClassVar[tuple[str, ...]] = ()
+    """Arguments kept out of the hyperparameters (data set objects: a checkpoint holds plain values only)."""
 
     def __init__(self, data_root: str | None = None, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
-                 num_workers: int = 0, augment: bool = False, download: bool = True) -> None:
+                 num_workers: int = 0, augment: bool = False, download: bool = True,
+                 train_subset: int | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.HPARAMS_IGNORE))
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be non-negative, got {num_workers}")
+        if train_subset is not None and (isinstance(train_subset, bool) or not isinstance(train_subset, int)
+                                         or train_subset < 1):
+            raise ValueError(f"train_subset must be a positive number of examples or None, got {train_subset!r}")
         spec = self._spec()
         self.class_names: list[str] = list(spec.class_names)
         self.num_classes: int = len(spec.class_names)
@@ -372,6 +387,13 @@ class _InMemoryDataModule(VisionDataModule):
         x_train, y_train, x_test, y_test = self._load()
         kept, held = stratified_split(y_train.numpy(), self.hparams.val_fraction, self.hparams.seed)
         kept, held = torch.from_numpy(kept), torch.from_numpy(held)
+        subset = self.hparams.get("train_subset")
+        if subset is not None:
+            if subset > len(kept):
+                raise ValueError(f"train_subset={subset} exceeds the {len(kept)} training examples left after the "
+                                 "validation split")
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            kept = kept[torch.randperm(len(kept), generator=generator)[:subset].sort().values]
         self.train_set = TensorDataset(x_train[kept], y_train[kept])
         self.val_set = TensorDataset(x_train[held], y_train[held])
         self.test_set = TensorDataset(x_test, y_test)
@@ -646,6 +668,245 @@ class ImageFolderDataModule(VisionDataModule):
         self.train_set = ImageFileDataset(train, channels, train_transform)
         self.val_set = ImageFileDataset(parts["val"], channels, self.eval_transform)
         self.test_set = ImageFileDataset(parts["test"], channels, self.eval_transform)
+
+
+# ----------------------------------------------------------------------------------------------- your own data
+
+def _pair(dataset: Any, index: int, name: str) -> tuple[Any, Any]:
+    """Item ``index`` of ``dataset`` as (image, label); a ValueError naming the data set and item otherwise."""
+    item = dataset[index]
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise ValueError(f"{name} item {index}: expected an (image, label) pair, got {type(item).__name__}")
+    return item[0], item[1]
+
+
+def _label(value: Any, where: str) -> int:
+    """An integer class label from an int, a numpy integer or a one-element integer tensor."""
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value)
+        if array.size == 1 and np.issubdtype(array.dtype, np.integer):
+            return int(array.reshape(()))
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(f"{where}: the label must be an integer class index, got {value!r}")
+
+
+def _dataset_labels(dataset: Any, name: str) -> np.ndarray:
+    """Every label of ``dataset``: its ``targets`` (torchvision's), a TensorDataset's second tensor, or else each
+    item's label (which loads every item once)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        targets = dataset.tensors[1]
+    if targets is None:
+        targets = [_label(_pair(dataset, i, name)[1], f"{name} item {i}") for i in range(len(dataset))]
+    labels = np.asarray(targets.cpu() if torch.is_tensor(targets) else targets)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name}: labels (its targets) must be one integer class index per item, got shape "
+                         f"{labels.shape} of {labels.dtype}")
+    return labels
+
+
+def _image_shape(image: Any, where: str) -> tuple[int, int, int]:
+    """(C, H, W) of a PIL image (1 channel for gray modes, else 3: RGB) or of a (C, H, W) / (H, W) tensor or array."""
+    if isinstance(image, Image.Image):
+        gray = image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;16")
+        return (1 if gray else 3, image.height, image.width)
+    shape = tuple(torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).shape)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) != 3:
+        raise ValueError(f"{where}: an image must be a PIL image or a (C, H, W) or (H, W) tensor, got shape {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _floats(value: Any, name: str, channels: int) -> tuple[float, ...] | None:
+    """``mean`` or ``std`` as one float per channel (a tensor, list or number), None when not given."""
+    if value is None:
+        return None
+    values = tuple(float(v) for v in torch.as_tensor(value, dtype=torch.float64).flatten().tolist())
+    if len(values) == 1 and channels > 1:
+        values *= channels
+    if len(values) != channels:
+        raise ValueError(f"{name} needs one value per channel ({channels}), got {list(values)}")
+    if name == "std" and min(values) <= 0:
+        raise ValueError(f"std must be positive, got {list(values)}")
+    return values
+
+
+class ImageItems(Dataset):
+    """A data set's ``(image, label)`` items as ``(normalised float32 tensor of input_shape, int label)``.
+
+    PIL images are converted as image folders are (mode, shorter side resized, centre crop); tensors and arrays must
+    have ``input_shape`` already ((H, W) for one channel), uint8 pixels are scaled to [0, 1]. A wrong size or a label
+    outside ``0..num_classes-1`` is a ValueError naming ``name`` and the item."""
+
+    def __init__(self, dataset: Any, name: str, input_shape: tuple[int, int, int], mean: Sequence[float],
+                 std: Sequence[float], num_classes: int) -> None:
+        self.dataset, self.name, self.input_shape, self.num_classes = dataset, name, tuple(input_shape), num_classes
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.pil = pil_transform(self.input_shape, mean, std) if input_shape[0] in (1, 3) else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, raw_label = _pair(self.dataset, index, self.name)
+        where = f"{self.name} item {index}"
+        if isinstance(image, Image.Image):
+            if self.pil is None:
+                raise ValueError(f"{where}: a PIL image, but input_shape has {self.input_shape[0]} channels (PIL "
+                                 "images are read as gray, 1, or RGB, 3)")
+            x = self.pil(image)
+        else:
+            x = image if torch.is_tensor(image) else torch.as_tensor(np.asarray(image))
+            x = x.unsqueeze(0) if x.ndim == 2 else x
+            if tuple(x.shape) != self.input_shape:
+                raise ValueError(f"{where}: image of shape {tuple(x.shape)}, but input_shape is {self.input_shape} "
+                                 "(tensor images must all have it; PIL images are resized to it)")
+            x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+            x = (x - self.mean) / self.std
+        label = _label(raw_label, where)
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"{where}: label {label} is outside 0..{self.num_classes - 1} ({self.num_classes} "
+                             "classes: give num_classes or class_names)")
+        return x, label
+
+
+class DatasetDataModule(VisionDataModule):
+    """Map-style data sets of ``(image, label)`` items as an image data module: a torchvision data set
+    (``CIFAR10``, ``ImageFolder``, ``FakeData`` ...) or your own ``Dataset``; in a config each is a ``class_path``
+    with its ``init_args``.
+
+    Images are PIL images (converted to ``input_shape``'s channels, resized and centre-cropped) or (C, H, W) / (H, W)
+    tensors or arrays of ``input_shape`` (uint8 0..255 or float 0..1); labels are integer class indices. Every image
+    is then normalised by ``mean`` and ``std``. What the model and ``predict-image`` need comes from the arguments,
+    else from the data, right after ``__init__``: ``class_names`` as given, else the training set's ``classes``
+    (torchvision's), else ``"0"``, ``"1"`` ... for ``num_classes`` classes (given, else the largest training label
+    plus one, from its ``targets`` when it has them, else from every item); ``input_shape`` as given, else the first
+    training image's; ``mean`` and ``std`` as given, else 0 and 1 (no normalisation). Without ``val``,
+    ``val_fraction`` of the training items (stratified, chosen by ``seed``) validate; without ``test``, testing uses
+    the validation items. The data sets are not saved as hyperparameters (a checkpoint holds no data)."""
+
+    HPARAMS_IGNORE = ("train", "val", "test", "num_classes", "input_shape")
+    """Data sets are no hyperparameters; the sizes are the model's (Lightning's loggers refuse one name with two
+    values, e.g. an ``input_shape`` left out here and found in the data), and the checkpoint state keeps them."""
+
+    def __init__(self, train: Dataset, val: Dataset | None = None, test: Dataset | None = None,
+                 class_names: list[str] | None = None, num_classes: int | None = None,
+                 input_shape: list[int] | None = None, mean: list[float] | None = None,
+                 std: list[float] | None = None, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
+                 num_workers: int = 0) -> None:
+        self.sources = {"train": train, "val": val, "test": test}
+        self.given = {"num_classes": num_classes, "input_shape": input_shape}
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed, num_workers=num_workers,
+                         augment=False, download=False)
+        if val is None and val_fraction <= 0:
+            raise ValueError("DatasetDataModule: without val, val_fraction must be positive (it holds out the "
+                             "validation items)")
+
+    def _spec(self) -> ImageSpec:
+        h, train = self.hparams, self.sources["train"]
+        num_classes, input_shape = self.given["num_classes"], self.given["input_shape"]
+        for name, dataset in self.sources.items():
+            if dataset is not None and not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+                raise ValueError(f"DatasetDataModule: {name} must be a map-style data set (with __getitem__ and "
+                                 f"__len__) of (image, label) items, got {type(dataset).__name__}")
+        if train is None or len(train) == 0:
+            raise ValueError("DatasetDataModule: train is empty (or missing)")
+        names = h.class_names if h.class_names is not None else getattr(train, "classes", None)
+        if names is not None:
+            names = [str(n) for n in names]
+            if num_classes is not None and len(names) != num_classes:
+                raise ValueError(f"DatasetDataModule: {len(names)} class_names but num_classes={num_classes}")
+        else:
+            count = num_classes if num_classes is not None else int(_dataset_labels(train, "train").max()) + 1
+            names = [str(i) for i in range(count)]
+        if len(names) < 2:
+            raise ValueError(f"DatasetDataModule: a classifier needs at least 2 classes, got {names}")
+        if input_shape is not None:
+            shape = tuple(int(v) for v in input_shape)
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"DatasetDataModule: input_shape must be (channels, height, width), got {shape}")
+        else:
+            shape = _image_shape(_pair(train, 0, "train")[0], "train item 0")
+        channels = shape[0]
+        mean = _floats(h.mean, "mean", channels) or (0.0,) * channels
+        std = _floats(h.std, "std", channels) or (1.0,) * channels
+        return ImageSpec(tuple(names), shape, mean, std)  # type: ignore[arg-type]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.check_model()
+        if self.train_set is not None:
+            return
+        def items(name: str) -> ImageItems:
+            return ImageItems(self.sources[name], name, self.input_shape, self.mean, self.std, self.num_classes)
+
+        train = items("train")
+        if self.sources["val"] is None:
+            kept, held = stratified_split(_dataset_labels(self.sources["train"], "train"), self.hparams.val_fraction,
+                                          self.hparams.seed)
+            self.train_set, self.val_set = Subset(train, kept.tolist()), Subset(train, held.tolist())
+        else:
+            self.train_set, self.val_set = train, items("val")
+        self.test_set = items("test") if self.sources["test"] is not None else self.val_set
+
+
+def user_image_preprocessing(data: Any, model: Any) -> dict[str, Any]:
+    """What ``predict-image`` needs, from a data module of the user's own (:func:`~bp_apps.core.datalink.data_value`:
+    its attributes, else its hyperparameters) or else the model's: class names (the model's: linked from the data,
+    else class indices), ``input_shape`` (the model's, which the first batches are checked against), ``mean`` 0 and
+    ``std`` 1 per channel (no normalisation). A ValueError says which value disagrees with the model."""
+    built = [int(v) for v in model.hparams["input_shape"]]
+    given = data_value(data, "input_shape")
+    shape = built if given is None else [int(v) for v in given]
+    if shape != built:
+        raise ValueError(f"the data module gives input_shape={shape} but the model was built for {built}: build it "
+                         f"with input_shape={shape} (bp-apps links the data module's input_shape)")
+    names = data_value(data, "class_names")
+    names = [str(n) for n in names] if names is not None else list(model.class_names)
+    if len(names) != model.num_classes:
+        raise ValueError(f"the data module names {len(names)} classes (class_names) but the model predicts "
+                         f"{model.num_classes}: build it with num_classes={len(names)}")
+    channels = shape[0]
+    mean = _floats(data_value(data, "mean"), "the data module's mean", channels) or (0.0,) * channels
+    std = _floats(data_value(data, "std"), "std", channels) or (1.0,) * channels
+    return {"class_names": names, "input_shape": shape, "mean": list(mean), "std": list(std)}
+
+
+def check_image_batch(batch: Any, model: Any, stage: str) -> None:
+    """Refuse a batch the image classifier cannot take, naming the setting to change: images that are not a float
+    ``(B, C, H, W)`` tensor of the model's ``input_shape``, labels outside ``0..num_classes-1``."""
+    pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+    images, labels = (batch[0], batch[1]) if pair else (batch, None)
+    if labels is None and stage != "predict":
+        raise ValueError(f"{stage} batches must be (images, labels) pairs, got {type(batch).__name__}")
+    if not torch.is_tensor(images) or images.ndim != 4 or not images.is_floating_point():
+        found = f"{images.dtype} of shape {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"{stage} images must be a float tensor (batch, channels, height, width), got {found}")
+    shape, built = list(images.shape[1:]), [int(v) for v in model.hparams["input_shape"]]
+    if shape != built:
+        raise ValueError(f"the {stage} images are {'×'.join(map(str, shape))} but the model was built for "
+                         f"input_shape={built}: build it with input_shape={shape} (--model.input_shape="
+                         f"[{','.join(map(str, shape))}]), or "
+                         "give the data module an input_shape attribute (bp-apps links it)")
+    if labels is None:
+        return
+    if not torch.is_tensor(labels) or labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{stage} labels must be an integer tensor of class indices (batch,), got "
+                         f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= model.num_classes:
+        raise ValueError(f"the {stage} labels run from {low} to {high} but the model has num_classes="
+                         f"{model.num_classes}: build it with num_classes={high + 1} (--model.num_classes), or give "
+                         "the data module a num_classes attribute (bp-apps links it)")
+
+
+def user_data_check() -> UserDataModuleCheck:
+    """The callback the image classifier attaches for a data module of the user's own: its preprocessing
+    (:func:`user_image_preprocessing`) saved for ``predict-image``, its first batches checked
+    (:func:`check_image_batch`)."""
+    return UserDataModuleCheck(user_image_preprocessing, check_image_batch)
 
 
 def _tree(path: Path) -> set[Path] | None:

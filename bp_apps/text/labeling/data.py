@@ -34,7 +34,7 @@ from bp_apps.core.distributed import shard_by_process
 from bp_apps.core.io import atomic_write_text, data_file, default_cache_dir, read_json_file, resolve_data_root
 from bp_apps.core.resume import ResumableDataLoader
 from bp_apps.core.samplers import BucketBatchSampler
-from bp_apps.text.labeling.formats import check_known_tags, load_hf, read_labeled_file
+from bp_apps.text.labeling.formats import check_known_tags, read_labeled_file, sentences_from_hf
 from bp_apps.text.labeling.records import LabelingDataError, TaggedSentence, predicate_class
 
 __all__ = ["PAD", "UNK", "HFLabelingDataModule", "LabelingDataModule", "LabelingVocab",
@@ -496,31 +496,67 @@ class PunctuationDataModule(LabelingDataModule):
         return splits
 
 
-class HFLabelingDataModule(LabelingDataModule):
-    """A Hugging Face token-labeling data set by name (for example ``conll2003``); needs the
-    ``datasets`` package and a network connection (or its local cache)."""
+class _SplitStrings:
+    """Rows of a data set with string cells of the named columns split at whitespace (a CSV file's ``tokens`` and
+    ``tags`` cells), keeping the data set's ``features`` (the label names of integer tags)."""
 
-    def __init__(self, name: str = "conll2003", config_name: str | None = None, tokens_column: str = "tokens",
-                 tags_column: str = "ner_tags", train_split: str = "train", val_split: str = "validation",
-                 test_split: str | None = "test", batch_size: int = 32, eval_batch_size: int = 128,
-                 min_word_freq: int = 2, max_train_tokens: int | None = 150, limit_train: int | None = None,
-                 limit_val: int | None = None, limit_test: int | None = None, seed: int = 0,
-                 num_workers: int = 0, tokenizer_vocab_size: int | None = None) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, min_word_freq=min_word_freq,
-                         max_train_tokens=max_train_tokens, limit_train=limit_train, limit_val=limit_val,
-                         limit_test=limit_test, seed=seed, num_workers=num_workers,
-                         tokenizer_vocab_size=tokenizer_vocab_size)
+    def __init__(self, dataset: Any, columns: Sequence[str]) -> None:
+        self.dataset, self.columns = dataset, tuple(columns)
+        self.features = getattr(dataset, "features", None)
+
+    def __iter__(self) -> Any:
+        for row in self.dataset:
+            yield {**row, **{c: row[c].split() for c in self.columns if isinstance(row.get(c), str)}}
+
+
+class HFLabelingDataModule(LabelingDataModule):
+    """Token-labeling data through Hugging Face ``datasets`` (``pip install "bp_apps[hf]"``): a data set on the hub
+    by ``name`` (for example ``conll2003``; online, or from the ``datasets`` cache), local files (``data_files``:
+    JSON Lines, CSV/TSV or Parquet; one path or a list for the training data, or a mapping from split name to
+    path(s)), or a folder written by ``save_to_disk`` (``saved_dataset``). With either of the last two, ``name`` is
+    not used. Relative paths are under ``data_root`` (``$BP_APPS_DATA``, else ``./data``).
+
+    ``tokens_column`` holds each sentence's tokens, ``tags_column`` its tags: lists of strings, or integer tags with
+    ``ClassLabel`` names (the hub's NER sets); a string cell (CSV) is split at whitespace. A missing column is an
+    error naming the file (or data set) and the column. ``train_split`` / ``val_split`` / ``test_split`` name the
+    splits; a source with one split is training data only (``val_fraction`` of it is held out for validation,
+    which testing then uses), and a null ``val_split`` or ``test_split`` does the same for a source with several
+    splits (the rules: :mod:`bp_apps.text.hf_datasets`)."""
+
+    def __init__(self, name: str = "conll2003", config_name: str | None = None,
+                 data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+                 saved_dataset: str | None = None, data_root: str | None = None, tokens_column: str = "tokens",
+                 tags_column: str = "ner_tags", train_split: str = "train", val_split: str | None = "validation",
+                 test_split: str | None = "test", val_fraction: float = 0.1, batch_size: int = 32,
+                 eval_batch_size: int = 128, min_word_freq: int = 2, max_train_tokens: int | None = 150,
+                 limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
+                 seed: int = 0, num_workers: int = 0, tokenizer_vocab_size: int | None = None) -> None:
+        from bp_apps.text.hf_datasets import HFSource
+
+        super().__init__(data_root=data_root, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         min_word_freq=min_word_freq, max_train_tokens=max_train_tokens, val_fraction=val_fraction,
+                         limit_train=limit_train, limit_val=limit_val, limit_test=limit_test, seed=seed,
+                         num_workers=num_workers, tokenizer_vocab_size=tokenizer_vocab_size)
         self.name, self.config_name = name, config_name
+        self.source = HFSource(name=name, config_name=config_name, data_files=data_files,
+                               saved_dataset=saved_dataset, data_root=data_root)
         self.columns = {"tokens_column": tokens_column, "tags_column": tags_column}
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
 
     def data_identity(self) -> dict[str, Any]:
-        return {"source": "huggingface", "name": self.name, "config_name": self.config_name, **self.columns,
-                "train_split": self.split_names["train"], "val_split": self.split_names["val"]}
+        return {**self.source.identity(), **self.columns, "train_split": self.split_names["train"],
+                "val_split": self.split_names["val"]}
 
     def input_fingerprint(self) -> dict[str, Any]:
-        return {}  # a named data set: its identity names it
+        """The training files' digest, or the saved folder's metadata (a hub name names its contents)."""
+        return self.source.fingerprint(self.split_names["train"])
 
     def load_splits(self) -> dict[str, list[TaggedSentence]]:
-        return {key: load_hf(self.name, split, config_name=self.config_name, **self.columns)
-                for key, split in self.split_names.items() if split is not None}
+        from bp_apps.text.hf_datasets import require_columns
+
+        splits = {}
+        for key, (dataset, where) in self.source.load(self.split_names, type(self).__name__).items():
+            require_columns(dataset, self.columns, where)
+            rows = _SplitStrings(dataset, list(self.columns.values()))
+            splits[key] = sentences_from_hf(rows, where=where, **self.columns)
+        return splits

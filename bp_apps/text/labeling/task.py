@@ -7,7 +7,8 @@ conventions (``exclude_labels=[V]`` for SRL); other label sets (punctuation ``MA
 tags) per token. The network is built from the data module's vocabulary file (``vocab_file``; and, for
 ``TransformerTagger``, its ``tokenizer_file``), both linked by ``bp-apps``. The vocabulary, the label set and what
 the tagger needs to be rebuilt (a tokenizer, a pretrained model's config) travel in the checkpoint as plain data, so
-loading needs neither those files nor pickle.
+loading needs neither those files nor pickle. A test writes ``label_report.md``, ``test_predictions.jsonl`` and the
+span confusion (``span_confusion.csv`` / ``.png``, :mod:`bp_apps.text.labeling.reports`) into the run's folder.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from torch import Tensor, nn
 
 from bp_apps.core.callbacks import report_dir
 from bp_apps.core.compose import network_factory
-from bp_apps.core.io import atomic_write_text
+from bp_apps.core.io import atomic_write_text, write_jsonl
+from bp_apps.core.reports import evaluation_order, gather_rows, running_test_loader
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
 from bp_apps.text.labeling.crf import CRF, constrained_decode
 from bp_apps.text.labeling.data import LabelingVocab, collate_sentences, read_vocab_file
 from bp_apps.text.labeling.metrics import span_scores, token_scores
 from bp_apps.text.labeling.models import BiLSTMTagger
 from bp_apps.text.labeling.records import TaggedSentence, make_sentence
+from bp_apps.text.labeling.reports import span_confusion
 
-__all__ = ["DEFAULT_OPTIM", "TASK_NAME", "TokenLabeler", "label_sentences", "load_labeler", "spans_of",
-           "tokenize_text"]
+__all__ = ["DEFAULT_OPTIM", "TASK_NAME", "TokenLabeler", "label_sentences", "label_text", "labeled_result",
+           "load_labeler", "spans_of", "text_sentence", "tokenize_text"]
 
 TASK_NAME, STATE_KEY = "text.TokenLabeler", "bp_apps_labeling"
 DEFAULT_OPTIM = OptimizerConfig(lr=2e-3, weight_decay=0.0, scheduler="cosine", warmup_fraction=0.05,
@@ -165,8 +168,42 @@ class TokenLabeler(TaskModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "val")
 
+    def on_test_epoch_start(self) -> None:
+        loader = running_test_loader(self.trainer)
+        self._test_order = evaluation_order(loader)
+        self._test_sentences = getattr(loader, "dataset", None)
+        self._test_rows: list[dict[str, Any]] = []
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._evaluate(batch, "test")
+        loss = self._evaluate(batch, "test")
+        gold, pred = self._outputs["test"]
+        size = len(batch["tokens"])
+        order = self._test_order
+        indices = order[batch_idx] if order is not None and batch_idx < len(order) else []
+        if len(indices) != size:
+            indices = [None] * size
+        for index, tokens, predicate, gold_tags, predicted in zip(indices, batch["tokens"], batch["predicates"],
+                                                                  gold[-size:], pred[-size:]):
+            row: dict[str, Any] = {}
+            if index is not None:
+                row["sentence"] = index
+                sentence = self._sentence(index)
+                if sentence is not None and sentence.id is not None:
+                    row["id"] = sentence.id
+            row["tokens"] = list(tokens)
+            if predicate is not None:
+                row["predicate"] = predicate
+            row.update(gold=list(gold_tags), predicted=list(predicted))
+            self._test_rows.append(row)
+        return loss
+
+    def _sentence(self, index: int) -> TaggedSentence | None:
+        sentences = getattr(self, "_test_sentences", None)
+        try:
+            sentence = sentences[index] if sentences is not None else None
+        except (IndexError, TypeError, KeyError):
+            return None
+        return sentence if isinstance(sentence, TaggedSentence) else None
 
     def _scores(self, stage: str) -> dict[str, Any]:
         gold, pred = self._outputs.pop(stage, ([], []))
@@ -194,12 +231,26 @@ class TokenLabeler(TaskModule):
         self._log_scores("val")
 
     def on_test_epoch_end(self) -> None:
+        """Log the test scores and write ``label_report.md``, ``test_predictions.jsonl`` (one line per sentence, in
+        the order of the test file when the loader's order is known: tokens, gold and predicted tags) and the span
+        confusion. Under several processes the rows of every shard are gathered first."""
         self.test_report = self._log_scores("test")
         folder = report_dir(self.trainer)  # None without a logger: no report, never into the current folder
-        if folder is not None and self.trainer.is_global_zero:
+        if folder is None:
+            return
+        rows = gather_rows(getattr(self, "_test_rows", []))
+        if all("sentence" in row for row in rows):
+            rows.sort(key=lambda row: row["sentence"])
+        if self.trainer.is_global_zero:
             path = folder / "label_report.md"
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, format_report(self.test_report))
+            path = write_jsonl(folder / "test_predictions.jsonl", rows)
+            print(f"test predictions written to {path}")
+            confusion = span_confusion([row["gold"] for row in rows], [row["predicted"] for row in rows],
+                                       bio=self.uses_spans, exclude=tuple(self.hparams.exclude_labels))
+            csv_path, _ = confusion.write(folder / "span_confusion.csv", folder / "span_confusion.png")
+            print(f"span confusion written to {csv_path} and .png")
 
     # -- metrics.json -----------------------------------------------------------------------
 
@@ -325,11 +376,18 @@ def label_text(module: TokenLabeler, text: str, predicate: str | None = None, pr
                ) -> dict[str, Any]:
     """Tokenize ``text``, label it, and add spans (BIO models) or the restored text (punctuation models).
     ``predicate_pos`` (SRL, optional) is the predicate's POS tag, for models trained with ``predicate_pos_dim``."""
+    sentence = text_sentence(module, text, predicate, predicate_pos)
+    return labeled_result(module, sentence, label_sentences(module, [sentence])[0])
+
+
+def text_sentence(module: TokenLabeler, text: str, predicate: str | None = None, predicate_pos: str | None = None
+                  ) -> TaggedSentence:
+    """The sentence :func:`label_text` labels for ``text``: its tokens (lower-cased words without marks for a
+    punctuation model) and the predicate, checked (a ValueError says what is missing or wrong)."""
     if not text.strip():
         raise ValueError("the text is empty")
     tokens = tokenize_text(text)
-    punctuation_model = not module.uses_spans
-    if punctuation_model:  # the model reads lower-case words without marks
+    if not module.uses_spans:  # a punctuation model reads lower-case words without marks
         tokens = [t.lower() for t in tokens if re.search(r"\w", t)]
         if not tokens:
             raise ValueError("the text has no words")
@@ -338,12 +396,16 @@ def label_text(module: TokenLabeler, text: str, predicate: str | None = None, pr
         raise ValueError("--predicate-pos needs --predicate")
     if module.has_predicates and index is None:
         raise ValueError("this is a semantic role labeling model: give the predicate (--predicate INDEX|WORD)")
-    sentence = make_sentence(tokens, predicate=index, where="text", predicate_pos=predicate_pos)
-    tags = label_sentences(module, [sentence])[0]
+    return make_sentence(tokens, predicate=index, where="text", predicate_pos=predicate_pos)
+
+
+def labeled_result(module: TokenLabeler, sentence: TaggedSentence, tags: Sequence[str]) -> dict[str, Any]:
+    """What :func:`label_text` returns for a sentence of :func:`text_sentence` and its predicted ``tags``."""
+    tokens, tags = list(sentence.tokens), list(tags)
     result: dict[str, Any] = {"tokens": tokens, "tags": tags}
-    if index is not None:
-        result["predicate"] = index
-    if punctuation_model:
+    if sentence.predicate is not None:
+        result["predicate"] = sentence.predicate
+    if not module.uses_spans:
         from bp_apps.text.labeling.punctuation import restore_text
 
         result["text"] = restore_text(tokens, tags)

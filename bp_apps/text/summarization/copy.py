@@ -14,7 +14,9 @@ topics) long before its own vocabulary distribution has learned them.
 
 The classes are registered with the transformers Auto API (``model_type`` ``bp_bart_copy``), so
 ``AutoModelForSeq2SeqLM.from_pretrained(directory)`` loads a saved model once this module is imported
-(importing :mod:`bp_apps.text.summarization` does it).
+(importing :mod:`bp_apps.text.summarization` does it). Everything above :data:`REMOTE_CODE_END` imports only torch
+and transformers: :mod:`~bp_apps.text.summarization.hf_export` writes that text into an export as its remote code,
+so ``trust_remote_code=True`` loads the model where bp_apps is not installed, with the very code that trained it.
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class BartCopyForConditionalGeneration(BartForConditionalGeneration):
             kwargs[COPY_SOURCE_KEY] = input_ids
         return super().generate(input_ids=input_ids, **kwargs)
 
+
+# -- REMOTE_CODE_END: the export's remote code is the text above (registering would change a user's Auto mapping) --
+REMOTE_CODE_END = "# -- REMOTE_CODE_END"
 
 AutoConfig.register(BartCopyConfig.model_type, BartCopyConfig, exist_ok=True)
 AutoModelForSeq2SeqLM.register(BartCopyConfig, BartCopyForConditionalGeneration, exist_ok=True)

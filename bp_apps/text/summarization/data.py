@@ -637,46 +637,73 @@ class EmbeddedSummarizationDataModule(SummarizationDataModule):
 
 
 class HFSummarizationDataModule(SummarizationDataModule):
-    """A Hugging Face summarization data set by name (``xsum``, ``cnn_dailymail`` with ``config_name="3.0.0"``,
-    ``samsum``, ...); needs the ``datasets`` package and a network connection (or its cache). The fields default
-    to :data:`HF_FIELDS` for known names."""
+    """Summarization data through Hugging Face ``datasets`` (``pip install "bp_apps[hf]"``): a data set on the hub
+    by ``name`` (``xsum``, ``cnn_dailymail`` with ``config_name="3.0.0"``, ``samsum``, ...; online, or from the
+    ``datasets`` cache), local files (``data_files``: JSON Lines, CSV/TSV or Parquet; one path or a list for the
+    training data, or a mapping from split name to path(s)), or a folder written by ``save_to_disk``
+    (``saved_dataset``). With either of the last two, ``name`` is not used. Relative paths are under ``data_root``
+    (``$BP_APPS_DATA``, else ``./data``).
 
-    def __init__(self, name: str = "xsum", config_name: str | None = None, source_field: str | None = None,
+    The fields default to :data:`HF_FIELDS` for known hub names, and to ``source`` and ``target`` for local files and
+    saved data sets; a missing column is an error naming the file (or data set) and the column. ``train_split`` /
+    ``val_split`` / ``test_split`` name the splits; a source with one split is training data only (``val_fraction``
+    of it is held out for validation, which testing then uses), and a null ``val_split`` or ``test_split`` does the
+    same for a source with several splits (the rules: :mod:`bp_apps.text.hf_datasets`)."""
+
+    def __init__(self, name: str = "xsum", config_name: str | None = None,
+                 data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+                 saved_dataset: str | None = None, data_root: str | None = None, source_field: str | None = None,
                  target_field: str | list[str] | None = None, id_field: str = "id", train_split: str = "train",
-                 val_split: str = "validation", test_split: str | None = "test", tokenizer_name: str | None = None,
-                 tokenizer_vocab_size: int = 8000, tokenizer_kind: Literal["wordpiece", "unigram"] = "unigram",
-                 lowercase: bool = False, max_source_tokens: int = 256, max_target_tokens: int = 48,
-                 min_source_chars: int = 1, max_source_chars: int | None = None, min_target_chars: int = 1,
-                 limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
-                 batch_size: int = 32, eval_batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
-        if source_field is None or target_field is None:
+                 val_split: str | None = "validation", test_split: str | None = "test", val_fraction: float = 0.05,
+                 tokenizer_name: str | None = None, tokenizer_vocab_size: int = 8000,
+                 tokenizer_kind: Literal["wordpiece", "unigram"] = "unigram", lowercase: bool = False,
+                 max_source_tokens: int = 256, max_target_tokens: int = 48, min_source_chars: int = 1,
+                 max_source_chars: int | None = None, min_target_chars: int = 1, limit_train: int | None = None,
+                 limit_val: int | None = None, limit_test: int | None = None, batch_size: int = 32,
+                 eval_batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
+        from bp_apps.text.hf_datasets import HFSource
+
+        source = HFSource(name=name, config_name=config_name, data_files=data_files, saved_dataset=saved_dataset,
+                          data_root=data_root)
+        if source.kind != "hub":
+            source_field, target_field = source_field or "source", target_field or "target"
+        elif source_field is None or target_field is None:
             if name not in HF_FIELDS:
                 raise ValueError(f"no default fields for data set {name!r} (known: {', '.join(HF_FIELDS)}); "
                                  "give source_field and target_field")
             source_field = source_field or HF_FIELDS[name][0]
             target_field = target_field or HF_FIELDS[name][1]
-        super().__init__(source_field=source_field, target_field=target_field, id_field=id_field,
-                         tokenizer_name=tokenizer_name, tokenizer_vocab_size=tokenizer_vocab_size,
+        super().__init__(data_root=data_root, source_field=source_field, target_field=target_field,
+                         id_field=id_field, tokenizer_name=tokenizer_name, tokenizer_vocab_size=tokenizer_vocab_size,
                          tokenizer_kind=tokenizer_kind, lowercase=lowercase, max_source_tokens=max_source_tokens,
                          max_target_tokens=max_target_tokens, min_source_chars=min_source_chars,
                          max_source_chars=max_source_chars, min_target_chars=min_target_chars,
-                         limit_train=limit_train, limit_val=limit_val, limit_test=limit_test, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, seed=seed, num_workers=num_workers)
-        self.name, self.config_name = name, config_name
+                         val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val,
+                         limit_test=limit_test, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
+                         num_workers=num_workers)
+        self.name, self.config_name, self.source = name, config_name, source
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
 
     def data_identity(self) -> dict[str, Any]:
-        """The data set, its configuration, the training split and the fields."""
-        return {"name": self.name, "config_name": self.config_name, "train_split": self.split_names["train"],
-                "source_field": self.source_field, "target_field": self.target_field}
+        """The source (hub name and configuration; or the files, by path, size and modification time; or the saved
+        folder's metadata files, likewise), the training split, the fields and, when validation may be held out of
+        the training data, ``val_fraction``."""
+        identity: dict[str, Any] = {"name": self.name, "config_name": self.config_name}
+        if self.source.kind == "data_files":
+            identity = {"data_files": {k: [_file_identity(p) for p in v] for k, v in self.source.files().items()}}
+        elif self.source.kind == "saved_dataset":
+            folder = self.source.folder()
+            identity = {"saved_dataset": [_file_identity(p) for p in sorted(folder.rglob("*.json"))]
+                        if folder.is_dir() else str(folder.absolute())}
+        return {**identity, "train_split": self.split_names["train"], "source_field": self.source_field,
+                "target_field": self.target_field, "val_fraction": self.val_fraction}
 
     def load_splits(self) -> dict[str, list[SummaryRecord]]:
-        try:
-            import datasets
-        except ImportError as exc:
-            raise ImportError("HFSummarizationDataModule needs the Hugging Face 'datasets' package: "
-                              "pip install datasets") from exc
-        label = f"{self.name}/{self.config_name}" if self.config_name else self.name
-        return {key: records_from_hf(datasets.load_dataset(self.name, self.config_name, split=split),
-                                     self.source_field, self.target_field, self.id_field, where=f"{label}:{split}")
-                for key, split in self.split_names.items() if split is not None}
+        from bp_apps.text.hf_datasets import require_columns
+
+        targets = _target_fields(self.target_field)
+        splits = {}
+        for key, (dataset, where) in self.source.load(self.split_names, type(self).__name__).items():
+            require_columns(dataset, {"source_field": self.source_field, "target_field": targets}, where)
+            splits[key] = records_from_hf(dataset, self.source_field, self.target_field, self.id_field, where=where)
+        return splits

@@ -76,9 +76,11 @@ def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 class HFBestExport(L.Callback):
-    """Keep ``<checkpoint dir>/hf_best/`` (``model.save_pretrained`` + ``tokenizer.save_pretrained``) in step with
-    the best checkpoint (:func:`~bp_apps.core.callbacks.best_checkpoint_callback`'s): exported whenever a new best
-    checkpoint is saved, or at the end of a fit without one."""
+    """Keep ``<checkpoint dir>/hf_best/`` in step with the best checkpoint
+    (:func:`~bp_apps.core.callbacks.best_checkpoint_callback`'s): exported whenever a new best checkpoint is saved,
+    or at the end of a fit without one. It is a full export
+    (:func:`~bp_apps.text.summarization.hf_export.write_summarizer_export`): weights and tokenizer, the decoding
+    settings in ``generation_config.json``, remote code for the copy BART, and a model card."""
 
     def __init__(self) -> None:
         self.exported: str | None = None  # the best checkpoint path hf_best was last written for
@@ -90,10 +92,16 @@ class HFBestExport(L.Callback):
         root = getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         return Path(root) / "hf_best"
 
-    def _export(self, trainer: L.Trainer, module: Summarizer, best: str) -> None:
+    def _export(self, trainer: L.Trainer, module: Summarizer, best: str,
+                checkpoint: dict[str, Any] | None = None) -> None:
+        """Write the export; the model card describes the data from the checkpoint being saved (its data-module
+        hyperparameters), when there is one."""
+        from bp_apps.text.summarization.hf_export import write_summarizer_export
+
         self.exported = best
         if trainer.is_global_zero and module.model is not None and module.tokenizer is not None:
-            export_pretrained(module.model, module.tokenizer, self.directory(trainer))
+            write_summarizer_export(module, self.directory(trainer), checkpoint=best or None,
+                                    raw_checkpoint=checkpoint or {}, replace_any=True)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A new best path whose score is the metric just computed: this save is of the new best weights (a resumed
@@ -103,7 +111,7 @@ class HFBestExport(L.Callback):
         current = trainer.callback_metrics.get(getattr(callback, "monitor", None) or "")
         changed = bool(best) and best != self.exported and score is not None and current is not None
         if changed and float(current) == float(score):
-            self._export(trainer, pl_module, best)
+            self._export(trainer, pl_module, best, checkpoint)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.exported is None and getattr(best_checkpoint_callback(trainer), "best_model_score", None) is None:
