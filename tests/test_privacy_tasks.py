@@ -377,3 +377,16 @@ def test_train_subset_keeps_that_many_training_examples() -> None:
         DigitsImageDataModule(train_subset=5000).setup("fit")
     with pytest.raises(ValueError, match="train_subset must be a positive number"):
         DigitsImageDataModule(train_subset=0)
+
+
+def test_missing_opacus_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from bp_apps.core import privacy
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "opacus" else real(name, *a))
+    with pytest.raises(ValueError, match=r'pip install "bp_apps\[privacy\]"'):
+        privacy.solve_noise_multiplier(3.0, 1e-5, 0.01, 100)
+    with pytest.raises(ValueError, match="needs Opacus"):
+        privacy._accountant("rdp")

@@ -39,7 +39,7 @@ from bp_apps.core.samplers import MIX
 
 __all__ = ["ACCOUNTANTS", "MAX_NOISE_MULTIPLIER", "PRIVACY_KEY", "EmptyBatchCollate", "PoissonBatchSampler",
            "PrivacyConfig", "PrivacyLedger", "PrivacyPlan", "PrivateTraining", "epsilon_spent", "plan_privacy",
-           "poisson_loader", "privacy_settings", "solve_noise_multiplier"]
+           "poisson_loader", "privacy_settings", "require_opacus", "solve_noise_multiplier"]
 
 ACCOUNTANTS = ("rdp", "prv")
 """Opacus's accountants: Rényi DP (Mironov 2017; fast, slightly loose) and privacy random variables (Gopi et al.
@@ -115,7 +115,17 @@ def privacy_settings(value: PrivacyConfig | Mapping[str, Any] | None) -> Privacy
 
 # ----------------------------------------------------------------------------------------------- accounting
 
+def require_opacus() -> None:
+    """Opacus does the accounting (and the comparison of the benchmark): a ValueError naming the extra when it is
+    missing, so a command says so in one line."""
+    import importlib.util
+
+    if importlib.util.find_spec("opacus") is None:
+        raise ValueError('privacy needs Opacus for its accounting: pip install "bp_apps[privacy]"')
+
+
 def _accountant(kind: str) -> Any:
+    require_opacus()
     from opacus.accountants import create_accountant
 
     return create_accountant(kind)
@@ -148,6 +158,7 @@ def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: flo
     """The smallest σ (within Opacus's tolerance of 0.01 in ε) whose ``steps`` steps at ``sample_rate`` spend at
     most ``target_epsilon`` at ``delta``. A target that needs more than :data:`MAX_NOISE_MULTIPLIER` is refused with a
     ValueError that says what to change."""
+    require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     if steps < 1:

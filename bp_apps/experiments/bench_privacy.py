@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bp_apps.core.privacy import require_opacus
 from bp_apps.engine import MLP, SGD, Layer, SoftmaxCrossEntropy
 from bp_apps.engine.privacy import PerExampleRecorder, privatize
 from bp_apps.experiments.bench import _timed
@@ -70,6 +71,7 @@ def _engine_steps(net: Layer, x: Tensor, y: Tensor, lr: float, max_grad_norm: fl
 def _opacus_step(net: Layer, x: Tensor, y: Tensor, lr: float, max_grad_norm: float, noise_multiplier: float,
                  seed: int) -> Callable[[], object]:
     """Opacus's step on the ``torch.nn`` twin of ``net``, made private by ``PrivacyEngine.make_private``."""
+    require_opacus()
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
