@@ -19,8 +19,8 @@ from deploy_checkpoints import labeling_checkpoint, speech_checkpoint, vision_ch
 from bp_apps.cli import main
 from bp_apps.core.task import TASK_KEY
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime", reason="needs the export extra (pip install \"bp_apps[export]\")")
+pytest.importorskip("onnx", reason="needs the export extra (pip install \"bp_apps[export]\")")
 
 from bp_apps.deploy import export as export_module
 from bp_apps.deploy.export import TOLERANCE, export_model

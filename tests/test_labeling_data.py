@@ -628,7 +628,7 @@ NER_ROWS = [{"tokens": ["Ann", "met", "Bob", "in", "Oslo", "."], "tags": ["B-PER
 @pytest.fixture
 def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``datasets``' own cache in ``tmp_path`` (the vocabulary files already go there: see ``_cache``)."""
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="needs the hf extra (pip install \"bp_apps[hf]\")")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     return tmp_path
 

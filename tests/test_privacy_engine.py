@@ -42,7 +42,7 @@ from bp_apps.experiments.bench_privacy import format_privacy_table, run_privacy_
 from bp_apps.vision.dp_models import DPCNN, DPMLP, ChannelsLastMaxPool2d, EngineDPCNN, EngineDPMLP
 from bp_apps.vision.models import EngineSmallCNN
 
-opacus = pytest.importorskip("opacus")
+opacus = pytest.importorskip("opacus", reason="needs the privacy extra (pip install \"bp_apps[privacy]\")")
 from opacus import GradSampleModule, PrivacyEngine  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 

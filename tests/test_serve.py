@@ -29,9 +29,9 @@ from bp_apps.speech.task import transcribe
 from bp_apps.text.labeling.task import label_text, load_labeler
 from bp_apps.vision.task import predict_images
 
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("fastapi")
-pytest.importorskip("multipart")
+uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra (pip install \"bp_apps[serve]\")")
+pytest.importorskip("fastapi", reason="needs the serve extra (pip install \"bp_apps[serve]\")")
+pytest.importorskip("multipart", reason="needs the serve extra (pip install \"bp_apps[serve]\")")
 
 from bp_apps.deploy.serve import build_app  # noqa: E402  (after the skips: needs the serve extra)
 

@@ -259,7 +259,7 @@ SUMMARY_ROWS = [{"id": str(i), "source": f"report {i}: the river rose by {i} met
 @pytest.fixture
 def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``datasets``' own cache and the suite's (tokenizer files) in ``tmp_path``, never the user's."""
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="needs the hf extra (pip install \"bp_apps[hf]\")")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path / "cache"))
     return tmp_path
