@@ -9,6 +9,7 @@ checkpoints its steps); anything else trains through autograd with the matching 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Iterable, Mapping
@@ -26,7 +27,7 @@ from bp_apps.core.compose import PlainHyperparameters, settings
 from bp_apps.core.distributed import EngineDDPStrategy, data_parallel_mean
 from bp_apps.core.io import load_checkpoint_dict
 from bp_apps.core.resume import RNG_KEY, restore_training_state, save_rng_state
-from bp_apps.engine import NonFiniteError, build_optimizer, clip_grad_norm, cosine_lr
+from bp_apps.engine import Layer, NonFiniteError, build_optimizer, clip_grad_norm, cosine_lr
 
 __all__ = ["NO_DECAY_KEYS", "TASK_KEY", "OptimizerConfig", "TaskModule", "backend_of", "check_task", "lr_factor"]
 
@@ -219,6 +220,27 @@ class TaskModule(PlainHyperparameters, L.LightningModule):
         self.check_loss(loss)
         return loss
 
+    def engine_layers(self) -> dict[str, Layer]:
+        """The engine layers an engine update trains, by attribute name: the network, and any layer a task keeps
+        beside it (the labeler's CRF)."""
+        return {"net": self.net}
+
+    def engine_param_grads(self) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, parameter, gradient buffer)`` of every engine layer, named as in the network's ``state_dict``
+        for the network and ``<attribute>.<name>`` for the others."""
+        return [(name if attr == "net" else f"{attr}.{name}", p, g)
+                for attr, layer in self.engine_layers().items() for name, p, g in layer.param_grads()]
+
+    def autograd_copy(self) -> TaskModule:
+        """A copy of this engine task whose network is the ``torch.nn`` twin with the same weights (``to_autograd``);
+        a task with more engine layers swaps those too."""
+        if not self.engine:
+            raise ValueError(f"{type(self.net).__name__} trains by autograd already: an autograd copy needs a network "
+                             "built of engine layers (use the task's *_engine config)")
+        twin = copy.deepcopy(self)
+        twin.net = self.net.to_autograd()
+        return twin
+
     def engine_gradients(self, batch: Any) -> Tensor:
         """Engine networks: the loss of ``batch``, with the gradients the optimizer is to step on in the engine's
         buffers. The task's :meth:`engine_backward` here; a private module clips and noises them per example."""
@@ -230,11 +252,13 @@ class TaskModule(PlainHyperparameters, L.LightningModule):
         with torch.no_grad():
             loss = self.engine_gradients(batch)
             self.check_loss(loss)
-            grads = self.net.gradients()
+            layers = self.engine_layers().values()
+            grads = [g for layer in layers for g in layer.gradients()]
             average = data_parallel_mean()
             if average is not None:
                 average(grads)
-            self.net.attach_gradients()
+            for layer in layers:
+                layer.attach_gradients()
             if self.optim.max_grad_norm is not None:
                 clip_grad_norm(grads, self.optim.max_grad_norm)
             optimizer.step()

@@ -2,6 +2,7 @@
 
 from bp_apps.engine.conv import AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv1d, Conv2d, Flatten, MaxPool2d
 from bp_apps.engine.ctc import CTCLoss, LogSoftmax
+from bp_apps.engine.embedding import Embedding
 from bp_apps.engine.layers import (
     GELU,
     BatchNorm1d,
@@ -23,7 +24,7 @@ from bp_apps.engine.train import train_step
 
 __all__ = [
     "ACTIVATIONS", "GELU", "GRU", "LSTM", "MLP", "SGD", "Adam", "AdamW", "AdaptiveAvgPool2d", "AvgPool2d",
-    "BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "CTCLoss", "Conv1d", "Conv2d", "Dropout", "Flatten",
+    "BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "CTCLoss", "Conv1d", "Conv2d", "Dropout", "Embedding", "Flatten",
     "GroupNorm", "Layer", "LayerNorm", "LeakyReLU", "Linear", "LogSoftmax", "MSELoss", "MaxPool2d", "NonFiniteError",
     "Optimizer", "PerExampleRecorder", "ReLU", "Sequential", "Sigmoid", "SoftmaxCrossEntropy", "Tanh",
     "build_optimizer", "clip_grad_norm", "cosine_lr", "make_activation", "privatize", "train_step"

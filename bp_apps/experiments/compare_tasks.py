@@ -41,13 +41,8 @@ def map_floats(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 def autograd_twin(module: TaskModule) -> TaskModule:
-    """A copy of an engine task module whose ``net`` is the ``torch.nn`` twin with the same weights."""
-    if not module.engine:
-        raise ValueError(f"compare needs a task whose network is built of engine layers; {type(module.net).__name__} "
-                         "trains by autograd (use the task's *_engine config)")
-    twin = copy.deepcopy(module)
-    twin.net = module.net.to_autograd()
-    return twin
+    """A copy of an engine task module whose engine layers are their ``torch.nn`` twins with the same weights."""
+    return module.autograd_copy()
 
 
 def _optimizer(module: TaskModule) -> torch.optim.Optimizer:
@@ -66,7 +61,8 @@ def _autograd_step(module: TaskModule, optimizer: torch.optim.Optimizer) -> Call
         loss = module.autograd_loss(module.training_batch(batch))
         loss.backward()
         if module.optim.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(module.net.parameters(), module.optim.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
+                                           module.optim.max_grad_norm)
         optimizer.step()
         return loss.detach()
     return step
@@ -88,10 +84,10 @@ def gradient_errors(module: TaskModule, batch: Any) -> dict[str, float]:
         engine.engine_backward(engine.training_batch(batch))
     with torch.random.fork_rng(devices=[]):
         twin.autograd_loss(twin.training_batch(batch)).backward()
-    reference = {name: p.grad for name, p in twin.net.named_parameters()}
+    reference = {name.removeprefix("net."): p.grad for name, p in twin.named_parameters() if p.grad is not None}
     floor = ZERO_GRADIENT_FLOOR * max(float(g.abs().max()) for g in reference.values())
     errors = {}
-    for name, _, grad in engine.net.param_grads():
+    for name, _, grad in engine.engine_param_grads():
         expected = reference[name]
         scale = max(float(expected.abs().max()), floor)
         errors[name] = float((grad - expected).abs().max()) / scale if scale > 0 else 0.0
@@ -139,9 +135,10 @@ def compare_task_modules(module: TaskModule, batches: Iterable[Any], *, steps: i
             synchronize(device)
             seconds[name].append(time.perf_counter() - start)
             losses[name].append(float(loss))
-    persistent = {"engine": [*module.net.parameters(), *module.net.gradients(), *module.net.workspaces(),
-                             *_optimizer_tensors(engine_opt)],
-                  "autograd": [*twin.net.parameters(), *_optimizer_tensors(twin_opt)]}
+    layers = module.engine_layers().values()
+    persistent = {"engine": [t for layer in layers for t in (*layer.parameters(), *layer.gradients(),
+                                                             *layer.workspaces())] + _optimizer_tensors(engine_opt),
+                  "autograd": [*twin.parameters(), *_optimizer_tensors(twin_opt)]}
     backends = {}
     for name, step in run.items():
         with torch.random.fork_rng(devices=[]):
