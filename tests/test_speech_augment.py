@@ -71,3 +71,33 @@ def test_digit_recognizers_decode_with_the_lexicon_beam_by_default() -> None:
     features = torch.randn(2, 40, 16)
     log_probs, lengths = recognizer.eval()(features, torch.tensor([40, 30]))
     assert all(set(text.split()) <= set(DIGIT_WORDS) for text in decoder(log_probs, lengths))  # lexicon words only
+
+
+def test_trim_silence_cuts_only_the_quiet_ends() -> None:
+    from bp_apps.speech.audio import trim_silence
+
+    rate = 8000
+    tone = torch.sin(torch.arange(rate // 2) * 0.3)  # 0.5 s of signal
+    quiet = 1e-3 * torch.ones(rate // 4)  # -50 dB against the tone: silence
+    wave = torch.cat([quiet, tone, quiet])
+    trimmed = trim_silence(wave, rate, top_db=30.0, margin_ms=0.0)
+    assert abs(trimmed.shape[0] - tone.shape[0]) <= rate // 100  # within one 10-ms frame
+    with_margin = trim_silence(wave, rate, top_db=30.0, margin_ms=30.0)
+    assert with_margin.shape[0] - trimmed.shape[0] == 2 * round(rate * 0.03)
+    assert torch.equal(trim_silence(wave, rate, top_db=0.0), wave)  # off
+    assert torch.equal(trim_silence(torch.zeros(rate), rate, top_db=30.0), torch.zeros(rate))  # silent: kept
+    assert trim_silence(wave, rate, top_db=80.0).shape[0] == wave.shape[0]  # the quiet ends are within 80 dB
+
+
+def test_trim_db_is_a_feature_setting_used_by_the_extractor() -> None:
+    from bp_apps.speech.features import FeatureConfig, make_extractor
+
+    assert "trim_db" not in FeatureConfig().to_dict()  # old caches and checkpoints keep their keys
+    config = FeatureConfig(sample_rate=8000, n_mels=20, trim_db=30.0)
+    assert FeatureConfig(**config.to_dict()) == config
+    wave = torch.cat([1e-3 * torch.ones(4000), torch.sin(torch.arange(4000) * 0.3), 1e-3 * torch.ones(4000)])
+    frames_kept = make_extractor(config)(wave).shape[0]
+    frames_all = make_extractor(FeatureConfig(sample_rate=8000, n_mels=20))(wave).shape[0]
+    assert frames_kept < 0.5 * frames_all
+    with pytest.raises(ValueError, match=r"features\.trim_db"):
+        FeatureConfig(trim_db=-1.0)

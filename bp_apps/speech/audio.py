@@ -17,7 +17,7 @@ from torch import Tensor
 from bp_apps.core.io import atomic_write_bytes
 
 __all__ = ["DEFAULT_SAMPLE_RATE", "SILENCE_PEAK", "chunk_waveform", "load_audio", "normalise_level", "read_audio",
-           "save_audio", "to_mono"]
+           "save_audio", "to_mono", "trim_silence"]
 
 DEFAULT_SAMPLE_RATE = 16_000
 SILENCE_PEAK = 1e-4
@@ -55,6 +55,28 @@ def normalise_level(waveform: Tensor, target_dbfs: float = -20.0, max_peak: floa
     gain_db = target_dbfs - 20.0 * np.log10(max(rms, 1e-12))
     gain_db = min(gain_db, 20.0 * np.log10(max_peak / peak))
     return AF.gain(waveform, gain_db)
+
+
+def trim_silence(waveform: Tensor, sample_rate: int, top_db: float, margin_ms: float = 30.0) -> Tensor:
+    """``waveform (frames,)`` without its leading and trailing stretches quieter than the loudest 10-ms frame by more
+    than ``top_db`` dB, keeping ``margin_ms`` on each side; unchanged when ``top_db`` is 0, when shorter than a frame,
+    or when silent. Recordings differ most in how much silence surrounds the speech, and per-utterance feature
+    normalisation then shifts with it."""
+    if top_db <= 0:
+        return waveform
+    frame = max(1, round(sample_rate / 100))
+    frames = waveform.shape[0] // frame
+    if frames < 1:
+        return waveform
+    energy = waveform[: frames * frame].reshape(frames, frame).pow(2).mean(1)
+    loudest = float(energy.max())
+    if loudest <= SILENCE_PEAK ** 2:
+        return waveform
+    active = torch.nonzero(energy >= loudest * 10.0 ** (-top_db / 10.0)).squeeze(1)
+    margin = round(sample_rate * margin_ms / 1000)
+    start = max(0, int(active[0]) * frame - margin)
+    end = min(waveform.shape[0], (int(active[-1]) + 1) * frame + margin)
+    return waveform[start:end]
 
 
 def load_audio(path: str | Path, sample_rate: int = DEFAULT_SAMPLE_RATE, *, normalise: bool = True,

@@ -42,7 +42,7 @@ from bp_apps.core.datalink import PreprocessingDataModule, UserDataModuleCheck, 
 from bp_apps.core.io import default_cache_dir, default_data_root, jsonl_objects
 from bp_apps.core.resume import resumable_loader
 from bp_apps.core.samplers import evaluation_loader
-from bp_apps.speech.audio import load_audio, normalise_level
+from bp_apps.speech.audio import load_audio, normalise_level, trim_silence
 from bp_apps.speech.decoding import DIGIT_WORDS, encode_text, normalise_transcript
 from bp_apps.speech.features import FeatureCache, FeatureConfig, make_extractor
 
@@ -83,12 +83,14 @@ class Utterance:
         return json.dumps([self.parts, self.text, [round(p, 4) for p in self.pauses], self.label])
 
 
-def load_utterance(utterance: Utterance, sample_rate: int, max_seconds: float | None = None) -> Tensor:
-    """The utterance's waveform at ``sample_rate``: parts loaded (any rate, down-mixed), joined with silent pauses,
-    level-normalised as a whole."""
+def load_utterance(utterance: Utterance, sample_rate: int, max_seconds: float | None = None,
+                   trim_db: float = 0.0) -> Tensor:
+    """The utterance's waveform at ``sample_rate``: parts loaded (any rate, down-mixed), each trimmed of silence
+    beyond ``trim_db`` (0: kept), joined with silent pauses, level-normalised as a whole."""
     pieces = []
     for i, part in enumerate(utterance.parts):
-        pieces.append(load_audio(part, sample_rate, normalise=len(utterance.parts) > 1, max_seconds=max_seconds))
+        audio = load_audio(part, sample_rate, normalise=len(utterance.parts) > 1, max_seconds=max_seconds)
+        pieces.append(trim_silence(audio, sample_rate, trim_db))
         if i < len(utterance.pauses):
             pieces.append(torch.zeros(int(utterance.pauses[i] * sample_rate)))
     return normalise_level(torch.cat(pieces))
@@ -189,7 +191,8 @@ class SpeechDataModule(PreprocessingDataModule):
         extract = make_extractor(self.features)
         rate = self.features.sample_rate
         progress = tqdm(utterances, desc="features", unit="file", disable=None, leave=False)  # silent without a tty
-        return [extract(load_utterance(u, rate, self.max_seconds)).contiguous() for u in progress]
+        trim = self.features.trim_db
+        return [extract(load_utterance(u, rate, self.max_seconds, trim)).contiguous() for u in progress]
 
     def source(self, split: str) -> str | None:
         """Where ``split``'s audio comes from, for error messages: the data root, when the module has one."""

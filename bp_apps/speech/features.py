@@ -17,6 +17,7 @@ import torchaudio.transforms as T
 from torch import Tensor, nn
 
 from bp_apps.core.io import atomic_write_bytes
+from bp_apps.speech.audio import trim_silence
 
 __all__ = ["FeatureCache", "FeatureConfig", "FrequencyWarp", "LogMel", "SpecAugment", "SpecAugmentConfig",
            "TimeStretch", "feature_lengths", "make_extractor"]
@@ -28,13 +29,16 @@ log = logging.getLogger(__name__)
 class FeatureConfig:
     """What turns a waveform into a model input, passed whole to the data modules (``features:`` in a config) and
     saved as their checkpoint state: ``logmel`` (frames × ``n_mels``, ``win_ms`` windows every ``hop_ms``) or the
-    raw ``waveform`` (for wav2vec 2.0), at ``sample_rate``."""
+    raw ``waveform`` (for wav2vec 2.0), at ``sample_rate``. ``trim_db`` > 0 cuts the leading and trailing audio
+    quieter than the loudest 10-ms frame by more than that many dB (:func:`~bp_apps.speech.audio.trim_silence`), from
+    each recording of an utterance and from every waveform transcribed; 0 (the default) keeps all."""
 
     kind: Literal["logmel", "waveform"] = "logmel"
     sample_rate: int = 16_000
     n_mels: int = 64
     hop_ms: float = 10.0
     win_ms: float = 25.0
+    trim_db: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("logmel", "waveform"):
@@ -47,6 +51,8 @@ class FeatureConfig:
             raise ValueError(f"features.hop_ms must be positive, got {self.hop_ms}")
         if not self.win_ms >= self.hop_ms:
             raise ValueError(f"features.win_ms must be at least hop_ms ({self.hop_ms}), got {self.win_ms}")
+        if isinstance(self.trim_db, bool) or not isinstance(self.trim_db, (int, float)) or not self.trim_db >= 0:
+            raise ValueError(f"features.trim_db must be a number >= 0 (0: no trimming), got {self.trim_db!r}")
 
     @property
     def dim(self) -> int:
@@ -54,7 +60,12 @@ class FeatureConfig:
         return self.n_mels if self.kind == "logmel" else 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as plain data; ``trim_db`` only when on, so caches and checkpoints made before it existed
+        keep their keys."""
+        data = asdict(self)
+        if not self.trim_db:
+            del data["trim_db"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ class LogMel(nn.Module):
 
     @torch.no_grad()
     def forward(self, waveform: Tensor) -> Tensor:
+        waveform = trim_silence(waveform, self.config.sample_rate, self.config.trim_db)
         features = (self.mel(waveform.float()) + 1e-6).log().transpose(-1, -2)
         mean = features.mean(-2, keepdim=True)
         std = features.std(-2, keepdim=True) if features.shape[-2] > 1 else torch.ones_like(mean)
@@ -114,7 +126,7 @@ def make_extractor(config: FeatureConfig) -> Callable[[Tensor], Tensor]:
     """Waveform ``(frames,)`` → model input: ``(time, n_mels)`` log-mel, or ``(frames, 1)`` waveform."""
     if config.kind == "logmel":
         return LogMel(config)
-    return lambda waveform: waveform.float().unsqueeze(-1)
+    return lambda waveform: trim_silence(waveform, config.sample_rate, config.trim_db).float().unsqueeze(-1)
 
 
 class SpecAugment(nn.Module):
