@@ -52,7 +52,9 @@ class RecurrentSaved(NamedTuple):
     the caller's batch order), one per gap between stacked layers; empty in eval mode or with dropout 0. The
     scale i multiplies the output of layer i before it enters layer i + 1. The masks are drawn from the global
     RNG exactly as ``nn.GRU`` / ``nn.LSTM`` draw theirs on a packed sequence, so from one random state both give
-    the same outputs in training mode too.
+    the same outputs in training mode too; with ``dropout_order="padded"`` they are drawn as ``F.dropout`` on the
+    padded (B, T, D·H) output of each layer (what ``bp_apps.text.labeling.rnn.run_lstm`` draws), nonzero at
+    padding too, where the output is 0 anyway.
     """
 
     batch: int
@@ -80,7 +82,8 @@ class _Recurrent(Layer):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = True, dropout: float = 0.0, bidirectional: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 dropout_order: str = "packed") -> None:
         super().__init__()
         name = type(self).__name__
         if not batch_first:
@@ -98,6 +101,10 @@ class _Recurrent(Layer):
             warnings.warn(f"{name}: dropout is applied between stacked layers only, so dropout={dropout} "
                           "does nothing with num_layers=1", stacklevel=2)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        if dropout_order not in ("packed", "padded"):
+            raise ValueError(f"{name}: dropout_order must be 'packed' (as nn.{self.mode} on a packed sequence) or "
+                             f"'padded' (as F.dropout on the padded output), got {dropout_order!r}")
+        self.dropout_order = dropout_order
         self.bias, self.batch_first, self.dropout = bias, True, float(dropout)
         self.bidirectional = bool(bidirectional)
         self.num_directions = 2 if bidirectional else 1
@@ -248,26 +255,44 @@ class _Recurrent(Layer):
             inputs = x.new_empty((dirs, active, batch, width))
             self._sequence_output(hbuf, reverse_index, active, batch, out=inputs[0])
             if self.training and self.dropout > 0:
-                # Drawn as torch's recurrent layers draw it: one Bernoulli draw per element of the time-major
-                # (packed) layer output — the active rows of each step, longest sequence first — then placed.
-                drawn = x.new_empty((sum(batch_sizes), width))
-                drawn.zero_() if self.dropout == 1.0 else drawn.bernoulli_(1 - self.dropout).div_(1 - self.dropout)
-                if padded:
-                    inner = x.new_zeros((active, batch, width))
-                    inner.masked_scatter_(~self._pad_mask(batch_sizes, batch, device).expand_as(inner), drawn)
+                if self.dropout_order == "padded":
+                    inner, scale = self._padded_dropout(x, order, active)
                 else:
-                    inner = drawn.view(active, batch, width)
-                scale = x.new_zeros((batch, steps, width))
-                if order is None:
-                    scale[:, :active].copy_(inner.transpose(0, 1))
-                else:
-                    scale[:, :active].index_copy_(0, order, inner.transpose(0, 1))
+                    inner, scale = self._packed_dropout(x, order, active, batch_sizes, padded)
                 inputs[0].mul_(inner)
                 masks.append(scale)
                 internal_masks.append(inner)
         self.saved = RecurrentSaved(batch, steps, active, batch_sizes, order, reverse_index, padded, tuple(layers),
                                     tuple(masks), tuple(internal_masks))
         return output
+
+    def _packed_dropout(self, x: Tensor, order: Tensor | None, active: int, batch_sizes: list[int], padded: bool
+                        ) -> tuple[Tensor, Tensor]:
+        """One gap's dropout scales drawn as torch's recurrent layers draw them: one Bernoulli draw per element of
+        the time-major (packed) layer output — the active rows of each step, longest sequence first — then placed;
+        (T', B, D·H) in sorted rows, and (B, T, D·H) in the caller's."""
+        batch, steps, width = x.shape[0], x.shape[1], self.num_directions * self.hidden_size
+        drawn = x.new_empty((sum(batch_sizes), width))
+        drawn.zero_() if self.dropout == 1.0 else drawn.bernoulli_(1 - self.dropout).div_(1 - self.dropout)
+        if padded:
+            inner = x.new_zeros((active, batch, width))
+            inner.masked_scatter_(~self._pad_mask(batch_sizes, batch, x.device).expand_as(inner), drawn)
+        else:
+            inner = drawn.view(active, batch, width)
+        scale = x.new_zeros((batch, steps, width))
+        if order is None:
+            scale[:, :active].copy_(inner.transpose(0, 1))
+        else:
+            scale[:, :active].index_copy_(0, order, inner.transpose(0, 1))
+        return inner, scale
+
+    def _padded_dropout(self, x: Tensor, order: Tensor | None, active: int) -> tuple[Tensor, Tensor]:
+        """One gap's dropout scales drawn as ``F.dropout`` draws them on the padded (B, T, D·H) output (caller's
+        rows, every step): the (T', B, D·H) sorted-row view the time loop multiplies by, and the drawn tensor."""
+        scale = x.new_empty((x.shape[0], x.shape[1], self.num_directions * self.hidden_size))
+        scale.zero_() if self.dropout == 1.0 else scale.bernoulli_(1 - self.dropout).div_(1 - self.dropout)
+        rows = scale if order is None else scale.index_select(0, order)
+        return rows[:, :active].transpose(0, 1), scale
 
     @staticmethod
     def _pad_mask(batch_sizes: list[int], batch: int, device: torch.device) -> Tensor:

@@ -2,8 +2,9 @@
 
 The tagger (``net``, a class from :mod:`models` given by ``class_path``) gives per-word scores; the loss is a CRF's
 negative log-likelihood or per-token cross-entropy, and decoding (CRF Viterbi, or Viterbi over the softmax scores)
-never produces an invalid BIO sequence. BIO label sets are scored by spans with CoNLL
-conventions (``exclude_labels=[V]`` for SRL); other label sets (punctuation ``MARK|CASE``
+never produces an invalid BIO sequence. An engine tagger (``EngineBiLSTMTagger``, :mod:`engine_models`) trains with
+the engine's CRF (:mod:`bp_apps.engine.crf`, the same parameters) by hand-written backward. BIO label sets are
+scored by spans with CoNLL conventions (``exclude_labels=[V]`` for SRL); other label sets (punctuation ``MARK|CASE``
 tags) per token. The network is built from the data module's vocabulary file (``vocab_file``; and, for
 ``TransformerTagger``, its ``tokenizer_file``), both linked by ``bp-apps``. The vocabulary, the label set and what
 the tagger needs to be rebuilt (a tokenizer, a pretrained model's config) travel in the checkpoint as plain data, so
@@ -30,7 +31,9 @@ from bp_apps.core.compose import network_factory
 from bp_apps.core.io import atomic_write_text, write_jsonl
 from bp_apps.core.reports import evaluation_order, gather_rows, running_test_loader
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
-from bp_apps.text.labeling.crf import CRF, constrained_decode
+from bp_apps.engine import Layer, SoftmaxCrossEntropy
+from bp_apps.engine.crf import CRF as EngineCRF
+from bp_apps.text.labeling.crf import CRF, bio_constraints, constrained_decode
 from bp_apps.text.labeling.data import LabelingVocab, collate_sentences, read_vocab_file
 from bp_apps.text.labeling.metrics import span_scores, token_scores
 from bp_apps.text.labeling.models import BiLSTMTagger
@@ -78,7 +81,7 @@ class TokenLabeler(TaskModule):
         self.vocab: LabelingVocab | None = None
         self.has_predicates = False
         self.net: nn.Module | None = None
-        self.crf: CRF | None = None
+        self.crf: CRF | EngineCRF | None = None  # the engine's CRF for an engine network
         self.net_state: dict[str, Any] = {}  # what rebuilds the network (tokenizer, config), saved with the checkpoint
         self._outputs: dict[str, tuple[list, list]] = {}
         self.test_report: dict[str, Any] = {}
@@ -101,7 +104,10 @@ class TokenLabeler(TaskModule):
                                     **net_state)
         build_state = getattr(self.net, "build_state", None)
         self.net_state = build_state() if callable(build_state) else {}
-        self.crf = CRF(vocab.labels) if self.hparams.crf else None
+        self.crf = None
+        if self.hparams.crf:  # an engine network trains with the engine's CRF (same parameters as the text CRF)
+            labels = vocab.labels
+            self.crf = EngineCRF(len(labels), *bio_constraints(labels)) if self.engine else CRF(labels)
         if self._trainer is not None:
             self.to(self.device)
 
@@ -149,8 +155,38 @@ class TokenLabeler(TaskModule):
             paths = constrained_decode(emissions.float().log_softmax(-1), mask, self.vocab.labels)
         return [[self.vocab.labels[i] for i in path] for path in paths]
 
+    def autograd_loss(self, batch: dict[str, Any]) -> Tensor:
+        return self.loss(self(batch), batch["tags"], batch["mask"])
+
+    def engine_backward(self, batch: dict[str, Any]) -> Tensor:
+        """Forward, the engine CRF's loss (or per-token cross-entropy) and the hand-written backward."""
+        assert self.net is not None
+        emissions = self.net.forward(batch)
+        if self.crf is not None:
+            loss = self.crf.forward(emissions, batch["tags"].clamp(min=0), batch["mask"], reduction="token_mean")
+            grad = self.crf.backward()
+        else:
+            criterion = SoftmaxCrossEntropy(label_smoothing=self.hparams.label_smoothing, ignore_index=-100)
+            loss = criterion.forward(emissions, batch["tags"])
+            grad = criterion.backward()
+        self.net.backward(grad)
+        return loss
+
+    def engine_layers(self) -> dict[str, Layer]:
+        """The network and, with ``crf``, the engine CRF beside it."""
+        return {"net": self.net, **({"crf": self.crf} if self.crf is not None else {})}
+
+    def autograd_copy(self) -> TokenLabeler:
+        """The autograd twin of an engine labeler: ``net.to_autograd()`` and the text CRF with the same weights."""
+        twin = super().autograd_copy()
+        if self.crf is not None:
+            assert self.vocab is not None
+            twin.crf = CRF(self.vocab.labels).to(device=self.crf.transitions.device, dtype=self.crf.transitions.dtype)
+            twin.crf.load_state_dict(self.crf.state_dict())
+        return twin
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.loss(self(batch), batch["tags"], batch["mask"])
+        loss = self.backend_training_step(batch)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["tokens"]))
         return loss
 
