@@ -44,8 +44,8 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for compare.md and compare.png")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--task", default="digits", choices=["digits", *TASK_COMPARE_CONFIGS],
-                        help="digits: the MLP above on the embedded digits; vision, speech: the task's engine model "
-                        "from --config, its first --steps training batches (default: digits)")
+                        help="digits: the MLP above on the embedded digits; vision, speech, labeling, summarization: "
+                        "the task's engine model from --config, its first --steps training batches (default: digits)")
     parser.add_argument("--config", type=Path, default=None,
                         help="vision, speech: the engine config (default: configs/vision/mnist_cnn_engine.yaml, "
                         "configs/speech/fsdd_connected_ctc_engine.yaml)")
@@ -60,9 +60,12 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
 
 
 ENGINE_CONFIGS = ("configs/vision/mnist_cnn_engine.yaml", "configs/speech/fsdd_connected_ctc_engine.yaml",
-                  "configs/speech/fsdd_digits_engine.yaml")
+                  "configs/speech/fsdd_digits_engine.yaml", "configs/text/srl_propbank_ewt_engine.yaml",
+                  "configs/text/summarize_aeslc_engine.yaml")
 TASK_COMPARE_CONFIGS = {"vision": "configs/vision/mnist_cnn_engine.yaml",
-                        "speech": "configs/speech/fsdd_connected_ctc_engine.yaml"}
+                        "speech": "configs/speech/fsdd_connected_ctc_engine.yaml",
+                        "labeling": "configs/text/srl_propbank_ewt_engine.yaml",
+                        "summarization": "configs/text/summarize_aeslc_engine.yaml"}
 
 
 def _compare_task(args: argparse.Namespace) -> dict:
@@ -79,9 +82,7 @@ def _compare_task(args: argparse.Namespace) -> dict:
         if "=" not in item:
             raise ValueError(f"compare: --set takes KEY=VALUE, got {item!r}")
         overrides.append(f"--{item}")
-    model, data = instantiate_from_config(config, overrides)
-    data.prepare_data()
-    data.setup("fit")
+    model, data = instantiate_for_training(config, overrides)
     setup = f"{config}{' ' + ' '.join(args.set) if args.set else ''}"
     return compare_task_modules(model, iter(data.train_dataloader()), steps=args.steps, setup=setup,
                                 optimizer="task" if args.task_optimizer else "sgd", dtype=args.dtype)
@@ -103,6 +104,17 @@ def instantiate_from_config(config: Path, overrides: Sequence[str] = ()) -> tupl
                              auto_configure_optimizers=False,
                              args=["--config", str(config), *overrides, "--trainer.logger=false"])
     return cli.model, cli.datamodule
+
+
+def instantiate_for_training(config: Path, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """:func:`instantiate_from_config`, with the data prepared and set up for fitting and the network built (the
+    text tasks build theirs in ``setup`` from the data's vocabulary or tokenizer file)."""
+    model, data = instantiate_from_config(config, overrides)
+    data.prepare_data()
+    data.setup("fit")
+    if getattr(model, "net", None) is None:
+        model.setup("fit")
+    return model, data
 
 
 def link_data_to_model(parser: Any) -> None:
@@ -162,7 +174,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         for config in args.configs:
             model, data = instantiate_from_config(Path(config))
             batch_size = getattr(data, "batch_size", None) or data.hparams["batch_size"]
-            models.append((model.task_name, config, model, synthetic_batch(model, batch_size)))
+            batch = synthetic_batch(model, batch_size)
+            if batch is None:  # text: a real batch (its vocabulary and tokenizer come from the data)
+                model, data = instantiate_for_training(Path(config))
+                batch = next(iter(data.train_dataloader()))
+            models.append((model.task_name, config, model, batch))
         report = run_layers_bench(models, device=args.device, repeats=args.repeats or 20,
                                   cases=[case for case in LAYER_CASES if case.layer in chosen])
         print(format_layers_table(report))

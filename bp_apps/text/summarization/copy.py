@@ -37,6 +37,11 @@ COPY_SOURCE_KEY = "decoder_copy_source_ids"  # "decoder_" keeps generate() from 
 TINY = 1e-10  # floor for probabilities before the log
 
 
+def _widened(t: Tensor) -> Tensor:
+    """``t`` in float32 at least: half-precision scores are mixed in float32, float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class BartCopyConfig(BartConfig):
     """A :class:`BartConfig` for :class:`BartCopyForConditionalGeneration`."""
 
@@ -64,10 +69,10 @@ class BartCopyForConditionalGeneration(BartForConditionalGeneration):
         scores = self.copy_query(hidden) @ self.copy_key(memory).transpose(1, 2) / math.sqrt(hidden.shape[-1])
         if memory_mask is not None:
             scores = scores.masked_fill(~memory_mask.bool().unsqueeze(1), float("-inf"))
-        attention = scores.float().softmax(-1)  # [B, T, S]
+        attention = _widened(scores).softmax(-1)  # [B, T, S]
         context = attention.to(memory.dtype) @ memory
-        gate = torch.sigmoid(self.copy_gate(torch.cat([hidden, context], dim=-1)).float())  # [B, T, 1]
-        probs = gate * vocab_logits.float().softmax(-1)
+        gate = torch.sigmoid(_widened(self.copy_gate(torch.cat([hidden, context], dim=-1))))  # [B, T, 1]
+        probs = gate * _widened(vocab_logits).softmax(-1)
         index = source_ids.unsqueeze(1).expand(-1, hidden.shape[1], -1)
         probs = probs.scatter_add(-1, index, (1.0 - gate) * attention)
         return probs.clamp_min(TINY).log(), gate.squeeze(-1)

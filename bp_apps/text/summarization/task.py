@@ -31,7 +31,9 @@ from bp_apps.core.callbacks import best_checkpoint_callback, report_dir
 from bp_apps.core.compose import network_factory, settings
 from bp_apps.core.io import atomic_write_text
 from bp_apps.core.task import NO_DECAY_KEYS, OptimizerConfig, TaskModule
+from bp_apps.engine import SoftmaxCrossEntropy
 from bp_apps.text.summarization.data import load_tokenizer_file, tokenizer_state
+from bp_apps.text.summarization.engine_models import EngineBartNet, engine_net_from_config
 from bp_apps.text.summarization.mbr import mbr_select
 from bp_apps.text.summarization.models import Seq2SeqNet, T5Net
 from bp_apps.text.summarization.rouge import rouge_scores
@@ -172,6 +174,7 @@ DEFAULT_OPTIM = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.01, schedu
                                 max_grad_norm=1.0, no_decay_keys=NO_DECAY_KEYS)
 """The Summarizer's optimizer settings when a config gives none (a config's ``optim`` mapping overrides fields)."""
 
+ENGINE_BACKEND = "engine"  # the checkpoint's network field "backend" for an engine-trained network
 NetFromTokenizer = Callable[[int, int, int, int, int], nn.Module]
 """A network class called with the tokenizer's ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id`` and the
 ``max_positions`` the data and generation need (:mod:`bp_apps.text.summarization.models`)."""
@@ -190,7 +193,9 @@ class Summarizer(TaskModule):
     checkpoint, ``hf_best/`` holds the same model in ``save_pretrained`` form.
 
     Training minimises a label-smoothed (``label_smoothing``) cross-entropy with ``optim``
-    (:class:`~bp_apps.core.task.OptimizerConfig`, defaults :data:`DEFAULT_OPTIM`). Validation and test decode
+    (:class:`~bp_apps.core.task.OptimizerConfig`, defaults :data:`DEFAULT_OPTIM`); an engine network
+    (:mod:`~bp_apps.text.summarization.engine_models`) is trained by its hand-written backward and decodes through
+    its Hugging Face twin (:attr:`model`). Validation and test decode
     with ``generation`` (:class:`GenerationSettings`: beam search, or minimum Bayes risk decoding seeded with
     :data:`MBR_SEED` so a source's summary does not change from run to run) and log ROUGE-1/2/L/Lsum F1: with
     several references per example the best one counts, and ``*_refmean`` logs the mean over them too (how
@@ -218,7 +223,8 @@ class Summarizer(TaskModule):
         optim, generation = self.optim, self.generation  # the whole groups are saved, not only the fields given
         self.save_hyperparameters()
         self.net_factory = network_factory(net, "net")
-        self.net: Seq2SeqNet | None = None  # built in setup() from the tokenizer file, or from a checkpoint
+        self.net: Seq2SeqNet | EngineBartNet | None = None  # built in setup() from the tokenizer file, or a checkpoint
+        self.engine_loss = SoftmaxCrossEntropy(label_smoothing=label_smoothing, ignore_index=-100)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.net_state: dict[str, Any] = {}  # tokenizer JSON, special tokens, model config: saved with the checkpoint
         self.samples: dict[str, list[dict[str, Any]]] = {}
@@ -228,18 +234,23 @@ class Summarizer(TaskModule):
 
     @property
     def model(self) -> PreTrainedModel | None:
-        """The transformers encoder-decoder inside :attr:`net` (None before it is built)."""
-        return None if self.net is None else self.net.model
+        """The transformers encoder-decoder inside :attr:`net` (None before it is built); for an engine network, its
+        Hugging Face twin holding the engine's current weights."""
+        if self.net is None:
+            return None
+        return self.net.generation_model() if self.engine else self.net.model
 
     @property
     def max_source_tokens(self) -> int:
         """The source length (in tokens) the model was trained with: longer inputs are truncated."""
         return self.hparams.get("max_source_tokens") or DEFAULT_MAX_SOURCE_TOKENS
 
-    def _attach(self, net: Seq2SeqNet, tokenizer: PreTrainedTokenizerBase) -> None:
+    def _attach(self, net: Seq2SeqNet | EngineBartNet, tokenizer: PreTrainedTokenizerBase) -> None:
         net.model.train(self.training)  # from_pretrained returns eval mode
         self.net, self.tokenizer = net, tokenizer
         self.net_state = {**tokenizer_state(tokenizer), "config": net.model.config.to_dict()}
+        if self.engine:  # a checkpoint then rebuilds the engine network
+            self.net_state["backend"] = ENGINE_BACKEND
         if self._trainer is not None:
             self.to(self.device)
 
@@ -252,13 +263,15 @@ class Summarizer(TaskModule):
         positions = max(DEFAULT_MAX_SOURCE_TOKENS, h.get("max_source_tokens") or 0, h.get("max_target_tokens") or 0,
                         self.generation.max_new_tokens + 2)
         net = self.net_factory(len(tokenizer), tokenizer.pad_token_id, bos, eos, positions)
-        if not isinstance(net, Seq2SeqNet):
-            raise ValueError(f"net: {type(net).__name__} is not a Seq2SeqNet (bp_apps.text.summarization.models)")
+        if not isinstance(net, (Seq2SeqNet, EngineBartNet)):
+            raise ValueError(f"net: {type(net).__name__} is not a Seq2SeqNet (bp_apps.text.summarization.models) or "
+                             "an EngineBartNet (bp_apps.text.summarization.engine_models)")
         self._attach(net, tokenizer)
 
     def _build_from_state(self, state: dict[str, Any]) -> None:
         tokenizer = tokenizer_from_json(state["tokenizer"], state.get("special_tokens"))
-        self._attach(Seq2SeqNet.from_config(state["config"]), tokenizer)
+        engine = state.get("backend") == ENGINE_BACKEND
+        self._attach((engine_net_from_config if engine else Seq2SeqNet.from_config)(state["config"]), tokenizer)
 
     def setup(self, stage: str) -> None:
         """Read the tokenizer file and build the network (unless a checkpoint already built it)."""
@@ -275,16 +288,32 @@ class Summarizer(TaskModule):
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         """Teacher-forced next-token logits [B, T, V] for the batch's ``labels``."""
-        if self.model is None:
+        if self.net is None:
             raise RuntimeError(NOT_BUILT)
+        if self.engine:
+            return self.net.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).logits
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
-        """Label-smoothed cross-entropy over the target tokens (padding, -100, ignored)."""
+        """Label-smoothed cross-entropy over the target tokens (padding, -100, ignored), in float32 at least (float64
+        logits stay float64)."""
         logits = self(batch)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
                                label_smoothing=self.hparams.label_smoothing)
+
+    def autograd_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The training loss of an autograd network: :meth:`loss`."""
+        return self.loss(batch)
+
+    def engine_backward(self, batch: dict[str, Any]) -> Tensor:
+        """An engine network's forward, the engine's label-smoothed cross-entropy (:meth:`loss`'s) on its logits and
+        the hand-written backward into its gradient buffers; the loss."""
+        logits = self.net.forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = self.engine_loss.forward(logits, batch["labels"])
+        self.net.backward(self.engine_loss.backward())
+        return loss
 
     def generation_settings(self, **overrides: Any) -> GenerationSettings:
         """:attr:`generation` with ``overrides`` (fields of :class:`GenerationSettings`; checked, unknown names
@@ -344,7 +373,7 @@ class Summarizer(TaskModule):
         return [options[mbr_select(options)] for options in candidates]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+        loss = self.backend_training_step(batch) if self.engine else self.autograd_loss(batch)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
