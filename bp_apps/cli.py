@@ -47,15 +47,17 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
                         help="digits: the MLP above on the embedded digits; vision, speech, labeling, summarization: "
                         "the task's engine model from --config, its first --steps training batches (default: digits)")
     parser.add_argument("--config", type=Path, default=None,
-                        help="vision, speech: the engine config (default: configs/vision/mnist_cnn_engine.yaml, "
-                        "configs/speech/fsdd_connected_ctc_engine.yaml)")
-    parser.add_argument("--steps", type=int, default=50, help="vision, speech: training steps compared (default 50)")
+                        help="a task's engine config (default: configs/vision/mnist_cnn_engine.yaml, "
+                        "configs/speech/fsdd_connected_ctc_engine.yaml, configs/text/srl_propbank_ewt_engine.yaml, "
+                        "configs/text/summarize_aeslc_engine.yaml)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="a task's engine model: training steps compared (default 50)")
     parser.add_argument("--task-optimizer", action="store_true",
-                        help="vision, speech: step with the config's optimizer (e.g. AdamW) instead of SGD with "
+                        help="tasks: step with the config's optimizer (e.g. AdamW) instead of SGD with "
                         "momentum 0.9 at its learning rate; Adam's per-entry scaling turns float32 rounding in "
                         "near-zero gradients into ±lr steps, so trajectories part by ~1e-4")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="vision, speech: a config override, as the fit command takes it without its dashes "
+                        help="tasks: a config override, as the fit command takes it without its dashes "
                         "(e.g. --set data.batch_size=64); repeatable")
 
 

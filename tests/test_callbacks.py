@@ -36,8 +36,9 @@ MONITORS = {
     "speech/fsdd_connected_ctc_engine": ("val_wer", "min"), "speech/fsdd_digits_engine": ("val_loss", "min"),
     "speech/manifest_ctc": ("val_cer", "min"), "speech/synth_ctc": ("val_cer", "min"),
     "text/label_punct_embedded": ("val_f1", "max"), "text/ner_conll": ("val_f1", "max"),
-    "text/srl_propbank_ewt": ("val_f1", "max"),
-    "text/summarize_aeslc": ("val_rouge1_refmean", "max"), "text/summarize_dialogsum": ("val_rouge1", "max"),
+    "text/srl_propbank_ewt": ("val_f1", "max"), "text/srl_propbank_ewt_engine": ("val_f1", "max"),
+    "text/summarize_aeslc": ("val_rouge1_refmean", "max"), "text/summarize_aeslc_engine": ("val_rouge1_refmean", "max"),
+    "text/summarize_dialogsum": ("val_rouge1", "max"),
     "text/summarize_embedded": ("val_rouge1", "max"), "text/summarize_pretrained": ("val_rouge1", "max"),
 }
 

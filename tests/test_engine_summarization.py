@@ -274,3 +274,28 @@ def test_engine_summarizer_fits_reloads_generates_and_exports(tokenizer: Any, tm
     exported = AutoModelForSeq2SeqLM.from_pretrained(best.parent / "hf_best")
     assert isinstance(exported, BartCopyForConditionalGeneration)
     same_state(exported, loaded.net.model)
+
+
+def test_compare_command_on_the_aeslc_engine_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bp-apps compare --task summarization` builds the copy BART from the AESLC engine config (tokenizer trained on
+    the data in setup) and reports the digits comparison's keys."""
+    import json
+
+    from bp_apps.cli import main
+
+    monkeypatch.setenv("BP_APPS_CACHE", str(tmp_path / "cache"))
+    for name, seed in (("train", 0), ("val", 1)):
+        rows = [{"source": s, "target": t, "references": [t, t]} for s, t in pairs(48, seed)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    report_path = tmp_path / "report.json"
+    sizes = {"d_model": 16, "layers": 1, "heads": 2, "ff": 32}
+    code = main(["compare", "--task", "summarization", "--steps", "3", "--out", str(tmp_path / "report"),
+                 "--json", str(report_path), "--set", f"data.train_file={tmp_path / 'train.jsonl'}",
+                 "--set", f"data.val_file={tmp_path / 'val.jsonl'}", "--set", "data.tokenizer_vocab_size=120",
+                 "--set", "data.batch_size=8",
+                 *[arg for key, value in sizes.items() for arg in ("--set", f"model.net.init_args.{key}={value}")]])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["config"]["network"] == "EngineBartCopyNet" and report["steps"] == 3
+    assert report["max_grad_rel_error"] <= 1e-10 and report["max_loss_trajectory_diff"] <= 1e-5
+    assert "model.copy_gate.weight" in report["grad_rel_error_per_parameter"]

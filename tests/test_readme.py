@@ -40,6 +40,7 @@ SMALL = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer
 SMALL_DATA = {  # config stem -> data settings small enough for seconds, not minutes
     "label_punct_embedded": ["--data.max_docstrings=300"],
     "srl_propbank_ewt": ["--data.limit_train=300", "--data.limit_val=64"],
+    "srl_propbank_ewt_engine": ["--data.limit_train=300", "--data.limit_val=64"],
     "summarize_embedded": ["--data.max_pairs=300", "--data.tokenizer_vocab_size=500"],
     "summarize_aeslc": ["--data.limit_train=300", "--data.limit_val=32", "--data.tokenizer_vocab_size=500"],
     "summarize_dialogsum": ["--data.limit_train=300", "--data.limit_val=32", "--data.tokenizer_vocab_size=500"],

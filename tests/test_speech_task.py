@@ -68,7 +68,8 @@ def test_the_configs_keep_their_tuned_settings(capsys: pytest.CaptureFixture[str
     assert (optim["name"], optim["lr"], optim["weight_decay"], optim["scheduler"], optim["warmup_fraction"],
             optim["max_grad_norm"]) == ("adamw", 0.004, 0.01, "cosine", 0.05, 5.0)
     assert "bias" in optim["no_decay_keys"] and model["decoding"] == {"beam_size": 8, "lexicon": True}
-    assert data["features"] == {"kind": "logmel", "sample_rate": 8000, "n_mels": 40, "hop_ms": 10.0, "win_ms": 25.0}
+    assert data["features"] == {"kind": "logmel", "sample_rate": 8000, "n_mels": 40, "hop_ms": 10.0, "win_ms": 25.0,
+                                "trim_db": 0.0}
     digits = _printed_config("fsdd_digits", capsys)["model"]["init_args"]
     assert digits["net"] == {"class_path": "bp_apps.speech.models.DigitCNNNet",
                              "init_args": {"conv_channels": 16, "hidden": 128, "head_hidden": [64], "dropout": 0.3}}

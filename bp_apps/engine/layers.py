@@ -249,7 +249,7 @@ class GELU(Layer):
             t = torch.tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEF * x * x * x))
             self.saved = (x, t)
             return 0.5 * x * (1 + t)
-        cdf = 0.5 * (1 + torch.erf(x / SQRT_2))
+        cdf = torch.erf(x * (1 / SQRT_2)).add_(1).mul_(0.5)  # in place: one temporary, not five
         self.saved = (x, cdf)
         return x * cdf
 
@@ -259,8 +259,8 @@ class GELU(Layer):
             t = aux
             du_dx = SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_COEF * x * x)
             return grad_output * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du_dx)
-        pdf = INV_SQRT_2PI * torch.exp(-0.5 * x * x)
-        return grad_output * (aux + x * pdf)
+        slope = x.square().mul_(-0.5).exp_().mul_(INV_SQRT_2PI).mul_(x).add_(aux)  # Φ(x) + x·φ(x), in place
+        return slope.mul_(grad_output)
 
 
 class Dropout(Layer):
@@ -308,9 +308,10 @@ class LayerNorm(Layer):
             self._add_param("bias", torch.zeros(normalized_shape, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + self.eps)
-        xhat = (x - mean) * rstd
+        # Two passes (mean, then the mean square of x − μ): on CPU several times faster than var_mean's one.
+        centred = x - x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + self.eps)
+        xhat = centred.mul_(rstd)
         self.saved = (xhat, rstd)
         return torch.addcmul(self.bias, xhat, self.weight) if self.affine else xhat
 
