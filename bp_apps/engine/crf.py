@@ -47,7 +47,7 @@ _TINY = 1e-30  # the floor τ of a step's summed probability mass (as the text C
 _REDUCTIONS = ("mean", "sum", "token_mean")
 
 
-def _check_mask(mask: Tensor, batch: int, steps: int) -> Tensor:
+def check_mask(mask: Tensor, batch: int, steps: int) -> Tensor:
     """The lengths ``[B]`` of a ``[B, T]`` left-aligned bool mask whose rows hold at least one token."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, steps):
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
@@ -67,7 +67,7 @@ def viterbi_decode(emissions: Tensor, mask: Tensor, transitions: Tensor, start: 
     """Highest-scoring label path per sentence (``-inf`` scores forbid moves), batched over sentences with
     backpointers; each path has its sentence's length. The text CRF's decoder, step for step."""
     batch, steps, num_labels = emissions.shape
-    lengths = _check_mask(mask, batch, steps)
+    lengths = check_mask(mask, batch, steps)
     identity = torch.arange(num_labels, device=emissions.device).expand(batch, num_labels)
     score = start + emissions[:, 0]
     backpointers = []
@@ -155,7 +155,7 @@ class CRF(Layer):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"CRF: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self._check(emissions)
-        lengths = _check_mask(mask, emissions.shape[0], emissions.shape[1])
+        lengths = check_mask(mask, emissions.shape[0], emissions.shape[1])
         tags = self._check_tags(tags, mask)
         dtype = emissions.dtype
         transitions, start, end = (p.to(dtype) for p in (self.transitions, self.start, self.end))

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from bp_apps.engine.crf import check_mask, viterbi_decode
+
 __all__ = ["CONSTRAINT_PENALTY", "CRF", "bio_constraints", "constrained_decode", "viterbi_decode"]
 
 CONSTRAINT_PENALTY = -1.0e4
@@ -53,43 +55,6 @@ def bio_constraints(labels: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         for i, (prev_prefix, prev_kind) in enumerate(parts):
             allowed[i, j] = prev_prefix in ("B", "I") and prev_kind == kind
     return start_allowed, allowed, end_allowed
-
-
-def _check_mask(mask: Tensor, batch: int, steps: int) -> Tensor:
-    """Validate a ``[B, T]`` left-aligned mask with lengths >= 1 and return the lengths ``[B]``."""
-    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, steps):
-        raise ValueError(f"mask must be a bool tensor of shape {(batch, steps)}, got {mask.dtype} {tuple(mask.shape)}")
-    if steps == 0 or not bool(mask[:, 0].all()):
-        raise ValueError("every sentence needs at least one token (mask[:, 0] must be True)")
-    lengths = mask.sum(1)
-    positions = torch.arange(steps, device=mask.device)
-    if not bool((mask == (positions < lengths[:, None])).all()):
-        raise ValueError("mask must be left-aligned (tokens first, then padding)")
-    return lengths
-
-
-@torch.no_grad()
-def viterbi_decode(emissions: Tensor, mask: Tensor, transitions: Tensor, start: Tensor, end: Tensor
-                   ) -> list[list[int]]:
-    """Highest-scoring label path per sentence (``emissions[B, T, L]``, ``-inf`` entries forbid moves), batched over
-    sentences with backpointers (no autograd graph); each path has the sentence's length (row sum of ``mask``)."""
-    batch, steps, num_labels = emissions.shape
-    lengths = _check_mask(mask, batch, steps)
-    identity = torch.arange(num_labels, device=emissions.device).expand(batch, num_labels)
-    score = start + emissions[:, 0]
-    backpointers = []
-    for t in range(1, steps):
-        best, pointer = (score.unsqueeze(2) + transitions).max(dim=1)
-        step_mask = mask[:, t].unsqueeze(1)
-        score = torch.where(step_mask, best + emissions[:, t], score)
-        backpointers.append(torch.where(step_mask, pointer, identity))  # padding carries the last label back
-    current = (score + end).argmax(dim=1)
-    path = [current]
-    for pointer in reversed(backpointers):
-        current = pointer.gather(1, current.unsqueeze(1)).squeeze(1)
-        path.append(current)
-    paths = torch.stack(path[::-1], dim=1).cpu()
-    return [paths[b, :n].tolist() for b, n in enumerate(lengths.tolist())]
 
 
 def _constraint_scores(labels: Sequence[str], dtype: torch.dtype, device: torch.device | str
@@ -152,7 +117,7 @@ class CRF(nn.Module):
         """Validate ``emissions[B, T, L]`` against the label count and return the lengths from ``mask``."""
         if emissions.dim() != 3 or emissions.shape[2] != len(self.labels):
             raise ValueError(f"emissions must have shape [B, T, {len(self.labels)}], got {tuple(emissions.shape)}")
-        return _check_mask(mask, emissions.shape[0], emissions.shape[1])
+        return check_mask(mask, emissions.shape[0], emissions.shape[1])
 
     def log_likelihood(self, emissions: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
         """Per-sentence ``log p(tags | emissions)`` ``[B]``: gold path score minus the log partition (forward

@@ -141,7 +141,7 @@ def remote_code(base: str) -> str:
     """The text of ``modeling_bp_tagger.py`` for a model of the transformers class ``base``: the suite's Viterbi
     (:func:`~bp_apps.text.labeling.crf.viterbi_decode` and its mask check, copied from their source) and the
     word-tagging subclass."""
-    viterbi = "\n\n".join(inspect.getsource(f) for f in (crf_module._check_mask, crf_module.viterbi_decode))
+    viterbi = "\n\n".join(inspect.getsource(f) for f in (crf_module.check_mask, crf_module.viterbi_decode))
     return _REMOTE_TEMPLATE.format(cls=REMOTE_CLASS, base=base, key=DECODING_KEY, viterbi=viterbi)
 
 
